@@ -1,0 +1,77 @@
+"""The backend contract."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """An array to create. `block` is the write/commit unit along axis 0 (tokens or sequences);
+    `inner_chunk` (hidden states only) is the smallest independently readable piece."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    block: int
+    inner_chunk: tuple[int, ...] | None = None
+
+
+class StoreBackend(ABC):
+    name: str
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+
+    @classmethod
+    @abstractmethod
+    def create(cls, path: str | Path) -> StoreBackend:
+        """A new empty store at `path` (which must not exist)."""
+
+    @classmethod
+    @abstractmethod
+    def open(cls, path: str | Path, mode: str = "r") -> StoreBackend:
+        """An existing store; mode 'r' never writes, 'r+' allows writes."""
+
+    @abstractmethod
+    def get_attrs(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def set_attrs(self, attrs: dict[str, Any]) -> None:
+        """Replace the store's featstore attributes durably."""
+
+    @abstractmethod
+    def create_array(self, spec: ArraySpec, data: np.ndarray | None = None) -> None: ...
+
+    @abstractmethod
+    def write(self, name: str, start: int, data: np.ndarray) -> None:
+        """Write `data` at rows start..start+len(data) of array `name`, durably."""
+
+    @abstractmethod
+    def read(self, name: str, start: int = 0, stop: int | None = None, columns: Any = None) -> np.ndarray:
+        """Rows start..stop of array `name`; `columns` selects along axis 1 (hidden-state layers)."""
+
+    @abstractmethod
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    @abstractmethod
+    def dtype(self, name: str) -> np.dtype: ...
+
+    @abstractmethod
+    def array_names(self) -> list[str]: ...
+
+    @abstractmethod
+    def nbytes_stored(self, name: str | None = None) -> int:
+        """Bytes on disk of one array, or of the whole store."""
+
+    @abstractmethod
+    def missing_blocks(self, name: str) -> list[int]:
+        """Indices of write blocks of `name` that hold no data on disk."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass

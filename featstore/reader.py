@@ -1,0 +1,283 @@
+"""Reading a store back: per-sequence features, word pooling, and fast epoch iteration.
+
+Sequences are addressed by their corpus row (the order of the input file), whatever
+order they were stored in. `Store.iter_epoch` is the fast path for training: it reads
+large contiguous spans of the store in a random order and shuffles sequences within a
+bounded buffer, so an epoch is a handful of big sequential reads, not one seek per
+sequence.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import format as fmt
+from .backends import StoreBackend, open_backend
+from .errors import FeatstoreError
+
+logger = logging.getLogger(__name__)
+
+POOLINGS = ("first", "mean")
+DEFAULT_SPAN_BYTES = 64 * 2**20
+
+
+@dataclass
+class SequenceFeatures:
+    """One sequence's features. With pooling, `hidden_states` is per word (W, L, H) instead of per token."""
+
+    index: int  # corpus row
+    hidden_states: np.ndarray  # (T, L, H) or (W, L, H)
+    input_ids: np.ndarray  # (T,)
+    word_ids: np.ndarray  # (T,), -1 for special tokens
+    num_words: int
+    labels: np.ndarray | None  # (W,) word labels, or a 0-d array holding the sequence label
+    pooled: str | None = None
+
+
+class Store:
+    """A read-only view of a featstore store (Zarr or HDF5, same API)."""
+
+    def __init__(self, backend: StoreBackend, allow_incomplete: bool = False) -> None:
+        self.backend = backend
+        self.attrs = backend.get_attrs()
+        fmt.check_compatible(self.attrs, backend.path)
+        if self.attrs["status"] != fmt.STATUS_COMPLETE and not allow_incomplete:
+            committed = int(backend.read(fmt.PROGRESS)[0])
+            raise FeatstoreError(f"{backend.path} is incomplete ({committed} of {self.num_sequences} sequences "
+                                 "committed); re-run the same `featstore extract` command to resume it, or pass "
+                                 "allow_incomplete=True to inspect it")
+        self.token_offsets = backend.read(fmt.TOKEN_OFFSETS)
+        self.word_offsets = backend.read(fmt.WORD_OFFSETS)
+        self.sequence_index = backend.read(fmt.SEQUENCE_INDEX)
+        self.position_of_row = np.empty_like(self.sequence_index)
+        self.position_of_row[self.sequence_index] = np.arange(len(self.sequence_index))
+        self.input_ids = backend.read(fmt.INPUT_IDS)
+        self.word_ids = backend.read(fmt.WORD_IDS)
+        names = backend.array_names()
+        self.word_labels = backend.read(fmt.WORD_LABELS) if fmt.WORD_LABELS in names else None
+        self.sequence_labels = backend.read(fmt.LABELS) if fmt.LABELS in names else None
+
+    # --- description -------------------------------------------------------------------------------
+    @property
+    def path(self) -> str:
+        return self.backend.path
+
+    @property
+    def fingerprint(self) -> str:
+        return self.attrs["fingerprint"]
+
+    @property
+    def status(self) -> str:
+        return self.attrs["status"]
+
+    @property
+    def layers(self) -> list[int]:
+        """Encoder hidden-state indices stored, in stored order (0 = embeddings)."""
+        return list(self.attrs["extraction"]["layers"])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.attrs["encoder"]["hidden_size"])
+
+    @property
+    def storage_dtype(self) -> str:
+        return self.attrs["extraction"]["storage_dtype"]
+
+    @property
+    def task(self) -> str:
+        return self.attrs["corpus"]["task"]
+
+    @property
+    def label_names(self) -> list[str] | None:
+        return self.attrs["corpus"]["label_names"]
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.attrs["counts"]["num_sequences"])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attrs["counts"]["num_tokens"])
+
+    def __len__(self) -> int:
+        return self.num_sequences
+
+    def __repr__(self) -> str:
+        return (f"Store({self.path!r}, {self.num_sequences} sequences, {self.num_tokens} tokens, "
+                f"layers={self.layers}, {self.status})")
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- selection ------------------------------------------------------------------------------------
+    def layer_columns(self, layers: Sequence[int] | None) -> slice | list[int]:
+        """Stored positions of encoder layers (negative = counted back from the encoder's last layer)."""
+        if layers is None:
+            return slice(None)
+        count = int(self.attrs["encoder"]["num_hidden_states"])
+        columns = []
+        for layer in layers:
+            resolved = layer % count if -count <= layer < count else None
+            if resolved not in self.layers:
+                raise FeatstoreError(f"layer {layer} is not in store {self.path}; it holds layers {self.layers}")
+            columns.append(self.layers.index(resolved))
+        if columns == list(range(columns[0], columns[0] + len(columns))):
+            return slice(columns[0], columns[0] + len(columns))
+        return columns
+
+    def decode(self, raw: np.ndarray) -> np.ndarray:
+        """Stored values as numpy floats: float16/float32 as stored, bfloat16 widened to float32."""
+        if self.storage_dtype == "bfloat16":
+            return (raw.astype(np.uint32) << 16).view(np.float32)
+        return raw
+
+    # --- random access --------------------------------------------------------------------------------
+    def sequence(self, row: int, layers: Sequence[int] | None = None, pooling: str | None = None
+                 ) -> SequenceFeatures:
+        """Features of corpus row `row`."""
+        if not -self.num_sequences <= row < self.num_sequences:
+            raise IndexError(f"row {row} out of range for a store of {self.num_sequences} sequences")
+        position = int(self.position_of_row[row])
+        start, stop = int(self.token_offsets[position]), int(self.token_offsets[position + 1])
+        hidden = self.backend.read(fmt.HIDDEN_STATES, start, stop, self.layer_columns(layers))
+        return self._features(position, self.decode(hidden), pooling)
+
+    def __getitem__(self, row: int) -> SequenceFeatures:
+        return self.sequence(row)
+
+    def _features(self, position: int, hidden: np.ndarray, pooling: str | None) -> SequenceFeatures:
+        start, stop = int(self.token_offsets[position]), int(self.token_offsets[position + 1])
+        word_ids = self.word_ids[start:stop]
+        num_words = int(self.word_offsets[position + 1] - self.word_offsets[position])
+        if self.word_labels is not None:
+            labels = self.word_labels[self.word_offsets[position]: self.word_offsets[position + 1]]
+        elif self.sequence_labels is not None:
+            labels = np.asarray(self.sequence_labels[position])
+        else:
+            labels = None
+        if pooling is not None:
+            hidden = pool_words(hidden, word_ids, num_words, pooling)
+        return SequenceFeatures(int(self.sequence_index[position]), hidden, self.input_ids[start:stop], word_ids,
+                                num_words, labels, pooling)
+
+    # --- streaming ------------------------------------------------------------------------------------
+    def spans(self, span_bytes: int = DEFAULT_SPAN_BYTES) -> list[range]:
+        """Runs of consecutive stored sequences of about `span_bytes` hidden-state bytes each."""
+        bytes_per_token = self.backend.dtype(fmt.HIDDEN_STATES).itemsize * len(self.layers) * self.hidden_size
+        span_tokens = max(1, span_bytes // bytes_per_token)
+        spans, start = [], 0
+        while start < self.num_sequences:
+            limit = self.token_offsets[start] + span_tokens
+            stop = max(start + 1, int(np.searchsorted(self.token_offsets, limit, side="right")) - 1)
+            spans.append(range(start, min(stop, self.num_sequences)))
+            start = spans[-1].stop
+        return spans
+
+    def iter_epoch(self, layers: Sequence[int] | None = None, pooling: str | None = None, shuffle: bool = True,
+                   seed: int = 0, epoch: int = 0, buffer_sequences: int = 4096,
+                   span_bytes: int = DEFAULT_SPAN_BYTES) -> Iterator[SequenceFeatures]:
+        """Every sequence exactly once. Shuffled: spans in random order, sequences drawn at random from a
+        buffer of at most `buffer_sequences` (plus one span). Deterministic for a given seed and epoch."""
+        rng = np.random.default_rng([seed, epoch])
+        spans = self.spans(span_bytes)
+        if shuffle:
+            spans = [spans[index] for index in rng.permutation(len(spans))]
+        columns = self.layer_columns(layers)
+        buffer: list[SequenceFeatures] = []
+        for span in spans:
+            base = int(self.token_offsets[span.start])
+            block = self.decode(self.backend.read(fmt.HIDDEN_STATES, base, int(self.token_offsets[span.stop]),
+                                                  columns))
+            for position in span:
+                start, stop = int(self.token_offsets[position]) - base, int(self.token_offsets[position + 1]) - base
+                item = self._features(position, block[start:stop], pooling)
+                if not shuffle:
+                    yield item
+                    continue
+                buffer.append(item)
+                if len(buffer) > buffer_sequences:
+                    pick = int(rng.integers(len(buffer)))
+                    buffer[pick], buffer[-1] = buffer[-1], buffer[pick]
+                    yield buffer.pop()
+        for index in rng.permutation(len(buffer)):
+            yield buffer[index]
+
+    def torch_dataset(self, layers: Sequence[int] | None = None, pooling: str | None = None) -> FeatureDataset:
+        return FeatureDataset(self, layers, pooling)
+
+
+def open_store(path: str | Path, allow_incomplete: bool = False) -> Store:
+    """Open a Zarr or HDF5 store for reading. Never writes to it."""
+    return Store(open_backend(path, "r"), allow_incomplete=allow_incomplete)
+
+
+def pool_words(hidden: np.ndarray, word_ids: np.ndarray, num_words: int, pooling: str) -> np.ndarray:
+    """Per-word vectors from per-token ones: the word's first subword, or the mean of its subwords."""
+    if pooling not in POOLINGS:
+        raise FeatstoreError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+    content = np.nonzero(word_ids >= 0)[0]
+    words = word_ids[content]
+    # Tokens of a word are contiguous, so a word starts wherever the word id changes.
+    starts = content[np.concatenate([[True], words[1:] != words[:-1]])] if len(content) else content
+    if len(starts) != num_words:
+        raise FeatstoreError(f"word alignment covers {len(starts)} words, expected {num_words}")
+    if pooling == "first":
+        return hidden[starts]
+    sums = np.add.reduceat(hidden[content].astype(np.float32), starts - content[0], axis=0)
+    counts = np.diff(np.append(starts - content[0], len(content)))
+    return (sums / counts[:, None, None]).astype(hidden.dtype)
+
+
+class FeatureDataset(torch.utils.data.Dataset):
+    """Map-style PyTorch dataset over a store, indexed by corpus row; pair with `collate_features`."""
+
+    def __init__(self, store: Store, layers: Sequence[int] | None = None, pooling: str | None = None) -> None:
+        self.store, self.layers, self.pooling = store, layers, pooling
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, row: int) -> SequenceFeatures:
+        return self.store.sequence(row, self.layers, self.pooling)
+
+
+def collate_features(items: Sequence[SequenceFeatures]) -> dict[str, Any]:
+    """Pad a batch: hidden (B, T, L, H) float32, mask (B, T) bool, labels (B, W) with -100 or (B,),
+    word_ids (B, T) with -1 on padding (token-level items only), index (B,) corpus rows."""
+    width = max(len(item.hidden_states) for item in items)
+    first = items[0].hidden_states
+    hidden = torch.zeros((len(items), width, *first.shape[1:]), dtype=torch.float32)
+    mask = torch.zeros((len(items), width), dtype=torch.bool)
+    for row, item in enumerate(items):
+        hidden[row, : len(item.hidden_states)] = torch.from_numpy(np.asarray(item.hidden_states, np.float32))
+        mask[row, : len(item.hidden_states)] = True
+    batch: dict[str, Any] = {"hidden_states": hidden, "mask": mask,
+                             "index": torch.tensor([item.index for item in items])}
+    if items[0].pooled is None:
+        word_ids = torch.full((len(items), width), -1, dtype=torch.long)
+        for row, item in enumerate(items):
+            word_ids[row, : len(item.word_ids)] = torch.from_numpy(item.word_ids.astype(np.int64))
+        batch["word_ids"] = word_ids
+    if items[0].labels is not None:
+        if items[0].labels.ndim == 0:
+            batch["labels"] = torch.tensor(np.stack([item.labels for item in items]))
+        else:
+            words = max(item.num_words for item in items)
+            labels = torch.full((len(items), words), -100, dtype=torch.long)
+            for row, item in enumerate(items):
+                labels[row, : len(item.labels)] = torch.from_numpy(item.labels.astype(np.int64))
+            batch["labels"] = labels
+    return batch

@@ -1,0 +1,172 @@
+"""Completeness and consistency checks (`featstore verify`), and the human summary (`featstore info`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import format as fmt
+from .backends import StoreBackend, open_backend
+from .errors import FeatstoreError
+from .reader import Store
+
+REQUIRED_ARRAYS = (fmt.HIDDEN_STATES, fmt.INPUT_IDS, fmt.WORD_IDS, fmt.TOKEN_WINDOW, fmt.TOKEN_OFFSETS,
+                   fmt.WORD_OFFSETS, fmt.SEQUENCE_INDEX, fmt.PROGRESS)
+
+
+def verify_store(path: str | Path, deep: bool = True) -> list[str]:
+    """Problems found in the store at `path` (empty when it is sound). `deep` reads every hidden state."""
+    try:
+        backend = open_backend(path, "r")
+    except FeatstoreError as error:
+        return [str(error)]
+    except Exception as error:  # a store too damaged for its library to open
+        return [f"{path} cannot be opened: {type(error).__name__}: {error}"]
+    try:
+        return _problems(backend, deep)
+    finally:
+        backend.close()
+
+
+def _problems(backend: StoreBackend, deep: bool) -> list[str]:
+    attrs = backend.get_attrs()
+    try:
+        fmt.check_compatible(attrs, backend.path)
+    except FeatstoreError as error:
+        return [str(error)]
+    problems: list[str] = []
+    names = backend.array_names()
+    missing = [name for name in REQUIRED_ARRAYS if name not in names]
+    if missing:
+        return [f"arrays missing: {', '.join(missing)}"]
+    counts = attrs["counts"]
+    n_seq, n_tok, n_words = counts["num_sequences"], counts["num_tokens"], counts["num_words"]
+    progress = backend.read(fmt.PROGRESS)
+    if attrs["status"] != fmt.STATUS_COMPLETE:
+        problems.append(f"incomplete: status {attrs['status']!r}, {int(progress[0])} of {n_seq} sequences "
+                        "committed; re-run the same extract command to resume")
+    elif (int(progress[0]), int(progress[1])) != (n_seq, n_tok):
+        problems.append(f"marked complete but progress is {progress.tolist()}, expected [{n_seq}, {n_tok}]")
+    if fmt.fingerprint(attrs["fingerprint_inputs"]) != attrs["fingerprint"]:
+        problems.append("fingerprint does not match the recorded fingerprint inputs")
+
+    hidden_shape = (n_tok, len(attrs["extraction"]["layers"]), attrs["encoder"]["hidden_size"])
+    expected = {fmt.HIDDEN_STATES: hidden_shape, fmt.INPUT_IDS: (n_tok,), fmt.WORD_IDS: (n_tok,),
+                fmt.TOKEN_WINDOW: (n_tok,), fmt.TOKEN_OFFSETS: (n_seq + 1,), fmt.WORD_OFFSETS: (n_seq + 1,),
+                fmt.SEQUENCE_INDEX: (n_seq,)}
+    for name, shape in expected.items():
+        if backend.shape(name) != shape:
+            problems.append(f"array {name} has shape {backend.shape(name)}, expected {shape}")
+    if problems:
+        return problems
+
+    token_offsets, word_offsets = backend.read(fmt.TOKEN_OFFSETS), backend.read(fmt.WORD_OFFSETS)
+    if token_offsets[0] != 0 or token_offsets[-1] != n_tok or np.any(np.diff(token_offsets) <= 0):
+        problems.append("token_offsets are not strictly increasing from 0 to num_tokens")
+    if word_offsets[0] != 0 or word_offsets[-1] != n_words or np.any(np.diff(word_offsets) <= 0):
+        problems.append("word_offsets are not strictly increasing from 0 to num_words")
+    order = backend.read(fmt.SEQUENCE_INDEX)
+    if not np.array_equal(np.sort(order), np.arange(n_seq)):
+        problems.append("sequence_index is not a permutation of the corpus rows")
+    if not problems:
+        problems += _alignment_problems(backend.read(fmt.WORD_IDS), token_offsets, word_offsets)
+    problems += _label_problems(backend, attrs, names, n_seq, n_words)
+
+    for block in backend.missing_blocks(fmt.HIDDEN_STATES):
+        problems.append(f"hidden_states block {block} is missing on disk")
+    stored, minimum = backend.nbytes_stored(fmt.HIDDEN_STATES), counts["hidden_bytes"]
+    if stored < minimum:
+        problems.append(f"hidden_states hold {stored} bytes on disk, fewer than the {minimum} they need")
+    if deep and not problems:
+        problems += _scan_hidden_states(backend)
+    return problems
+
+
+def _alignment_problems(word_ids: np.ndarray, token_offsets: np.ndarray, word_offsets: np.ndarray) -> list[str]:
+    words_per_sequence = np.diff(word_offsets)
+    highest = np.maximum.reduceat(word_ids, token_offsets[:-1])
+    bad = np.nonzero(highest + 1 != words_per_sequence)[0]
+    if len(bad):
+        return [f"word alignment of stored sequence {int(bad[0])} (and {len(bad) - 1} more) does not cover its "
+                "words"]
+    if np.any(word_ids < -1):
+        return ["word_ids hold values below -1"]
+    return []
+
+
+def _label_problems(backend: StoreBackend, attrs: dict[str, Any], names: list[str], n_seq: int,
+                    n_words: int) -> list[str]:
+    corpus = attrs["corpus"]
+    if not corpus["labeled"]:
+        return []
+    label_names = corpus["label_names"]
+    if fmt.WORD_LABELS in names:
+        labels, expected = backend.read(fmt.WORD_LABELS), n_words
+    elif fmt.LABELS in names:
+        labels, expected = backend.read(fmt.LABELS), n_seq
+    else:
+        return ["the corpus is labeled but the store holds no labels array"]
+    if len(labels) != expected:
+        return [f"{len(labels)} labels stored, expected {expected}"]
+    if label_names is not None and len(labels) and (labels.min() < 0 or labels.max() >= len(label_names)):
+        return [f"labels outside 0..{len(label_names) - 1}"]
+    return []
+
+
+def _scan_hidden_states(backend: StoreBackend) -> list[str]:
+    store = Store(backend)
+    for span in store.spans():
+        start, stop = int(store.token_offsets[span.start]), int(store.token_offsets[span.stop])
+        try:
+            block = store.decode(backend.read(fmt.HIDDEN_STATES, start, stop))
+        except Exception as error:
+            return [f"hidden_states tokens {start}..{stop} cannot be read: {type(error).__name__}: {error}"]
+        if not np.isfinite(block).all():
+            return [f"hidden_states tokens {start}..{stop} hold NaN or infinite values"]
+    return []
+
+
+def describe_store(path: str | Path) -> str:
+    """The human summary printed by `featstore info`."""
+    store = Store(open_backend(path, "r"), allow_incomplete=True)
+    try:
+        attrs, counts = store.attrs, store.attrs["counts"]
+        encoder, extraction, corpus = attrs["encoder"], attrs["extraction"], attrs["corpus"]
+        hidden_bytes = store.backend.nbytes_stored(fmt.HIDDEN_STATES)
+        total_bytes = store.backend.nbytes_stored()
+        bytes_per_element = np.dtype(fmt.NUMPY_STORAGE_DTYPE[store.storage_dtype]).itemsize
+        minimum = len(store.layers) * store.hidden_size * bytes_per_element
+        progress = store.backend.read(fmt.PROGRESS)
+        status = store.status if store.status == fmt.STATUS_COMPLETE else (
+            f"{store.status} ({int(progress[0])}/{store.num_sequences} sequences committed)")
+        labels = corpus["label_names"]
+        rows = [
+            ("store", f"{store.path} ({attrs['layout']['backend']}, format {attrs['format_version']})"),
+            ("status", status),
+            ("fingerprint", store.fingerprint),
+            ("encoder", f"{encoder['name_or_path']} ({encoder['model_class']}, revision "
+                        f"{encoder['revision'] or 'n/a'}, weights sha256 {encoder['weights_sha256'][:12]})"),
+            ("layers", f"{store.layers} of {encoder['num_hidden_states']} hidden states"),
+            ("hidden size", str(store.hidden_size)),
+            ("dtype", f"stored {store.storage_dtype}, computed {extraction['compute_dtype']} on "
+                      f"{extraction['device']}"),
+            ("corpus", f"{corpus['source']} ({corpus['task']}, {corpus['num_examples']} examples, "
+                       f"fingerprint {corpus['fingerprint'][:12]})"),
+            ("labels", ", ".join(labels) if labels else ("numeric" if corpus["labeled"] else "none")),
+            ("sequences", f"{counts['num_sequences']:,} ({counts['num_windowed_sequences']} windowed, "
+                          f"{counts['num_truncated_sequences']} truncated)"),
+            ("tokens", f"{counts['num_tokens']:,} ({counts['num_words']:,} words)"),
+            ("max length", f"{extraction['max_length']} (stride {extraction['stride']}, "
+                           f"truncation {'on' if extraction['truncation'] else 'off'})"),
+            ("bytes on disk", f"{total_bytes:,} ({hidden_bytes:,} hidden states)"),
+            ("bytes/token", f"{hidden_bytes / max(counts['num_tokens'], 1):,.1f} hidden states (raw minimum "
+                            f"{minimum:,}), {total_bytes / max(counts['num_tokens'], 1):,.1f} in all"),
+            ("created", f"{extraction['created_at']}, completed {extraction['completed_at'] or '-'}"),
+            ("versions", ", ".join(f"{k} {v}" for k, v in extraction["versions"].items())),
+        ]
+        width = max(len(key) for key, _ in rows)
+        return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
+    finally:
+        store.close()

@@ -1,0 +1,122 @@
+"""Shared fixtures: tiny random encoders built offline from transformers configs, and small corpora."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from featstore.encoder import packaged_minilm_path  # noqa: E402
+
+TINY_MAX_POSITIONS = 48  # small, so ordinary test sentences need windows
+WORDS = ("the of and to in a is was for on that with by as at from his her an are were it Berlin Paris Anna "
+         "Keller Tomas Reyes European Commission Helios Energy rejects German call boycott British lamb said "
+         "Monday shares rose percent office chief engineer year summit officials market police incident").split()
+TAGS = ["O", "B-PER", "I-PER", "B-LOC", "B-ORG", "I-ORG"]
+
+
+def _random_sentences(count: int, seed: int, max_words: int = 14) -> list[list[str]]:
+    rng = random.Random(seed)
+    return [[rng.choice(WORDS) for _ in range(rng.randint(1, max_words))] for _ in range(count)]
+
+
+def write_conll(path: Path, sentences: list[list[str]], seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    lines = ["-DOCSTART- -X- O O", ""]
+    for words in sentences:
+        lines += [f"{word} NN B-NP {rng.choice(TAGS)}" for word in words] + [""]
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def _bpe_files(directory: Path) -> tuple[dict, list]:
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    texts = [" ".join(words) for words in _random_sentences(400, seed=1)]
+    bpe.train_from_iterator(texts, vocab_size=400, min_frequency=1,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>", "<|endoftext|>"])
+    bpe.save_model(str(directory))
+    vocab = json.loads((directory / "vocab.json").read_text())
+    merges = [tuple(line.split()) for line in (directory / "merges.txt").read_text().splitlines()[1:] if line]
+    return vocab, merges
+
+
+def _build_tiny_models(root: Path) -> dict[str, str]:
+    import torch
+    from transformers import (AutoTokenizer, BertConfig, BertModel, GPT2Config, GPT2Model, GPT2Tokenizer,
+                              RobertaConfig, RobertaModel, RobertaTokenizer)
+
+    torch.manual_seed(0)
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    paths = {}
+
+    bert_dir = root / "tiny-bert"
+    bert_tokenizer = AutoTokenizer.from_pretrained(packaged_minilm_path())
+    bert_tokenizer.model_max_length = TINY_MAX_POSITIONS
+    bert_tokenizer.save_pretrained(bert_dir)
+    BertModel(BertConfig(vocab_size=len(bert_tokenizer), max_position_embeddings=TINY_MAX_POSITIONS,
+                         **common)).save_pretrained(bert_dir)
+    paths["bert"] = str(bert_dir)
+
+    bpe_dir = root / "bpe"
+    bpe_dir.mkdir()
+    vocab, merges = _bpe_files(bpe_dir)
+
+    roberta_dir = root / "tiny-roberta"
+    roberta_tokenizer = RobertaTokenizer(vocab=vocab, merges=merges, add_prefix_space=True)
+    roberta_tokenizer.model_max_length = TINY_MAX_POSITIONS
+    roberta_tokenizer.save_pretrained(roberta_dir)
+    RobertaModel(RobertaConfig(vocab_size=len(vocab), max_position_embeddings=TINY_MAX_POSITIONS + 2,
+                               pad_token_id=roberta_tokenizer.pad_token_id, bos_token_id=0, eos_token_id=2,
+                               **common)).save_pretrained(roberta_dir)
+    paths["roberta"] = str(roberta_dir)
+
+    gpt2_dir = root / "tiny-gpt2"
+    gpt2_tokenizer = GPT2Tokenizer(vocab=vocab, merges=merges, add_prefix_space=True)
+    gpt2_tokenizer.model_max_length = TINY_MAX_POSITIONS
+    gpt2_tokenizer.save_pretrained(gpt2_dir)
+    GPT2Model(GPT2Config(vocab_size=len(vocab), n_positions=TINY_MAX_POSITIONS, n_embd=32, n_layer=2, n_head=2,
+                         bos_token_id=vocab["<|endoftext|>"], eos_token_id=vocab["<|endoftext|>"])
+              ).save_pretrained(gpt2_dir)
+    paths["gpt2"] = str(gpt2_dir)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return _build_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    return packaged_minilm_path()
+
+
+@pytest.fixture(scope="session")
+def conll_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 random sentences; a few are long enough to need several windows on the tiny models."""
+    sentences = _random_sentences(36, seed=2) + _random_sentences(4, seed=3, max_words=70)
+    return write_conll(tmp_path_factory.mktemp("corpus") / "train.conll", sentences)
+
+
+@pytest.fixture()
+def copy_store():
+    def copy(source: str, target: Path) -> str:
+        if Path(source).is_dir():
+            shutil.copytree(source, target)
+        else:
+            shutil.copy(source, target)
+        return str(target)
+
+    return copy
+
+
+CONLL_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "conll2003"

@@ -1,0 +1,65 @@
+"""Regenerate featstore/data/sample_ner.conll, the small bundled NER corpus used by the demo.
+
+Sentences are built from templates and invented names, so the file carries no third-party
+text. Deterministic: `python tools/make_sample_corpus.py` rewrites the same file.
+"""
+
+import random
+from pathlib import Path
+
+PEOPLE = ["Anna Keller", "Tomas Reyes", "Mira Okafor", "Jonas Lind", "Priya Natarajan", "Leo Brandt",
+          "Sofia Marchetti", "Daniel Osei", "Yuki Tanaka", "Elena Petrova", "Omar Haddad", "Clara Jensen"]
+PLACES = ["Lisbon", "Nairobi", "Oslo", "Montreal", "Kyoto", "Valparaiso", "Gdansk", "Adelaide", "Tunis",
+          "New Delhi", "Rotterdam", "Quito"]
+ORGS = ["Northwind Traders", "Helios Energy", "the Baltic Rail Authority", "Vireo Labs", "Crescent Bank",
+        "the Coastal Research Institute", "Atlas Freight", "Bluefin Media", "Orbital Systems"]
+MISC = ["Nordic", "Andean", "Olympic", "Atlantic", "Pacific", "Alpine"]
+TEMPLATES = [
+    "{PER} visited {LOC} on Monday .",
+    "{ORG} opened a new office in {LOC} .",
+    "{PER} joined {ORG} as chief engineer last year .",
+    "Shares of {ORG} rose 3 percent after {PER} spoke in {LOC} .",
+    "The {MISC} summit in {LOC} was chaired by {PER} .",
+    "{PER} and {PER} met officials from {ORG} .",
+    "Rain delayed the {MISC} games in {LOC} for two hours .",
+    "{ORG} said it would hire 200 people in {LOC} .",
+    "According to {PER} , {ORG} expects growth in the {MISC} market .",
+    "Police in {LOC} questioned {PER} about the incident .",
+]
+
+
+def tagged(kind: str, text: str) -> list[tuple[str, str]]:
+    words = text.split()
+    if kind == "O":
+        return [(word, "O") for word in words]
+    # Leading "the" in organisation names stays outside the entity, as in CoNLL-2003.
+    if words[0] == "the":
+        return [("the", "O"), *tagged(kind, " ".join(words[1:]))]
+    return [(word, ("B-" if i == 0 else "I-") + kind) for i, word in enumerate(words)]
+
+
+def sentence(rng: random.Random) -> list[tuple[str, str]]:
+    pools = {"PER": PEOPLE, "LOC": PLACES, "ORG": ORGS, "MISC": MISC}
+    out: list[tuple[str, str]] = []
+    for piece in rng.choice(TEMPLATES).split():
+        if piece.startswith("{") and piece.endswith("}"):
+            kind = piece[1:-1]
+            out.extend(tagged(kind, rng.choice(pools[kind])))
+        else:
+            out.extend(tagged("O", piece))
+    return out
+
+
+def main() -> None:
+    rng = random.Random(13)
+    lines = []
+    for _ in range(240):
+        lines.extend(f"{word} {tag}" for word, tag in sentence(rng))
+        lines.append("")
+    path = Path(__file__).resolve().parent.parent / "featstore" / "data" / "sample_ner.conll"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
