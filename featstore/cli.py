@@ -109,7 +109,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     from .verify import describe_store, verify_store
 
     if args.command == "extract":
-        print(extract(config_from_args(args)))
+        print(extract(config_from_args(args)).path)
         return 0
     if args.command == "info":
         if args.json:

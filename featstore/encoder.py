@@ -272,12 +272,13 @@ class FrozenEncoder:
         """
         windows = [window for sequence in sequences for window in sequence.windows]
         window_base = np.cumsum([0] + [len(sequence.windows) for sequence in sequences])[:-1]
-        gather = np.concatenate([sequence.gather + [base, 0] for sequence, base in zip(sequences, window_base)])
+        gather = np.concatenate([sequence.gather + np.array([base, 0])
+                                 for sequence, base in zip(sequences, window_base)])
         out = torch.empty((len(gather), len(layers), self.hidden_size), device=self.device,
                           dtype=TORCH_DTYPES[self.storage_dtype])
         for group in _window_groups(windows, max_batch_tokens):
             rows = np.nonzero((gather[:, 0] >= group.start) & (gather[:, 0] < group.stop))[0]
-            hidden_states = self._run(windows[group.start:group.stop])
+            hidden_states = self.hidden_states(windows[group.start:group.stop])
             width = hidden_states[0].shape[1]
             flat_index = torch.as_tensor((gather[rows, 0] - group.start) * width + gather[rows, 1],
                                          device=self.device)
@@ -289,7 +290,8 @@ class FrozenEncoder:
             return out.view(torch.int16)
         return out
 
-    def _run(self, windows: Sequence[list[int]]) -> tuple[torch.Tensor, ...]:
+    def hidden_states(self, windows: Sequence[list[int]]) -> tuple[torch.Tensor, ...]:
+        """The bare forward pass: all hidden states of right-padded windows, (B, T, H) each."""
         width = max(len(window) for window in windows)
         input_ids = torch.full((len(windows), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(windows), width), dtype=torch.long)

@@ -62,8 +62,21 @@ class ExtractConfig:
     progress: bool = True
 
 
-def extract(config: ExtractConfig) -> str:
-    """Run (or resume, or reuse) an extraction; returns the store path once it is complete."""
+@dataclass
+class ExtractResult:
+    """What an extraction produced. `encode_seconds` covers the encoder + write phase only."""
+
+    path: str
+    fingerprint: str
+    num_sequences: int
+    num_tokens: int
+    resumed_from: int = 0  # sequences already committed by an earlier run
+    already_complete: bool = False
+    encode_seconds: float = 0.0
+
+
+def extract(config: ExtractConfig) -> ExtractResult:
+    """Run (or resume, or reuse) an extraction; returns once the store is complete."""
     if config.backend not in BACKENDS:
         raise FeatstoreError(f"unknown backend {config.backend!r}; choose one of {', '.join(BACKENDS)}")
     if config.max_batch_tokens < 1:
@@ -82,17 +95,23 @@ def extract(config: ExtractConfig) -> str:
     attrs = _initial_attrs(config, corpus, encoder, layers, max_length, stride, plan)
 
     backend = _open_or_create(config, attrs, plan, labels_array(corpus, plan))
+    result = ExtractResult(config.out, attrs["fingerprint"], len(plan.sequences), plan.num_tokens)
     try:
         if backend.get_attrs()["status"] == fmt.STATUS_COMPLETE:
             logger.info("%s is already complete (fingerprint %s); nothing to do", config.out,
                         attrs["fingerprint"][:12])
-            return config.out
+            result.already_complete = True
+            return result
+        result.resumed_from = int(backend.read(fmt.PROGRESS)[0])
+        started = time.perf_counter()
         _fill_hidden_states(backend, encoder, plan, layers, config)
         _finalize(backend)
+        result.encode_seconds = time.perf_counter() - started
     finally:
         backend.close()
-    logger.info("extraction complete: %s", config.out)
-    return config.out
+    logger.info("extraction complete: %s (%d tokens in %.1f s)", config.out, plan.num_tokens,
+                result.encode_seconds)
+    return result
 
 
 @dataclass

@@ -13,12 +13,14 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from featstore.encoder import packaged_minilm_path  # noqa: E402
+from featstore.encoder import packaged_minilm_path
 
 TINY_MAX_POSITIONS = 48  # small, so ordinary test sentences need windows
-WORDS = ("the of and to in a is was for on that with by as at from his her an are were it Berlin Paris Anna "
-         "Keller Tomas Reyes European Commission Helios Energy rejects German call boycott British lamb said "
-         "Monday shares rose percent office chief engineer year summit officials market police incident").split()
+WORDS = tuple(
+    "the of and to in a is was for on that with by as at from his her an are were it Berlin Paris Anna "
+    "Keller Tomas Reyes European Commission Helios Energy rejects German call boycott British lamb said "
+    "Monday shares rose percent office chief engineer year summit officials market police incident"
+    .split())
 TAGS = ["O", "B-PER", "I-PER", "B-LOC", "B-ORG", "I-ORG"]
 
 
@@ -51,8 +53,17 @@ def _bpe_files(directory: Path) -> tuple[dict, list]:
 
 def _build_tiny_models(root: Path) -> dict[str, str]:
     import torch
-    from transformers import (AutoTokenizer, BertConfig, BertModel, GPT2Config, GPT2Model, GPT2Tokenizer,
-                              RobertaConfig, RobertaModel, RobertaTokenizer)
+    from transformers import (
+        AutoTokenizer,
+        BertConfig,
+        BertModel,
+        GPT2Config,
+        GPT2Model,
+        GPT2Tokenizer,
+        RobertaConfig,
+        RobertaModel,
+        RobertaTokenizer,
+    )
 
     torch.manual_seed(0)
     common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)

@@ -3,8 +3,14 @@ import json
 import datasets
 import pytest
 
-from featstore.corpus import (BUNDLED_CORPUS, REGRESSION, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION,
-                              CorpusSpec, load_corpus)
+from featstore.corpus import (
+    BUNDLED_CORPUS,
+    REGRESSION,
+    SEQUENCE_CLASSIFICATION,
+    TOKEN_CLASSIFICATION,
+    CorpusSpec,
+    load_corpus,
+)
 from featstore.errors import FeatstoreError
 
 

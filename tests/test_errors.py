@@ -70,11 +70,11 @@ def test_different_arguments_into_the_same_store_are_refused(capsys, tiny_models
 
 def test_store_format_too_new(capsys, tiny_models, conll_corpus, tmp_path):
     out = extract(ExtractConfig(out=str(tmp_path / "s.zarr"), model=tiny_models["bert"],
-                                corpus=CorpusSpec(str(conll_corpus)), progress=False))
+                                corpus=CorpusSpec(str(conll_corpus)), progress=False)).path
     backend = open_backend(out, "r+")
     attrs = backend.get_attrs()
     backend.set_attrs({**attrs, "format_version": "2.0"})
-    with pytest.raises(FeatstoreError, match="newer than this featstore supports.*upgrade featstore"):
+    with pytest.raises(FeatstoreError, match=r"newer than this featstore supports.*upgrade featstore"):
         open_store(out)
     code, err = _run(capsys, "verify", out)
     assert code == 1 and "upgrade featstore" in err
@@ -82,14 +82,14 @@ def test_store_format_too_new(capsys, tiny_models, conll_corpus, tmp_path):
 
 def test_verify_detects_a_missing_shard_and_a_truncated_hdf5(capsys, tiny_models, conll_corpus, tmp_path):
     zarr_out = extract(ExtractConfig(out=str(tmp_path / "s.zarr"), model=tiny_models["bert"], block_tokens=64,
-                                     corpus=CorpusSpec(str(conll_corpus)), progress=False))
+                                     corpus=CorpusSpec(str(conll_corpus)), progress=False)).path
     assert main(["verify", zarr_out]) == 0
     shutil.rmtree(os.path.join(zarr_out, "hidden_states", "c", "1"))
     code, err = _run(capsys, "verify", zarr_out)
     assert code == 1 and "hidden_states block 1 is missing" in err
 
     h5_out = extract(ExtractConfig(out=str(tmp_path / "s.h5"), model=tiny_models["bert"], backend="hdf5",
-                                   corpus=CorpusSpec(str(conll_corpus)), progress=False))
+                                   corpus=CorpusSpec(str(conll_corpus)), progress=False)).path
     assert verify_store(h5_out) == []
     os.truncate(h5_out, os.path.getsize(h5_out) - 1000)
     assert any("missing" in problem or "fewer" in problem for problem in verify_store(h5_out))
@@ -97,7 +97,7 @@ def test_verify_detects_a_missing_shard_and_a_truncated_hdf5(capsys, tiny_models
 
 def test_info_summarises_a_store(capsys, tiny_models, conll_corpus, tmp_path):
     out = extract(ExtractConfig(out=str(tmp_path / "s.zarr"), model=tiny_models["gpt2"],
-                                corpus=CorpusSpec(str(conll_corpus)), progress=False))
+                                corpus=CorpusSpec(str(conll_corpus)), progress=False)).path
     assert main(["info", out]) == 0
     text = capsys.readouterr().out
     for field in ("encoder", "layers", "hidden size", "sequences", "tokens", "bytes on disk", "bytes/token",

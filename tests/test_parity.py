@@ -67,7 +67,7 @@ def test_packaged_minilm_float16_store_matches_live_encoder(minilm_path, conll_c
     with open_store(out) as store:
         assert store.storage_dtype == "float16" and store.layers == [0, 3, 6]
         assert store.attrs["counts"]["num_windowed_sequences"] > 0
-        sequences, expected = _reference(minilm_path, store, corpus, [0, 3, 6])
+        _sequences, expected = _reference(minilm_path, store, corpus, [0, 3, 6])
         for row, want in enumerate(expected):
             got = store.sequence(row).hidden_states
             assert got.dtype == np.float16

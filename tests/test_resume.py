@@ -46,7 +46,7 @@ def test_resume_after_sigkill_gives_the_uninterrupted_store(tiny_models, tmp_pat
     try:
         while time.monotonic() < deadline:
             progress = _progress(killed)
-            if progress and 0 < progress[0]:
+            if progress and progress[0] > 0:
                 break
             assert process.poll() is None, process.stderr.read().decode()[-2000:]
             time.sleep(0.005)

@@ -19,7 +19,7 @@ def stores(tiny_models, conll_corpus, tmp_path_factory):
     for backend, name in (("zarr", "s.zarr"), ("hdf5", "s.h5")):
         paths[backend] = extract(ExtractConfig(out=str(root / name), model=tiny_models["roberta"],
                                                corpus=CorpusSpec(str(conll_corpus)), backend=backend,
-                                               block_tokens=256, chunk_tokens=64, progress=False))
+                                               block_tokens=256, chunk_tokens=64, progress=False)).path
     return paths
 
 
@@ -51,7 +51,7 @@ def test_large_store_hidden_bytes_are_within_two_percent(tiny_models, tmp_path):
 
     corpus = write_conll(tmp_path / "big.conll", _random_sentences(600, seed=9))
     out = extract(ExtractConfig(out=str(tmp_path / "big.zarr"), model=tiny_models["bert"],
-                                corpus=CorpusSpec(str(corpus)), progress=False))
+                                corpus=CorpusSpec(str(corpus)), progress=False)).path
     with open_store(out) as store:
         minimum = store.num_tokens * len(store.layers) * store.hidden_size * 2
         assert minimum <= store.backend.nbytes_stored(fmt.HIDDEN_STATES) <= minimum * 1.02
@@ -116,10 +116,10 @@ def test_torch_dataset_and_collate(stores):
 
 def test_text_classification_store(tiny_models, tmp_path):
     path = tmp_path / "t.jsonl"
-    path.write_text("\n".join(json.dumps({"text": t, "label": l}) for t, l in
+    path.write_text("\n".join(json.dumps({"text": text, "label": label}) for text, label in
                               [("Anna rose", "pos"), ("the lamb was said", "neg"), ("Berlin", "pos")]))
     out = extract(ExtractConfig(out=str(tmp_path / "t.zarr"), model=tiny_models["gpt2"],
-                                corpus=CorpusSpec(str(path)), progress=False))
+                                corpus=CorpusSpec(str(path)), progress=False)).path
     with open_store(out) as store:
         assert store.task == "sequence-classification" and store.label_names == ["neg", "pos"]
         assert [int(store.sequence(row).labels) for row in range(3)] == [1, 0, 1]
@@ -129,6 +129,8 @@ def test_text_classification_store(tiny_models, tmp_path):
 
 def test_rerun_of_a_complete_store_is_a_no_op(stores, tiny_models, conll_corpus):
     before = open_store(stores["zarr"]).attrs["extraction"]["completed_at"]
-    extract(ExtractConfig(out=stores["zarr"], model=tiny_models["roberta"], corpus=CorpusSpec(str(conll_corpus)),
+    result = extract(ExtractConfig(out=stores["zarr"], model=tiny_models["roberta"],
+                                   corpus=CorpusSpec(str(conll_corpus)),
                           block_tokens=256, chunk_tokens=64, progress=False))
+    assert result.already_complete
     assert open_store(stores["zarr"]).attrs["extraction"]["completed_at"] == before

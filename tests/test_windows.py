@@ -1,3 +1,5 @@
+import itertools
+
 import numpy as np
 import pytest
 
@@ -16,7 +18,7 @@ def test_every_word_takes_all_its_tokens_from_one_window_that_contains_it(length
     windows, token_window = plan_windows(word_ids, budget, stride)
     assert windows[0][0] == 0 and windows[-1][1] == len(word_ids)
     assert all(end - start <= budget for start, end in windows)
-    assert all(b[0] > a[0] and b[0] <= a[1] for a, b in zip(windows, windows[1:]))
+    assert all(b[0] > a[0] and b[0] <= a[1] for a, b in itertools.pairwise(windows))
     for start, end in word_units(word_ids):
         chosen = set(token_window[start:end].tolist())
         assert len(chosen) == 1
