@@ -35,7 +35,7 @@ from .windows import WINDOW_RULE
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CHUNK_TOKENS = 1024
+DEFAULT_CHUNK_TOKENS = 4096
 DEFAULT_BLOCK_BYTES = 64 * 2**20
 WRITE_QUEUE_DEPTH = 4
 

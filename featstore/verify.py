@@ -116,6 +116,8 @@ def _label_problems(backend: StoreBackend, attrs: dict[str, Any], names: list[st
 
 
 def _scan_hidden_states(backend: StoreBackend) -> list[str]:
+    if hasattr(backend, "fast_reads"):
+        backend.fast_reads = False
     store = Store(backend)
     for span in store.spans():
         start, stop = int(store.token_offsets[span.start]), int(store.token_offsets[span.stop])

@@ -134,3 +134,16 @@ def test_rerun_of_a_complete_store_is_a_no_op(stores, tiny_models, conll_corpus)
                           block_tokens=256, chunk_tokens=64, progress=False))
     assert result.already_complete
     assert open_store(stores["zarr"]).attrs["extraction"]["completed_at"] == before
+
+
+def test_direct_shard_reads_equal_zarr_python_reads(stores):
+    with open_store(stores["zarr"]) as store:
+        backend = store.backend
+        assert backend._shard_reader(fmt.HIDDEN_STATES) is not None  # the layout featstore writes qualifies
+        n = store.num_tokens
+        for start, stop, columns in [(0, n, None), (5, n - 3, [2]), (90, 300, slice(1, 3)), (n - 10, n, [0, 2])]:
+            fast = backend.read(fmt.HIDDEN_STATES, start, stop, columns)
+            backend.fast_reads = False
+            slow = backend.read(fmt.HIDDEN_STATES, start, stop, columns)
+            backend.fast_reads = True
+            np.testing.assert_array_equal(fast, slow)

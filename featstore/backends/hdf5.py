@@ -76,8 +76,9 @@ class HDF5Backend(StoreBackend):
         source = self._memmap(name)
         if source is None:
             source = self.handle[name]
-        rows = np.asarray(source[start:stop])
-        return rows if columns is None else rows[:, columns]
+        # A copy, not a view: callers get owned arrays (as from zarr) and the read happens here.
+        rows = source[start:stop] if columns is None else source[start:stop, columns]
+        return np.array(rows)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.handle[name].shape)
