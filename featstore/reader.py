@@ -55,6 +55,10 @@ class Store:
                                  "allow_incomplete=True to inspect it")
         self.token_offsets = backend.read(fmt.TOKEN_OFFSETS)
         self.word_offsets = backend.read(fmt.WORD_OFFSETS)
+        # Python-int copies: indexing them is much cheaper than numpy scalars in the per-sequence path.
+        self._token_bounds = self.token_offsets.tolist()
+        self._word_bounds = self.word_offsets.tolist()
+        self._rows = None
         self.sequence_index = backend.read(fmt.SEQUENCE_INDEX)
         self.position_of_row = np.empty_like(self.sequence_index)
         self.position_of_row[self.sequence_index] = np.arange(len(self.sequence_index))
@@ -105,6 +109,10 @@ class Store:
     @property
     def num_tokens(self) -> int:
         return int(self.attrs["counts"]["num_tokens"])
+
+    @property
+    def labeled(self) -> bool:
+        return self.word_labels is not None or self.sequence_labels is not None
 
     def __len__(self) -> int:
         return self.num_sequences
@@ -159,19 +167,21 @@ class Store:
         return self.sequence(row)
 
     def _features(self, position: int, hidden: np.ndarray, pooling: str | None) -> SequenceFeatures:
-        start, stop = int(self.token_offsets[position]), int(self.token_offsets[position + 1])
+        if self._rows is None:
+            self._rows = self.sequence_index.tolist()
+        start, stop = self._token_bounds[position], self._token_bounds[position + 1]
+        first_word, last_word = self._word_bounds[position], self._word_bounds[position + 1]
         word_ids = self.word_ids[start:stop]
-        num_words = int(self.word_offsets[position + 1] - self.word_offsets[position])
         if self.word_labels is not None:
-            labels = self.word_labels[self.word_offsets[position]: self.word_offsets[position + 1]]
+            labels = self.word_labels[first_word:last_word]
         elif self.sequence_labels is not None:
             labels = np.asarray(self.sequence_labels[position])
         else:
             labels = None
         if pooling is not None:
-            hidden = pool_words(hidden, word_ids, num_words, pooling)
-        return SequenceFeatures(int(self.sequence_index[position]), hidden, self.input_ids[start:stop], word_ids,
-                                num_words, labels, pooling)
+            hidden = pool_words(hidden, word_ids, last_word - first_word, pooling)
+        return SequenceFeatures(self._rows[position], hidden, self.input_ids[start:stop], word_ids,
+                                last_word - first_word, labels, pooling)
 
     # --- streaming ------------------------------------------------------------------------------------
     def spans(self, span_bytes: int = DEFAULT_SPAN_BYTES) -> list[range]:
@@ -197,13 +207,12 @@ class Store:
             spans = [spans[index] for index in rng.permutation(len(spans))]
         columns = self.layer_columns(layers)
         buffer: list[SequenceFeatures] = []
+        bounds = self._token_bounds
         for span in spans:
-            base = int(self.token_offsets[span.start])
-            block = self.decode(self.backend.read(fmt.HIDDEN_STATES, base, int(self.token_offsets[span.stop]),
-                                                  columns))
+            base = bounds[span.start]
+            block = self.decode(self.backend.read(fmt.HIDDEN_STATES, base, bounds[span.stop], columns))
             for position in span:
-                start, stop = int(self.token_offsets[position]) - base, int(self.token_offsets[position + 1]) - base
-                item = self._features(position, block[start:stop], pooling)
+                item = self._features(position, block[bounds[position] - base: bounds[position + 1] - base], pooling)
                 if not shuffle:
                     yield item
                     continue

@@ -1,0 +1,115 @@
+"""`Head`: a layer mixer, word or sequence pooling, and a classifier/regressor — saved the HF way.
+
+The same module runs on cached features (from a store) and on live encoder outputs: both
+give it per-layer hidden states (B, T, L, H) of the head's layers, a token mask and word ids.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from featstore import FeatstoreError
+
+from .config import REGRESSION, TOKEN_CLASSIFICATION, HeadConfig
+from .layers import SequencePooling, pool_words
+from .mixers import AdapterMixer, AttentionFusion, ScalarMix, SelectLayer
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+HEAD_FORMAT = "featstore-head/1"
+
+
+class Head(nn.Module):
+    def __init__(self, config: HeadConfig) -> None:
+        super().__init__()
+        self.config = config
+        hidden, num_layers, outputs = config.hidden_size, len(config.layers), config.num_outputs
+        self.feature_dropout = nn.Dropout(config.feature_dropout)
+        if config.head_type in ("linear", "mlp"):
+            self.mixer: nn.Module = SelectLayer()
+        elif config.head_type == "scalar_mix":
+            self.mixer = ScalarMix(num_layers)
+        elif config.head_type == "fusion":
+            self.mixer = AttentionFusion(num_layers, hidden, config.dropout)
+        else:
+            self.mixer = AdapterMixer(hidden, config.attention_dim, config.num_heads, config.dropout,
+                                      config.enable_tailor, config.tailor_attention)
+        if config.head_type == "adapter":  # the notes' classifier: H -> 256 -> C, no nonlinearity
+            self.classifier: nn.Module = nn.Sequential(nn.Linear(hidden, config.classifier_dim),
+                                                       nn.Linear(config.classifier_dim, outputs))
+        elif config.head_type == "mlp":
+            self.classifier = nn.Sequential(nn.Linear(hidden, config.mlp_dim), nn.GELU(), nn.Dropout(config.dropout),
+                                            nn.Linear(config.mlp_dim, outputs))
+        else:
+            self.classifier = nn.Linear(hidden, outputs)
+        self.sequence_pooling = None if config.task == TOKEN_CLASSIFICATION else \
+            SequencePooling(config.sequence_pooling, hidden)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor, word_ids: torch.Tensor | None = None,
+                num_words: int | None = None) -> torch.Tensor:
+        """hidden (B, T, L, H) -> logits (B, W, C) for token tasks, (B, C) for classification, (B,) regression.
+
+        Token tasks need `word_ids` (B, T) with -1 for special/padded tokens.
+        """
+        tokens = self.mixer(self.feature_dropout(hidden), mask)
+        if self.sequence_pooling is None:
+            if word_ids is None:
+                raise ValueError("token classification needs word_ids")
+            width = num_words if num_words is not None else int(word_ids.max().item()) + 1
+            return self.classifier(pool_words(tokens, word_ids, max(width, 1), self.config.word_pooling))
+        output = self.classifier(self.sequence_pooling(tokens, mask))
+        return output.squeeze(-1) if self.config.task == REGRESSION else output
+
+    # --- persistence -------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": HEAD_FORMAT})
+        (directory / CONFIG_NAME).write_text(json.dumps({"format": HEAD_FORMAT, **self.config.to_dict()},
+                                                        indent=2))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> Head:
+        directory = Path(directory)
+        config_path = directory / CONFIG_NAME
+        if not config_path.is_file() or not (directory / WEIGHTS_NAME).is_file():
+            raise FeatstoreError(f"{directory} is not a saved head (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+        values = json.loads(config_path.read_text())
+        if values.get("format") != HEAD_FORMAT:
+            raise FeatstoreError(f"{config_path} is not a featstore head config (format {values.get('format')!r})")
+        head = cls(HeadConfig.from_dict(values))
+        head.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
+        return head.eval()
+
+
+def encoder_identity(store_attrs: dict[str, Any]) -> dict[str, Any]:
+    """What ties a head to its encoder: recorded in the head, checked wherever it is used."""
+    encoder = store_attrs["encoder"]
+    return {key: encoder[key] for key in ("name_or_path", "weights_sha256", "tokenizer_sha256", "hidden_size",
+                                          "num_hidden_states")}
+
+
+def check_compatible(config: HeadConfig, identity: dict[str, Any], available_layers: list[int], where: str) -> None:
+    """Refuse a store or encoder whose features the head was not trained on."""
+    trained = config.encoder
+    if trained.get("weights_sha256") and trained["weights_sha256"] != identity["weights_sha256"]:
+        raise FeatstoreError(f"head '{config.name}' was trained on encoder {trained.get('name_or_path')} (weights "
+                             f"{trained['weights_sha256'][:12]}) but {where} uses {identity['name_or_path']} "
+                             f"(weights {identity['weights_sha256'][:12]}); use features of the same encoder")
+    if config.hidden_size != identity["hidden_size"]:
+        raise FeatstoreError(f"head '{config.name}' expects hidden size {config.hidden_size} but {where} has "
+                             f"{identity['hidden_size']}")
+    missing = [layer for layer in config.layers if layer not in available_layers]
+    if missing:
+        raise FeatstoreError(f"head '{config.name}' reads layers {config.layers} but {where} lacks {missing} "
+                             f"(it has {available_layers})")

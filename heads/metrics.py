@@ -1,0 +1,43 @@
+"""Task metrics: entity-level micro F1 (seqeval) for tagging, accuracy and macro F1 for
+classification, Pearson/Spearman for regression. Each task has one primary metric for early stopping."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .config import REGRESSION, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION
+
+PRIMARY_METRIC = {TOKEN_CLASSIFICATION: "f1", SEQUENCE_CLASSIFICATION: "accuracy", REGRESSION: "pearson"}
+
+
+def tagging_metrics(gold: Sequence[Sequence[str]], predicted: Sequence[Sequence[str]]) -> dict[str, float]:
+    from seqeval.metrics import f1_score, precision_score, recall_score
+
+    tokens = sum(len(tags) for tags in gold)
+    correct = sum(g == p for tags, preds in zip(gold, predicted) for g, p in zip(tags, preds))
+    return {"f1": float(f1_score(gold, predicted, average="micro")),
+            "precision": float(precision_score(gold, predicted, average="micro")),
+            "recall": float(recall_score(gold, predicted, average="micro")),
+            "token_accuracy": correct / max(tokens, 1)}
+
+
+def classification_metrics(gold: np.ndarray, predicted: np.ndarray, num_labels: int) -> dict[str, float]:
+    f1s = []
+    for label in range(num_labels):
+        tp = np.sum((predicted == label) & (gold == label))
+        fp = np.sum((predicted == label) & (gold != label))
+        fn = np.sum((predicted != label) & (gold == label))
+        if tp + fp + fn:
+            f1s.append(2 * tp / (2 * tp + fp + fn))
+    return {"accuracy": float(np.mean(gold == predicted)), "macro_f1": float(np.mean(f1s)) if f1s else 0.0}
+
+
+def regression_metrics(gold: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
+    from scipy.stats import pearsonr, spearmanr
+
+    if len(gold) < 2 or np.std(predicted) == 0 or np.std(gold) == 0:
+        return {"pearson": 0.0, "spearman": 0.0, "mse": float(np.mean((gold - predicted) ** 2))}
+    return {"pearson": float(pearsonr(gold, predicted)[0]), "spearman": float(spearmanr(gold, predicted)[0]),
+            "mse": float(np.mean((gold - predicted) ** 2))}

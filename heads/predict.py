@@ -1,0 +1,115 @@
+"""Attach a trained head to the live encoder and predict on raw text or pre-split words.
+
+Features go through the same path as extraction (`FrozenEncoder.tokenize/forward`, the stored
+dtype, the store's windows) and the same collation as training, so live predictions equal
+predictions on the store for the same inputs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from featstore import Example, FeatstoreError, FrozenEncoder, collate_features
+from featstore.reader import SequenceFeatures
+
+from .config import REGRESSION, TOKEN_CLASSIFICATION
+from .head import Head, check_compatible
+
+
+class Predictor:
+    def __init__(self, head: str | Path | Head, model: str | None = None, device: str | None = None,
+                 max_batch_tokens: int = 8192) -> None:
+        self.head = head if isinstance(head, Head) else Head.from_pretrained(head)
+        trained = self.head.config.encoder
+        self.encoder = FrozenEncoder.load(model or trained.get("name_or_path"), device=device,
+                                          dtype=trained.get("storage_dtype"))
+        described = self.encoder.describe()
+        check_compatible(self.head.config, described, list(range(self.encoder.num_hidden_states)),
+                         f"encoder {self.encoder.name_or_path}")
+        self.head.to(self.encoder.device).eval()
+        self.max_batch_tokens = max_batch_tokens
+
+    def _examples(self, inputs: Sequence[str | Sequence[str]]) -> list[Example]:
+        examples = []
+        for index, item in enumerate(inputs):
+            if isinstance(item, str):
+                if not item.strip():
+                    raise FeatstoreError(f"input {index} is empty")
+                # Token tasks label words: raw text is split on whitespace into words.
+                is_token_task = self.head.config.task == TOKEN_CLASSIFICATION
+                examples.append(Example(words=tuple(item.split())) if is_token_task else Example(text=item))
+            else:
+                if not item:
+                    raise FeatstoreError(f"input {index} has no words")
+                examples.append(Example(words=tuple(item)))
+        return examples
+
+    @torch.no_grad()
+    def outputs(self, inputs: Sequence[str | Sequence[str]], batch_size: int = 32) -> list[torch.Tensor]:
+        """Raw head outputs per input: (W, C) logits, (C,) logits, or a scalar."""
+        trained = self.head.config.encoder
+        sequences = self.encoder.tokenize(self._examples(inputs), trained.get("max_length"), trained.get("stride"))
+        results: list[torch.Tensor] = []
+        for start in range(0, len(sequences), batch_size):
+            chunk = sequences[start: start + batch_size]
+            hidden = self.encoder.forward(chunk, self.head.config.layers, self.max_batch_tokens)
+            if self.encoder.storage_dtype == "bfloat16":
+                hidden = hidden.view(torch.bfloat16)
+            hidden = hidden.float().cpu().numpy()
+            offsets = np.cumsum([0] + [sequence.num_tokens for sequence in chunk])
+            items = [SequenceFeatures(start + i, hidden[offsets[i]: offsets[i + 1]], s.input_ids, s.word_ids,
+                                      s.num_words, None) for i, s in enumerate(chunk)]
+            batch = collate_features(items)
+            device = self.encoder.device
+            output = self.head(batch["hidden_states"].to(device), batch["mask"].to(device),
+                               batch["word_ids"].to(device)).cpu()
+            for i, sequence in enumerate(chunk):
+                results.append(output[i, : sequence.num_words] if output.dim() == 3 else output[i])
+        return results
+
+    def predict(self, inputs: Sequence[str | Sequence[str]], batch_size: int = 32) -> list[dict[str, Any]]:
+        """Word tags, or a label with probabilities, or a regression value, per input."""
+        config = self.head.config
+        records = []
+        for item, example, output in zip(inputs, self._examples(inputs), self.outputs(inputs, batch_size)):
+            if config.task == TOKEN_CLASSIFICATION:
+                probabilities = output.softmax(-1)
+                records.append({"words": list(example.words),
+                                "tags": [config.label_names[i] for i in probabilities.argmax(-1).tolist()],
+                                "scores": [round(p, 6) for p in probabilities.max(-1).values.tolist()]})
+            elif config.task == REGRESSION:
+                records.append({"input": item, "value": float(output)})
+            else:
+                probabilities = output.softmax(-1).tolist()
+                records.append({"input": item, "label": config.label_names[int(np.argmax(probabilities))],
+                                "probabilities": dict(zip(config.label_names, probabilities))})
+        return records
+
+
+def read_inputs(path: str | Path) -> list[str | list[str]]:
+    """JSONL lines with "words" (a list) or "text"; or a text file with one input per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FeatstoreError(f"input file {path} does not exist")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise FeatstoreError(f"input file {path} is empty")
+    if path.suffix.lower() not in (".jsonl", ".json"):
+        return lines
+    inputs: list[str | list[str]] = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise FeatstoreError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+        value = record.get("words", record.get("tokens", record.get("text"))) if isinstance(record, dict) else None
+        if not isinstance(value, (str, list)):
+            raise FeatstoreError(f"{path}:{number}: expected an object with \"words\" (a list) or \"text\"")
+        inputs.append(value)
+    return inputs

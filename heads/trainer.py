@@ -1,0 +1,349 @@
+"""Train heads from stores only — the encoder is never loaded.
+
+Many heads in one pass: each batch is read from the store once and feeds every head. Each
+head keeps its own torch RNG stream (init and dropout), so training K heads together gives
+exactly the weights of K separate runs with the same seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from featstore import FeatstoreError, Store, collate_features, open_store
+from featstore.reader import SequenceFeatures
+
+from .config import REGRESSION, SINGLE_LAYER_HEADS, TOKEN_CLASSIFICATION, HeadConfig
+from .head import Head, check_compatible, encoder_identity
+from .metrics import PRIMARY_METRIC, classification_metrics, regression_metrics, tagging_metrics
+
+logger = logging.getLogger(__name__)
+
+STATE_NAME = "trainer_state.pt"
+METRICS_NAME = "metrics.jsonl"
+TRAINING_KEYS = ("lr", "weight_decay", "seed")
+
+
+@dataclass
+class TrainConfig:
+    """A training run. `heads` lists head specs: {"type": ..., "name": ..., "layers": [...], plus any
+    HeadConfig field and per-head "lr", "weight_decay", "seed"}."""
+
+    store: str
+    out: str
+    eval_store: str | None = None
+    heads: list[dict[str, Any]] = field(default_factory=lambda: [{"type": "adapter"}])
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0  # AdamW; 0 is plain Adam, as in the reference recipe
+    warmup_ratio: float = 0.1  # one-cycle: warm up for this share of steps, then cosine decay
+    seed: int = 1
+    patience: int | None = 3  # epochs without eval improvement before a head stops; None: never
+    device: str = "cpu"
+    resume: bool = False
+    progress: bool = True
+    log_every: int = 50
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        values = json.loads(Path(path).read_text())
+        return cls(**{**values, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+@dataclass
+class HeadRun:
+    """One head being trained: its module, optimiser, schedule, RNG stream and early-stopping state."""
+
+    name: str
+    head: Head
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    columns: slice | list[int]  # the head's layers within the batch's layers
+    rng_state: torch.Tensor
+    output_dir: Path
+    best: float = -np.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    stopped: bool = False
+
+    @contextmanager
+    def own_rng(self) -> Iterator[None]:
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.rng_state)
+        try:
+            yield
+        finally:
+            self.rng_state = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+
+def build_head_config(spec: dict[str, Any], store: Store) -> HeadConfig:
+    """A HeadConfig from a spec and the store it will train on (layers default by head type)."""
+    spec = {key: value for key, value in spec.items() if key not in TRAINING_KEYS}
+    head_type = spec.pop("type", spec.pop("head_type", "adapter"))
+    layers = spec.pop("layers", None)
+    if layers is None:
+        layers = store.layers[-1:] if head_type in SINGLE_LAYER_HEADS else store.layers
+    count = int(store.attrs["encoder"]["num_hidden_states"])
+    layers = sorted(layer % count if -count <= layer < count else layer for layer in layers)
+    store.layer_columns(layers)  # raises a clear error for layers the store lacks
+    identity = {**encoder_identity(store.attrs), **{key: store.attrs["extraction"][key]
+                                                    for key in ("max_length", "stride", "storage_dtype")}}
+    try:
+        return HeadConfig(head_type=head_type, task=store.task, hidden_size=store.hidden_size, layers=layers,
+                          label_names=store.label_names, name=spec.pop("name", head_type), encoder=identity,
+                          store_fingerprint=store.fingerprint, **spec)
+    except (TypeError, ValueError) as error:
+        raise FeatstoreError(f"bad head spec {spec}: {error}") from None
+
+
+def _loss(config: HeadConfig, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    if config.task == REGRESSION:
+        return nn.functional.mse_loss(output, labels.float())
+    return nn.functional.cross_entropy(output.reshape(-1, output.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+def _batches(items: Iterable[SequenceFeatures], batch_size: int) -> Iterator[dict[str, Any]]:
+    batch: list[SequenceFeatures] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == batch_size:
+            yield collate_features(batch)
+            batch = []
+    if batch:
+        yield collate_features(batch)
+
+
+def _head_inputs(batch: dict[str, Any], columns: slice | list[int], device: str) -> tuple[torch.Tensor, ...]:
+    return (batch["hidden_states"][:, :, columns].to(device), batch["mask"].to(device),
+            batch["word_ids"].to(device))
+
+
+def _label_map(head_labels: list[str] | None, store: Store) -> np.ndarray | None:
+    """Store label id -> head label id, by name, so stores extracted with different label orders agree."""
+    if head_labels is None or store.label_names is None:
+        return None
+    unknown = [name for name in store.label_names if name not in head_labels]
+    if unknown:
+        raise FeatstoreError(f"store {store.path} has labels {unknown} the head was not trained on "
+                             f"(head labels: {head_labels})")
+    return np.array([head_labels.index(name) for name in store.label_names])
+
+
+def _remap(labels: torch.Tensor, mapping: np.ndarray | None) -> torch.Tensor:
+    if mapping is None:
+        return labels
+    table = torch.as_tensor(mapping)
+    return torch.where(labels >= 0, table[labels.clamp(min=0)], labels)
+
+
+@torch.no_grad()
+def evaluate_heads(heads: list[Head], store: Store, batch_size: int = 64, device: str = "cpu",
+                   columns: list[slice | list[int]] | None = None, layers: list[int] | None = None,
+                   ) -> list[dict[str, Any]]:
+    """Metrics of each head on a store, in one pass over it; also returns predictions per corpus row."""
+    if not store.labeled:
+        raise FeatstoreError(f"store {store.path} holds no labels; it cannot be used for evaluation")
+    if layers is None:
+        layers = sorted({layer for head in heads for layer in head.config.layers})
+        columns = [_columns(head.config.layers, layers) for head in heads]
+    mappings = [_label_map(head.config.label_names, store) for head in heads]
+    predictions: list[dict[int, Any]] = [{} for _ in heads]
+    gold: dict[int, Any] = {}
+    for head in heads:
+        head.eval()
+    for batch in _batches(store.iter_epoch(layers=layers, shuffle=False), batch_size):
+        labels = batch["labels"]
+        rows = batch["index"].tolist()
+        for k, head in enumerate(heads):
+            hidden, mask, word_ids = _head_inputs(batch, columns[k], device)
+            output = head(hidden, mask, word_ids, labels.shape[1] if labels.dim() == 2 else None).cpu()
+            gold_k = _remap(labels, mappings[k])
+            for i, row in enumerate(rows):
+                if head.config.task == TOKEN_CLASSIFICATION:
+                    keep = gold_k[i] != -100
+                    predictions[k][row] = output[i][keep].argmax(-1).tolist()
+                    gold.setdefault(row, gold_k[i][keep].tolist())
+                elif head.config.task == REGRESSION:
+                    predictions[k][row] = float(output[i])
+                    gold.setdefault(row, float(gold_k[i]))
+                else:
+                    predictions[k][row] = int(output[i].argmax())
+                    gold.setdefault(row, int(gold_k[i]))
+    results = []
+    order = sorted(gold)
+    for head, predicted in zip(heads, predictions):
+        config = head.config
+        if config.task == TOKEN_CLASSIFICATION:
+            names = config.label_names
+            metrics = tagging_metrics([[names[i] for i in gold[row]] for row in order],
+                                      [[names[i] for i in predicted[row]] for row in order])
+        elif config.task == REGRESSION:
+            metrics = regression_metrics(np.array([gold[r] for r in order]), np.array([predicted[r] for r in order]))
+        else:
+            metrics = classification_metrics(np.array([gold[r] for r in order]),
+                                             np.array([predicted[r] for r in order]), config.num_outputs)
+        results.append({"metrics": metrics, "predictions": predicted})
+    return results
+
+
+def _columns(head_layers: list[int], batch_layers: list[int]) -> slice | list[int]:
+    columns = [batch_layers.index(layer) for layer in head_layers]
+    if columns == list(range(columns[0], columns[0] + len(columns))):
+        return slice(columns[0], columns[0] + len(columns))
+    return columns
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.out = Path(config.out)
+        self.store = open_store(config.store)
+        if not self.store.labeled:
+            raise FeatstoreError(f"store {config.store} holds no labels; extract a labeled corpus to train heads")
+        self.eval_store = open_store(config.eval_store) if config.eval_store else None
+        if not config.heads:
+            raise FeatstoreError("no heads to train: list at least one head")
+        head_configs = [build_head_config(spec, self.store) for spec in config.heads]
+        names = [head.name for head in head_configs]
+        if len(set(names)) != len(names):
+            raise FeatstoreError(f"head names must be unique, got {names}; give each head a 'name'")
+        if self.eval_store is not None:
+            for head in head_configs:
+                check_compatible(head, encoder_identity(self.eval_store.attrs), self.eval_store.layers,
+                                 f"eval store {config.eval_store}")
+        self.layers = sorted({layer for head in head_configs for layer in head.layers})
+        self.steps_per_epoch = -(-len(self.store) // config.batch_size)
+        self.runs = [self._new_run(spec, head_config) for spec, head_config in zip(config.heads, head_configs)]
+        self.start_epoch = 0
+        if config.resume:
+            self._load_state()
+
+    def _new_run(self, spec: dict[str, Any], head_config: HeadConfig) -> HeadRun:
+        seed = spec.get("seed", self.config.seed)
+        torch.manual_seed(seed)
+        head = Head(head_config).to(self.config.device)
+        lr = spec.get("lr", self.config.lr)
+        optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=spec.get("weight_decay",
+                                                                                      self.config.weight_decay))
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=lr, total_steps=max(self.steps_per_epoch * self.config.epochs, 1),
+            pct_start=self.config.warmup_ratio, anneal_strategy="cos")
+        output_dir = self.out if len(self.config.heads) == 1 else self.out / head_config.name
+        return HeadRun(head_config.name, head, optimizer, scheduler, _columns(head_config.layers, self.layers),
+                       torch.get_rng_state(), output_dir)
+
+    # --- the loop -------------------------------------------------------------------------------------
+    def train(self) -> dict[str, dict[str, Any]]:
+        config = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        for epoch in range(self.start_epoch, config.epochs):
+            active = [run for run in self.runs if not run.stopped]
+            if not active:
+                break
+            started = time.perf_counter()
+            for run in active:
+                run.head.train()
+            items = self.store.iter_epoch(layers=self.layers, seed=config.seed, epoch=epoch)
+            bar = tqdm(_batches(items, config.batch_size), total=self.steps_per_epoch, desc=f"epoch {epoch + 1}",
+                       unit="batch", disable=not config.progress)
+            for step, batch in enumerate(bar):
+                for run in active:
+                    loss = self._step(run, batch)
+                    if step % config.log_every == 0:
+                        self._log({"event": "train", "head": run.name, "epoch": epoch + 1, "step": step,
+                                   "loss": loss, "lr": run.scheduler.get_last_lr()[0]})
+            self._end_epoch(epoch, active, time.perf_counter() - started)
+        return self.summary()
+
+    def _step(self, run: HeadRun, batch: dict[str, Any]) -> float:
+        hidden, mask, word_ids = _head_inputs(batch, run.columns, self.config.device)
+        labels = batch["labels"].to(self.config.device)
+        with run.own_rng():
+            output = run.head(hidden, mask, word_ids, labels.shape[1] if labels.dim() == 2 else None)
+            loss = _loss(run.head.config, output, labels)
+            run.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            run.optimizer.step()
+        run.scheduler.step()
+        return float(loss)
+
+    def _end_epoch(self, epoch: int, active: list[HeadRun], seconds: float) -> None:
+        self._log({"event": "epoch", "epoch": epoch + 1, "seconds": seconds, "heads": [run.name for run in active]})
+        if self.eval_store is None:
+            for run in active:
+                run.head.save_pretrained(run.output_dir)
+        else:
+            results = evaluate_heads([run.head for run in active], self.eval_store, self.config.batch_size * 2,
+                                     self.config.device)
+            for run, result in zip(active, results):
+                metric = result["metrics"][PRIMARY_METRIC[run.head.config.task]]
+                improved = metric > run.best
+                if improved:
+                    run.best, run.best_epoch, run.bad_epochs = metric, epoch + 1, 0
+                    run.head.save_pretrained(run.output_dir)
+                else:
+                    run.bad_epochs += 1
+                    run.stopped = self.config.patience is not None and run.bad_epochs >= self.config.patience
+                self._log({"event": "eval", "head": run.name, "epoch": epoch + 1, **result["metrics"],
+                           "best": improved, "stopped": run.stopped})
+        self._save_state(epoch + 1)
+
+    # --- logging and resume ---------------------------------------------------------------------------
+    def _log(self, record: dict[str, Any]) -> None:
+        with (self.out / METRICS_NAME).open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if record["event"] == "eval":
+            logger.info("epoch %d %s: %s", record["epoch"], record["head"],
+                        {k: round(v, 4) for k, v in record.items() if isinstance(v, float)})
+
+    def _save_state(self, epochs_done: int) -> None:
+        state = {"epochs_done": epochs_done, "config": asdict(self.config), "runs": [
+            {"name": run.name, "head": run.head.state_dict(), "optimizer": run.optimizer.state_dict(),
+             "scheduler": run.scheduler.state_dict(), "rng_state": run.rng_state, "best": run.best,
+             "best_epoch": run.best_epoch, "bad_epochs": run.bad_epochs, "stopped": run.stopped}
+            for run in self.runs]}
+        temporary = self.out / (STATE_NAME + ".tmp")
+        torch.save(state, temporary)
+        temporary.replace(self.out / STATE_NAME)  # atomic: a crash never leaves a half-written checkpoint
+
+    def _load_state(self) -> None:
+        path = self.out / STATE_NAME
+        if not path.is_file():
+            raise FeatstoreError(f"--resume: no checkpoint at {path}; start without --resume")
+        state = torch.load(path, weights_only=False)
+        saved = {key: value for key, value in state["config"].items() if key not in ("resume", "progress")}
+        current = {key: value for key, value in asdict(self.config).items() if key not in ("resume", "progress")}
+        if saved != current:
+            differing = sorted(key for key in current if saved.get(key) != current[key])
+            raise FeatstoreError(f"--resume: {path} was written by a run with different settings ({differing})")
+        for run, saved_run in zip(self.runs, state["runs"]):
+            run.head.load_state_dict(saved_run["head"])
+            run.optimizer.load_state_dict(saved_run["optimizer"])
+            run.scheduler.load_state_dict(saved_run["scheduler"])
+            run.rng_state = saved_run["rng_state"]
+            run.best, run.best_epoch = saved_run["best"], saved_run["best_epoch"]
+            run.bad_epochs, run.stopped = saved_run["bad_epochs"], saved_run["stopped"]
+        self.start_epoch = state["epochs_done"]
+        logger.info("resuming %s after epoch %d", self.out, self.start_epoch)
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        return {run.name: {"best": run.best, "best_epoch": run.best_epoch, "dir": str(run.output_dir)}
+                for run in self.runs}
+
+
+def train(config: TrainConfig) -> dict[str, dict[str, Any]]:
+    """Train every head in `config` from its stores; returns each head's best eval metric and directory."""
+    return Trainer(config).train()
