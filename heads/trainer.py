@@ -277,8 +277,9 @@ class Trainer:
             run.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             run.optimizer.step()
+        loss = loss.detach()
         run.scheduler.step()
-        return float(loss)
+        return loss.item()
 
     def _end_epoch(self, epoch: int, active: list[HeadRun], seconds: float) -> None:
         self._log({"event": "epoch", "epoch": epoch + 1, "seconds": seconds, "heads": [run.name for run in active]})

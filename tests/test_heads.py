@@ -1,0 +1,243 @@
+"""Heads trained from stores: every head type learns, determinism, K heads in one pass, checkpoints,
+mismatch errors, the encoder is never loaded, resume, and live/store prediction parity."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import featstore
+from featstore import ExtractConfig, extract, open_store
+from featstore.corpus import CorpusSpec
+from heads import Adapter, Head, Predictor, TrainConfig, evaluate_heads, train
+from heads.cli import main as heads_main
+from heads.layers import pool_words
+from heads.trainer import Trainer
+
+PEOPLE, PLACES = ["Anna", "Tomas", "Keller", "Reyes"], ["Berlin", "Paris", "Lisbon", "Oslo"]
+FILLER = "the of and to in a was for on that with by as at from said Monday shares rose office".split()
+LABELS = "O,B-PER,B-LOC"
+
+
+def _tagged_sentences(count, seed):
+    rng = random.Random(seed)
+    sentences = []
+    for _ in range(count):
+        words = [rng.choice(FILLER + PEOPLE + PLACES) for _ in range(rng.randint(3, 10))]
+        tags = ["B-PER" if w in PEOPLE else "B-LOC" if w in PLACES else "O" for w in words]
+        sentences.append((words, tags))
+    return sentences
+
+
+def _write(path, sentences):
+    path.write_text("\n\n".join("\n".join(f"{w} {t}" for w, t in zip(*s)) for s in sentences) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def ner_stores(tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ner")
+    stores = {}
+    for split, count, seed in (("train", 240, 1), ("dev", 80, 2)):
+        corpus = _write(root / f"{split}.conll", _tagged_sentences(count, seed))
+        stores[split] = extract(ExtractConfig(out=str(root / f"{split}.zarr"), model=tiny_models["bert"],
+                                              corpus=CorpusSpec(str(corpus), label_names=LABELS.split(",")),
+                                              dtype="float32", progress=False)).path
+        stores[f"{split}_corpus"] = str(corpus)
+    return stores
+
+
+def _train(stores, out, heads, **options):
+    config = TrainConfig(store=stores["train"], eval_store=stores["dev"], out=str(out), heads=heads,
+                         epochs=options.pop("epochs", 6), batch_size=16, lr=options.pop("lr", 5e-3), progress=False,
+                         **options)
+    return train(config)
+
+
+@pytest.mark.parametrize("spec", [  # probes on these small features need a higher learning rate than the adapter
+    {"type": "adapter"}, {"type": "adapter", "enable_tailor": False}, {"type": "linear", "layers": [0], "lr": 0.1},
+    {"type": "scalar_mix", "lr": 0.1}, {"type": "mlp", "layers": [-1]}, {"type": "fusion", "lr": 0.1},
+    {"type": "linear", "layers": [1], "word_pooling": "mean", "lr": 0.1}])
+def test_every_head_type_learns_the_tagging_task(ner_stores, tmp_path, spec):
+    summary = _train(ner_stores, tmp_path, [spec])
+    (result,) = summary.values()
+    assert result["best"] > 0.8, summary  # entity F1; chance (random tags) is far below 0.2
+    head = Head.from_pretrained(tmp_path)
+    with open_store(ner_stores["dev"]) as store:
+        assert evaluate_heads([head], store)[0]["metrics"]["f1"] == pytest.approx(result["best"])
+
+
+def test_same_seed_gives_identical_weights(ner_stores, tmp_path):
+    _train(ner_stores, tmp_path / "a", [{"type": "adapter"}], epochs=2)
+    _train(ner_stores, tmp_path / "b", [{"type": "adapter"}], epochs=2)
+    a, b = Head.from_pretrained(tmp_path / "a"), Head.from_pretrained(tmp_path / "b")
+    for name, tensor in a.state_dict().items():
+        assert torch.equal(tensor, b.state_dict()[name]), name
+
+
+def test_k_heads_in_one_pass_equal_k_separate_runs(ner_stores, tmp_path):
+    specs = [{"type": "adapter", "name": "adapter"}, {"type": "linear", "layers": [1], "name": "probe1"},
+             {"type": "scalar_mix", "name": "mix", "seed": 7}, {"type": "fusion", "name": "fusion", "lr": 1e-3}]
+    _train(ner_stores, tmp_path / "together", specs, epochs=3)
+    for spec in specs:
+        _train(ner_stores, tmp_path / spec["name"], [spec], epochs=3)
+        together = Head.from_pretrained(tmp_path / "together" / spec["name"]).state_dict()
+        alone = Head.from_pretrained(tmp_path / spec["name"]).state_dict()
+        for name, tensor in alone.items():
+            assert torch.equal(tensor, together[name]), (spec["name"], name)
+
+
+def test_encoder_is_never_loaded_during_training(ner_stores, tmp_path, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the encoder was loaded during heads train")
+
+    import transformers
+
+    monkeypatch.setattr(featstore.FrozenEncoder, "load", forbidden)
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", forbidden)
+    assert heads_main(["train", "--store", ner_stores["train"], "--eval-store", ner_stores["dev"], "--out",
+                       str(tmp_path), "--head", "linear", "--epochs", "1", "--no-progress"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {record["event"] for record in records} == {"train", "epoch", "eval"}
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(ner_stores, tmp_path, monkeypatch):
+    specs = [{"type": "adapter", "name": "adapter"}, {"type": "linear", "name": "probe", "layers": [2]}]
+    _train(ner_stores, tmp_path / "straight", specs, epochs=4, patience=None)
+
+    original = Trainer._end_epoch
+
+    def crash_after_two(self, epoch, active, seconds):
+        original(self, epoch, active, seconds)
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_end_epoch", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        _train(ner_stores, tmp_path / "resumed", specs, epochs=4, patience=None)
+    monkeypatch.setattr(Trainer, "_end_epoch", original)
+    _train(ner_stores, tmp_path / "resumed", specs, epochs=4, patience=None, resume=True)
+    state_a = torch.load(tmp_path / "straight" / "trainer_state.pt", weights_only=False)
+    state_b = torch.load(tmp_path / "resumed" / "trainer_state.pt", weights_only=False)
+    for run_a, run_b in zip(state_a["runs"], state_b["runs"]):
+        for name, tensor in run_a["head"].items():
+            assert torch.equal(tensor, run_b["head"][name]), name
+
+
+def test_checkpoint_round_trip_and_cli_evaluate(ner_stores, tmp_path, capsys):
+    _train(ner_stores, tmp_path, [{"type": "adapter"}], epochs=2)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["head_type"] == "adapter" and config["label_names"] == LABELS.split(",")
+    assert config["layers"] == [0, 1, 2] and config["encoder"]["weights_sha256"]
+    assert config["store_fingerprint"] == open_store(ner_stores["train"]).fingerprint
+    head = Head.from_pretrained(tmp_path)
+    again = Head.from_pretrained(tmp_path)
+    hidden, mask = torch.randn(2, 5, 3, 32), torch.ones(2, 5, dtype=torch.bool)
+    word_ids = torch.tensor([[-1, 0, 1, 2, -1]] * 2)
+    assert torch.equal(head(hidden, mask, word_ids), again(hidden, mask, word_ids))
+    assert heads_main(["evaluate", "--head", str(tmp_path), "--store", ner_stores["dev"]]) == 0
+    assert json.loads(capsys.readouterr().out)["f1"] > 0.5
+
+
+def test_mismatched_store_or_layers_are_refused(ner_stores, tiny_models, tmp_path, capsys):
+    _train(ner_stores, tmp_path / "head", [{"type": "linear", "layers": [2], "lr": 0.1}], epochs=1)
+    other = extract(ExtractConfig(out=str(tmp_path / "rob.zarr"), model=tiny_models["roberta"],
+                                  corpus=CorpusSpec(ner_stores["dev_corpus"]), progress=False)).path
+    assert heads_main(["evaluate", "--head", str(tmp_path / "head"), "--store", other]) == 2
+    assert "was trained on encoder" in capsys.readouterr().err
+    subset = extract(ExtractConfig(out=str(tmp_path / "l0.zarr"), model=tiny_models["bert"], layers=[0],
+                                   corpus=CorpusSpec(ner_stores["dev_corpus"], label_names=LABELS.split(",")),
+                                   dtype="float32", progress=False)).path
+    assert heads_main(["evaluate", "--head", str(tmp_path / "head"), "--store", subset]) == 2
+    assert "lacks [2]" in capsys.readouterr().err
+    code = heads_main(["train", "--store", ner_stores["train"], "--out", str(tmp_path / "x"), "--head", "linear",
+                       "--layers", "0,1"])
+    assert code == 2 and "exactly one layer" in capsys.readouterr().err
+
+
+def test_live_predictions_equal_store_predictions(ner_stores, tmp_path, capsys):
+    _train(ner_stores, tmp_path / "head", [{"type": "adapter"}], epochs=3)
+    head = Head.from_pretrained(tmp_path / "head")
+    with open_store(ner_stores["dev"]) as store:
+        from_store = evaluate_heads([head], store)[0]["predictions"]
+    corpus = featstore.load_corpus(ner_stores["dev_corpus"])
+    words = [list(example.words) for example in corpus.examples]
+    predictor = Predictor(tmp_path / "head")
+    live = predictor.predict(words)
+    names = head.config.label_names
+    assert [record["tags"] for record in live] == [[names[i] for i in from_store[row]] for row in range(len(words))]
+    # and through the CLI, from a JSONL file and a plain text file
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps({"words": w}) for w in words[:3]))
+    assert heads_main(["predict", "--head", str(tmp_path / "head"), "--input", str(tmp_path / "in.jsonl")]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["tags"] for line in lines] == [record["tags"] for record in live[:3]]
+    (tmp_path / "in.txt").write_text("Anna visited Berlin\n")
+    assert heads_main(["predict", "--head", str(tmp_path / "head"), "--input", str(tmp_path / "in.txt")]) == 0
+    assert json.loads(capsys.readouterr().out)["words"] == ["Anna", "visited", "Berlin"]
+
+
+def _sequence_corpus(path, count, seed, regression=False):
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        words = [rng.choice(FILLER + PEOPLE) for _ in range(rng.randint(3, 9))]
+        people = sum(word in PEOPLE for word in words)
+        rows.append({"text": " ".join(words), "label": float(people) if regression else ("yes" if people else "no")})
+    path.write_text("\n".join(json.dumps(row) for row in rows))
+    return path
+
+
+@pytest.mark.parametrize("pooling", ["first", "mean", "attention"])
+def test_sequence_classification_heads(tiny_models, tmp_path, pooling):
+    stores = {}
+    for split, seed in (("train", 1), ("dev", 2)):
+        corpus = _sequence_corpus(tmp_path / f"{split}.jsonl", 300 if split == "train" else 100, seed)
+        stores[split] = extract(ExtractConfig(out=str(tmp_path / f"{split}.zarr"), model=tiny_models["bert"],
+                                              corpus=CorpusSpec(str(corpus)), dtype="float32", progress=False)).path
+    summary = _train(stores, tmp_path / "out", [{"type": "adapter", "sequence_pooling": pooling}], epochs=8)
+    assert summary["adapter"]["best"] > 0.85  # accuracy; the majority class is ~0.6
+
+
+def test_regression_head(tiny_models, tmp_path):
+    stores = {}
+    for split, seed in (("train", 1), ("dev", 2)):
+        corpus = _sequence_corpus(tmp_path / f"{split}.jsonl", 300 if split == "train" else 100, seed, True)
+        stores[split] = extract(ExtractConfig(out=str(tmp_path / f"{split}.zarr"), model=tiny_models["bert"],
+                                              corpus=CorpusSpec(str(corpus)), dtype="float32", progress=False)).path
+    assert open_store(stores["train"]).task == "regression"
+    summary = _train(stores, tmp_path / "out", [{"type": "scalar_mix", "sequence_pooling": "mean", "lr": 0.1}],
+                     epochs=8)
+    assert summary["scalar_mix"]["best"] > 0.8  # Pearson r
+
+
+def test_adapter_wraps_a_live_encoder_and_trains_only_its_head(tiny_models):
+    from transformers import AutoModel, AutoTokenizer
+
+    encoder = AutoModel.from_pretrained(tiny_models["bert"])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["bert"])
+    adapter = Adapter(encoder, num_labels=3)
+    assert all(not p.requires_grad for p in encoder.parameters())
+    assert {id(p) for p in adapter.trainable_parameters()} == {id(p) for p in adapter.head.parameters()}
+    adapter.train()
+    assert adapter.head.training and not encoder.training
+    batch = tokenizer(["Anna visited Berlin", "Oslo"], padding=True, return_tensors="pt")
+    logits = adapter(batch["input_ids"], batch["attention_mask"])
+    assert logits.shape == (2, batch["input_ids"].shape[1], 3)
+    before = {name: p.clone() for name, p in encoder.named_parameters()}
+    optimizer = torch.optim.Adam(adapter.trainable_parameters(), lr=1e-2)
+    logits.sum().backward()
+    optimizer.step()
+    assert all(torch.equal(p, before[name]) for name, p in encoder.named_parameters())
+
+
+def test_head_word_pooling_matches_store_pooling(ner_stores):
+    with open_store(ner_stores["dev"]) as store:
+        item = store.sequence(0)
+        tokens = torch.from_numpy(np.asarray(item.hidden_states[:, -1], np.float32))[None]
+        word_ids = torch.from_numpy(item.word_ids.astype(np.int64))[None]
+        for pooling in ("first", "mean"):
+            expected = store.sequence(0, layers=[-1], pooling=pooling).hidden_states[:, 0]
+            got = pool_words(tokens, word_ids, item.num_words, pooling)[0].numpy()
+            np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
