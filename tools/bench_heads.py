@@ -1,0 +1,256 @@
+"""Head-training benchmark on CoNLL-2003 with the packaged MiniLM (not a test): figures for BENCHMARKS.md.
+
+1. Test entity F1 of heads trained from the store (all layers cached once): best single-layer
+   linear probe (chosen on dev), scalar mix, adapter without tailor, adapter with tailor.
+2. The adapter trained the reference way — live frozen encoder (eval mode) every epoch, same batches
+   and recipe — vs from the store: F1 and time per epoch, as a ratio.
+3. Full fine-tuning of the same encoder (all weights, 3 epochs, lr 5e-5): F1 and time ratios.
+4. K = 1, 4, 8 heads in one pass over the store: time per epoch, as ratios to K = 1.
+
+    HF_HUB_OFFLINE=1 python tools/bench_heads.py --data ../shared/data/conll2003 --json bench_heads.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from featstore import ExtractConfig, FrozenEncoder, collate_features, extract, load_corpus, open_store
+from featstore.corpus import CorpusSpec
+from featstore.reader import SequenceFeatures
+from heads import Head, TrainConfig, Trainer, evaluate_heads
+from heads.metrics import tagging_metrics
+from heads.trainer import _loss, build_head_config
+
+LABELS = ["B-LOC", "B-MISC", "B-ORG", "B-PER", "I-LOC", "I-MISC", "I-ORG", "I-PER", "O"]
+RECIPE = {"epochs": 10, "batch_size": 32, "seed": 1, "patience": None}  # design notes, section 3
+ADAPTER_LR, PROBE_LR = 1e-3, 5e-3
+
+
+class Recorder:
+    """Accumulates results and rewrites the JSON file after every step, so a long run keeps what it measured."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path, self.results = path, {"machine": f"{platform.node()} {platform.machine()}, "
+                                                    f"{torch.get_num_threads()} torch threads",
+                                         "torch": torch.__version__}
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.results[key] = value
+        print(f"{key}: {value}", flush=True)
+        if self.path:
+            self.path.write_text(json.dumps(self.results, indent=2))
+
+
+def extract_splits(data: Path, workdir: Path, record: Recorder) -> dict[str, str]:
+    stores = {}
+    for split in ("train", "dev", "test"):
+        started = time.perf_counter()
+        result = extract(ExtractConfig(out=str(workdir / f"{split}.zarr"), corpus=CorpusSpec(
+            str(data / f"{split}.txt"), label_names=LABELS), progress=False))
+        if not result.already_complete:
+            record[f"extract_{split}_seconds"] = time.perf_counter() - started
+        stores[split] = result.path
+    return stores
+
+
+def test_f1(head_dir: Path, test_store: str) -> float:
+    with open_store(test_store) as store:
+        return evaluate_heads([Head.from_pretrained(head_dir)], store)[0]["metrics"]["f1"]
+
+
+def train_from_store(stores: dict[str, str], out: Path, specs: list[dict[str, Any]], epochs: int,
+                     evaluate: bool = True) -> tuple[dict[str, Any], float]:
+    """Returns the trainer summary and the mean seconds per training epoch (evaluation excluded)."""
+    trainer = Trainer(TrainConfig(store=stores["train"], eval_store=stores["dev"] if evaluate else None,
+                                  out=str(out), heads=specs, progress=False, **{**RECIPE, "epochs": epochs}))
+    started = time.perf_counter()
+    summary = trainer.train()
+    epoch_seconds = [json.loads(line)["seconds"] for line in (out / "metrics.jsonl").read_text().splitlines()
+                     if '"event": "epoch"' in line]
+    return summary, float(np.mean(epoch_seconds)) if epoch_seconds else time.perf_counter() - started
+
+
+def train_live_adapter(stores: dict[str, str], data: Path, out: Path) -> float:
+    """The reference way: the frozen encoder (eval mode) runs on every batch of every epoch. Same Head class,
+    same batches (the store's epoch order), same optimiser and schedule as the store-trained adapter."""
+    encoder = FrozenEncoder.load(None, device="cpu", dtype="float32")
+    train_store = open_store(stores["train"])
+    extraction = train_store.attrs["extraction"]
+    corpus = load_corpus(CorpusSpec(str(data / "train.txt"), label_names=LABELS))
+    sequences = encoder.tokenize(corpus.examples, extraction["max_length"], extraction["stride"])
+    labels = [train_store.sequence(row).labels for row in range(len(train_store))]
+    torch.manual_seed(RECIPE["seed"])
+    head = Head(build_head_config({"type": "adapter", "name": "adapter_live"}, train_store))
+    steps = -(-len(train_store) // RECIPE["batch_size"]) * RECIPE["epochs"]
+    optimizer = torch.optim.AdamW(head.parameters(), lr=ADAPTER_LR, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=ADAPTER_LR, total_steps=steps, pct_start=0.1,
+                                                    anneal_strategy="cos")
+    epoch_seconds, best = [], -1.0
+    for epoch in range(RECIPE["epochs"]):
+        order = [item.index for item in train_store.iter_epoch(layers=[0], seed=RECIPE["seed"], epoch=epoch)]
+        started = time.perf_counter()
+        head.train()
+        for start in range(0, len(order), RECIPE["batch_size"]):
+            rows = order[start: start + RECIPE["batch_size"]]
+            batch_sequences = [sequences[row] for row in rows]
+            hidden = encoder.forward(batch_sequences, head.config.layers).numpy()
+            offsets = np.cumsum([0] + [s.num_tokens for s in batch_sequences])
+            batch = collate_features([SequenceFeatures(row, hidden[offsets[i]: offsets[i + 1]], s.input_ids,
+                                                       s.word_ids, s.num_words, labels[row])
+                                      for i, (row, s) in enumerate(zip(rows, batch_sequences))])
+            output = head(batch["hidden_states"], batch["mask"], batch["word_ids"], batch["labels"].shape[1])
+            loss = _loss(head.config, output, batch["labels"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+        epoch_seconds.append(time.perf_counter() - started)
+        with open_store(stores["dev"]) as dev:
+            f1 = evaluate_heads([head], dev)[0]["metrics"]["f1"]
+        if f1 > best:
+            best = f1
+            head.save_pretrained(out)
+    return float(np.mean(epoch_seconds))
+
+
+def fine_tune(data: Path, out: Path, epochs: int = 3, lr: float = 5e-5) -> tuple[float, float]:
+    """All encoder weights trained (dropout on), token-classification head on first subwords. Returns
+    (test entity F1, training seconds)."""
+    from transformers import AutoModelForTokenClassification
+
+    encoder = FrozenEncoder.load(None, device="cpu", dtype="float32")
+    torch.manual_seed(RECIPE["seed"])
+    model = AutoModelForTokenClassification.from_pretrained(encoder.name_or_path, num_labels=len(LABELS),
+                                                            local_files_only=True)
+    train = load_corpus(CorpusSpec(str(data / "train.txt"), label_names=LABELS)).examples
+    test = load_corpus(CorpusSpec(str(data / "test.txt"), label_names=LABELS)).examples
+
+    def batches(examples, shuffle_seed=None):
+        sequences = encoder.tokenize(examples)
+        order = np.random.default_rng(shuffle_seed).permutation(len(examples)) if shuffle_seed is not None \
+            else np.arange(len(examples))
+        for start in range(0, len(order), RECIPE["batch_size"]):
+            rows = order[start: start + RECIPE["batch_size"]]
+            width = max(len(sequences[r].windows[0]) for r in rows)
+            input_ids = torch.full((len(rows), width), encoder.pad_id)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            targets = torch.full((len(rows), width), -100)
+            for i, row in enumerate(rows):
+                window = sequences[row].windows[0]  # CoNLL sentences fit in one window
+                input_ids[i, : len(window)], mask[i, : len(window)] = torch.tensor(window), 1
+                word_ids = sequences[row].word_ids
+                firsts = [p for p in range(len(word_ids)) if word_ids[p] >= 0 and (p == 0 or word_ids[p - 1] !=
+                                                                                     word_ids[p])]
+                targets[i, firsts] = torch.tensor(examples[row].label)
+            yield rows, input_ids, mask, targets
+
+    steps = -(-len(train) // RECIPE["batch_size"]) * epochs
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min((step + 1) / (0.1 * steps),
+                                                                              max(0.0, (steps - step) / (0.9 * steps))))
+    started = time.perf_counter()
+    model.train()
+    for epoch in range(epochs):
+        for _, input_ids, mask, targets in batches(train, shuffle_seed=epoch):
+            loss = model(input_ids=input_ids, attention_mask=mask, labels=targets).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    seconds = time.perf_counter() - started
+    model.eval()
+    gold, predicted = [], []
+    with torch.inference_mode():
+        for rows, input_ids, mask, targets in batches(test):
+            logits = model(input_ids=input_ids, attention_mask=mask).logits
+            for i, _ in enumerate(rows):
+                keep = targets[i] != -100
+                gold.append([LABELS[t] for t in targets[i][keep].tolist()])
+                predicted.append([LABELS[t] for t in logits[i][keep].argmax(-1).tolist()])
+    model.save_pretrained(out)
+    return tagging_metrics(gold, predicted)["f1"], seconds
+
+
+def k_heads_timing(stores: dict[str, str], workdir: Path, record: Recorder) -> None:
+    sweeps = {
+        "linear_probes": [{"type": "linear", "layers": [layer % 7], "name": f"linear{k}", "lr": PROBE_LR}
+                          for k, layer in enumerate(range(6, -2, -1))],
+        "adapters": [{"type": "adapter", "name": f"adapter{k}", "lr": ADAPTER_LR * (k + 1),
+                      "enable_tailor": k % 2 == 0} for k in range(8)],
+    }
+    for sweep, specs in sweeps.items():
+        base = None
+        for k in (1, 4, 8):
+            _, seconds = train_from_store(stores, workdir / f"k_{sweep}_{k}", specs[:k], epochs=1, evaluate=False)
+            base = base or seconds
+            record[f"k{k}_{sweep}_epoch_seconds"] = seconds
+            record[f"k{k}_{sweep}_vs_k1"] = seconds / base
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="../shared/data/conll2003")
+    parser.add_argument("--workdir", default="bench-heads")
+    parser.add_argument("--json", help="write figures here as they are measured")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["store", "live", "finetune", "k"])
+    parser.add_argument("--epochs", type=int, default=RECIPE["epochs"], help="head epochs (recipe: 10)")
+    parser.add_argument("--finetune-epochs", type=int, default=3)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    data, workdir = Path(args.data), Path(args.workdir)
+    if not (data / "train.txt").exists():
+        raise SystemExit(f"CoNLL-2003 not found under {data}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    RECIPE["epochs"] = args.epochs
+    record = Recorder(Path(args.json) if args.json else None)
+    stores = extract_splits(data, workdir, record)
+
+    if "store" not in args.skip:
+        specs = [{"type": "linear", "layers": [layer], "name": f"linear_L{layer}", "lr": PROBE_LR}
+                 for layer in range(7)]
+        specs += [{"type": "scalar_mix", "name": "scalar_mix", "lr": PROBE_LR},
+                  {"type": "adapter", "name": "adapter_no_tailor", "enable_tailor": False, "lr": ADAPTER_LR},
+                  {"type": "adapter", "name": "adapter_tailor", "lr": ADAPTER_LR}]
+        summary, seconds = train_from_store(stores, workdir / "store_heads", specs, RECIPE["epochs"])
+        record["store_all_heads_epoch_seconds"] = seconds
+        best_probe = max((name for name in summary if name.startswith("linear")), key=lambda n: summary[n]["best"])
+        record["best_linear_probe"] = best_probe
+        for name in (best_probe, "scalar_mix", "adapter_no_tailor", "adapter_tailor"):
+            record[f"test_f1_{name}"] = test_f1(Path(summary[name]["dir"]), stores["test"])
+    if "k" not in args.skip:
+        k_heads_timing(stores, workdir, record)
+    if "live" not in args.skip:
+        _, store_seconds = train_from_store(stores, workdir / "adapter_store", [
+            {"type": "adapter", "name": "adapter", "lr": ADAPTER_LR}], RECIPE["epochs"])
+        record["adapter_store_epoch_seconds"] = store_seconds
+        record["test_f1_adapter_store"] = test_f1(workdir / "adapter_store", stores["test"])
+        live_seconds = train_live_adapter(stores, data, workdir / "adapter_live")
+        record["adapter_live_epoch_seconds"] = live_seconds
+        record["test_f1_adapter_live"] = test_f1(workdir / "adapter_live", stores["test"])
+        record["live_vs_store_epoch_time"] = live_seconds / store_seconds
+    if "finetune" not in args.skip:
+        f1, seconds = fine_tune(data, workdir / "finetuned", epochs=args.finetune_epochs)
+        record["test_f1_finetune"] = f1
+        record["finetune_train_seconds"] = seconds
+        adapter_f1 = record.results.get("test_f1_adapter_tailor", record.results.get("test_f1_adapter_store"))
+        if adapter_f1 is not None:
+            record["adapter_vs_finetune_f1"] = adapter_f1 / f1
+        adapter_seconds = record.results.get("adapter_store_epoch_seconds")
+        extract_seconds = record.results.get("extract_train_seconds")
+        if adapter_seconds is not None and extract_seconds is not None:
+            adapter_total = extract_seconds + RECIPE["epochs"] * adapter_seconds
+            record["adapter_total_seconds_incl_extraction"] = adapter_total
+            record["finetune_vs_adapter_train_time"] = seconds / adapter_total
+
+
+if __name__ == "__main__":
+    main()
