@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .corpus import BUNDLED_CORPUS, TASKS, CorpusSpec
 from .errors import FeatstoreError
@@ -89,20 +89,27 @@ def build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", help="check a store is complete and consistent (exit 1 if not)")
     verify.add_argument("store")
     verify.add_argument("--quick", action="store_true", help="skip reading every hidden state")
-    demo = commands.add_parser("demo", help="end-to-end run on the bundled corpus and packaged MiniLM")
+    demo = commands.add_parser("demo", help="end to end on the bundled corpus and packaged MiniLM: extract, verify, "
+                               "train an adapter from the store, predict with the live encoder")
     demo.add_argument("--workdir", default="featstore-demo", help="where the demo writes its store")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_cli(parser: argparse.ArgumentParser, dispatch: Callable[[argparse.Namespace], int],
+            argv: Sequence[str] | None) -> int:
+    """Parse, set up logging, dispatch; a FeatstoreError becomes its message on stderr and exit code 2."""
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return _dispatch(args)
+        return dispatch(args)
     except FeatstoreError as error:
-        print(f"featstore: error: {error}", file=sys.stderr)
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(build_parser(), _dispatch, argv)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -129,7 +136,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"OK {args.store}")
         return 1 if problems else 0
     if args.command == "demo":
-        from .demo import run_demo
+        # The demo spans extraction and head training, so it lives in the heads package on top of this one.
+        from heads.demo import run_demo
 
         return run_demo(args.workdir)
     raise AssertionError(args.command)

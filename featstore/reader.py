@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -208,21 +209,34 @@ class Store:
         columns = self.layer_columns(layers)
         buffer: list[SequenceFeatures] = []
         bounds = self._token_bounds
-        for span in spans:
-            base = bounds[span.start]
-            block = self.decode(self.backend.read(fmt.HIDDEN_STATES, base, bounds[span.stop], columns))
-            for position in span:
-                item = self._features(position, block[bounds[position] - base: bounds[position + 1] - base], pooling)
-                if not shuffle:
-                    yield item
-                    continue
-                buffer.append(item)
-                if len(buffer) > buffer_sequences:
-                    pick = int(rng.integers(len(buffer)))
-                    buffer[pick], buffer[-1] = buffer[-1], buffer[pick]
-                    yield buffer.pop()
+
+        def read(span: range) -> np.ndarray:
+            return self.decode(self.backend.read(fmt.HIDDEN_STATES, bounds[span.start], bounds[span.stop], columns))
+
+        # Read the next span on a thread while the caller works through this one (reads release the GIL).
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="featstore-prefetch") as pool:
+            pending = pool.submit(read, spans[0]) if spans else None
+            for index, span in enumerate(spans):
+                block = pending.result()
+                pending = pool.submit(read, spans[index + 1]) if index + 1 < len(spans) else None
+                yield from self._emit(span, block, pooling, shuffle, buffer, buffer_sequences, rng)
         for index in rng.permutation(len(buffer)):
             yield buffer[index]
+
+    def _emit(self, span: range, block: np.ndarray, pooling: str | None, shuffle: bool,
+              buffer: list[SequenceFeatures], buffer_sequences: int, rng: np.random.Generator
+              ) -> Iterator[SequenceFeatures]:
+        bounds, base = self._token_bounds, self._token_bounds[span.start]
+        for position in span:
+            item = self._features(position, block[bounds[position] - base: bounds[position + 1] - base], pooling)
+            if not shuffle:
+                yield item
+                continue
+            buffer.append(item)
+            if len(buffer) > buffer_sequences:
+                pick = int(rng.integers(len(buffer)))
+                buffer[pick], buffer[-1] = buffer[-1], buffer[pick]
+                yield buffer.pop()
 
     def torch_dataset(self, layers: Sequence[int] | None = None, pooling: str | None = None) -> FeatureDataset:
         return FeatureDataset(self, layers, pooling)
@@ -268,11 +282,13 @@ def collate_features(items: Sequence[SequenceFeatures]) -> dict[str, Any]:
     word_ids (B, T) with -1 on padding (token-level items only), index (B,) corpus rows."""
     width = max(len(item.hidden_states) for item in items)
     first = items[0].hidden_states
-    hidden = torch.zeros((len(items), width, *first.shape[1:]), dtype=torch.float32)
+    hidden = torch.empty((len(items), width, *first.shape[1:]), dtype=torch.float32)
     mask = torch.zeros((len(items), width), dtype=torch.bool)
     for row, item in enumerate(items):
-        hidden[row, : len(item.hidden_states)] = torch.from_numpy(np.asarray(item.hidden_states, np.float32))
-        mask[row, : len(item.hidden_states)] = True
+        length = len(item.hidden_states)
+        hidden[row, :length] = torch.from_numpy(np.asarray(item.hidden_states, np.float32))
+        hidden[row, length:] = 0  # only the padding needs zeroing
+        mask[row, :length] = True
     batch: dict[str, Any] = {"hidden_states": hidden, "mask": mask,
                              "index": torch.tensor([item.index for item in items])}
     if items[0].pooled is None:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Sequence
 
 from featstore import FeatstoreError, open_store
-from featstore.cli import parse_layers
+from featstore.cli import parse_layers, run_cli
 
 from .config import HEAD_TYPES
 from .head import Head, check_compatible, encoder_identity
@@ -74,14 +73,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return _dispatch(args)
-    except FeatstoreError as error:
-        print(f"heads: error: {error}", file=sys.stderr)
-        return 2
+    return run_cli(build_parser(), _dispatch, argv)
 
 
 def _dispatch(args: argparse.Namespace) -> int:

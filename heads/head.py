@@ -33,7 +33,8 @@ class Head(nn.Module):
         super().__init__()
         self.config = config
         hidden, num_layers, outputs = config.hidden_size, len(config.layers), config.num_outputs
-        self.feature_dropout = nn.Dropout(config.feature_dropout)
+        # Identity at p=0: dropout would still copy the whole (B, T, L, H) feature tensor.
+        self.feature_dropout = nn.Dropout(config.feature_dropout) if config.feature_dropout else nn.Identity()
         if config.head_type in ("linear", "mlp"):
             self.mixer: nn.Module = SelectLayer()
         elif config.head_type == "scalar_mix":

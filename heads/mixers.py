@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import AttentionWeights, masked_mean
+from .layers import AttentionWeights
 
 
 class SelectLayer(nn.Module):
@@ -61,10 +61,12 @@ class LayerAttention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         queries = self.query_projection(hidden.mean(dim=2))  # (B, T, d)
-        keys = self.key_projection(masked_mean(hidden, mask[:, :, None], dim=1))  # (B, L, d)
-        weights = self.attention(queries, keys) * mask[:, :, None]  # padded tokens get zero weight
-        self.last_weights = weights.detach()
-        return torch.einsum("btl,btlh->bth", weights, hidden)
+        weights = mask.to(hidden.dtype)
+        layer_means = torch.einsum("bt,btlh->blh", weights, hidden) / weights.sum(1).clamp(min=1)[:, None, None]
+        keys = self.key_projection(layer_means)  # (B, L, d)
+        attention = self.attention(queries, keys) * mask[:, :, None]  # padded tokens get zero weight
+        self.last_weights = attention.detach()
+        return torch.einsum("btl,btlh->bth", attention, hidden)
 
 
 class Tailor(nn.Module):

@@ -57,6 +57,11 @@ def _build_tiny_models(root: Path) -> dict[str, str]:
         AutoTokenizer,
         BertConfig,
         BertModel,
+        DebertaConfig,
+        DebertaModel,
+        DebertaTokenizer,
+        DistilBertConfig,
+        DistilBertModel,
         GPT2Config,
         GPT2Model,
         GPT2Tokenizer,
@@ -98,6 +103,20 @@ def _build_tiny_models(root: Path) -> dict[str, str]:
                          bos_token_id=vocab["<|endoftext|>"], eos_token_id=vocab["<|endoftext|>"])
               ).save_pretrained(gpt2_dir)
     paths["gpt2"] = str(gpt2_dir)
+
+    distilbert_dir = root / "tiny-distilbert"
+    bert_tokenizer.save_pretrained(distilbert_dir)
+    DistilBertModel(DistilBertConfig(vocab_size=len(bert_tokenizer), dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                                     max_position_embeddings=TINY_MAX_POSITIONS)).save_pretrained(distilbert_dir)
+    paths["distilbert"] = str(distilbert_dir)
+
+    deberta_dir = root / "tiny-deberta"
+    deberta_tokenizer = DebertaTokenizer(vocab=vocab, merges=merges, add_prefix_space=True)
+    deberta_tokenizer.model_max_length = TINY_MAX_POSITIONS
+    deberta_tokenizer.save_pretrained(deberta_dir)
+    DebertaModel(DebertaConfig(vocab_size=len(deberta_tokenizer), max_position_embeddings=TINY_MAX_POSITIONS,
+                               pad_token_id=deberta_tokenizer.pad_token_id, **common)).save_pretrained(deberta_dir)
+    paths["deberta"] = str(deberta_dir)
     return paths
 
 

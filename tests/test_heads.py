@@ -157,6 +157,22 @@ def test_mismatched_store_or_layers_are_refused(ner_stores, tiny_models, tmp_pat
     assert code == 2 and "exactly one layer" in capsys.readouterr().err
 
 
+def test_live_predictions_of_a_minilm_head_equal_store_predictions(minilm_path, tmp_path):
+    """Packaged MiniLM, float16 storage (the CPU default): live features are rounded the same way."""
+    corpus = _write(tmp_path / "c.conll", _tagged_sentences(120, 3))
+    store_path = extract(ExtractConfig(out=str(tmp_path / "m.zarr"), model=minilm_path, progress=False,
+                                       corpus=CorpusSpec(str(corpus), label_names=LABELS.split(",")))).path
+    stores = {"train": store_path, "dev": store_path}
+    _train(stores, tmp_path / "head", [{"type": "adapter", "enable_tailor": False}], epochs=2, lr=3e-3)
+    head = Head.from_pretrained(tmp_path / "head")
+    with open_store(store_path) as store:
+        from_store = evaluate_heads([head], store)[0]["predictions"]
+    examples = featstore.load_corpus(str(corpus)).examples
+    live = Predictor(head).predict([list(example.words) for example in examples])
+    names = head.config.label_names
+    assert [record["tags"] for record in live] == [[names[i] for i in from_store[row]] for row in range(len(live))]
+
+
 def test_live_predictions_equal_store_predictions(ner_stores, tmp_path, capsys):
     _train(ner_stores, tmp_path / "head", [{"type": "adapter"}], epochs=3)
     head = Head.from_pretrained(tmp_path / "head")

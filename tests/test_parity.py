@@ -25,7 +25,7 @@ def _reference(model_path: str, store, corpus, layers):
     return sequences, expected
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta", "gpt2"])
+@pytest.mark.parametrize("family", ["bert", "roberta", "gpt2", "distilbert", "deberta"])
 def test_float32_store_matches_live_encoder_including_windows(tiny_models, conll_corpus, tmp_path, family):
     out = str(tmp_path / "s.zarr")
     extract(ExtractConfig(out=out, model=tiny_models[family], corpus=CorpusSpec(str(conll_corpus)),

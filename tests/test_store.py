@@ -147,3 +147,23 @@ def test_direct_shard_reads_equal_zarr_python_reads(stores):
             slow = backend.read(fmt.HIDDEN_STATES, start, stop, columns)
             backend.fast_reads = True
             np.testing.assert_array_equal(fast, slow)
+
+
+def test_explicit_truncation_is_recorded_and_keeps_labels_aligned(tiny_models, conll_corpus, tmp_path):
+    from featstore import load_corpus
+
+    out = extract(ExtractConfig(out=str(tmp_path / "t.zarr"), model=tiny_models["bert"], truncate=True,
+                                corpus=CorpusSpec(str(conll_corpus)), progress=False)).path
+    corpus = load_corpus(str(conll_corpus))
+    with open_store(out) as store:
+        assert store.attrs["extraction"]["truncation"] is True
+        truncated = store.attrs["counts"]["num_truncated_sequences"]
+        assert truncated > 0 and store.attrs["counts"]["num_windowed_sequences"] == 0
+        shortened = 0
+        for row in range(len(store)):
+            item = store.sequence(row)
+            assert len(item.input_ids) <= store.attrs["extraction"]["max_length"]
+            gold = corpus.examples[row].label
+            assert list(item.labels) == list(gold[: item.num_words])
+            shortened += item.num_words < len(gold)
+        assert shortened == truncated

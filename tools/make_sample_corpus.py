@@ -50,15 +50,20 @@ def sentence(rng: random.Random) -> list[tuple[str, str]]:
     return out
 
 
-def main() -> None:
-    rng = random.Random(13)
+def write_split(name: str, count: int, seed: int) -> None:
+    rng = random.Random(seed)
     lines = []
-    for _ in range(240):
+    for _ in range(count):
         lines.extend(f"{word} {tag}" for word, tag in sentence(rng))
         lines.append("")
-    path = Path(__file__).resolve().parent.parent / "featstore" / "data" / "sample_ner.conll"
+    path = Path(__file__).resolve().parent.parent / "featstore" / "data" / name
     path.write_text("\n".join(lines), encoding="utf-8")
     print(f"wrote {path}")
+
+
+def main() -> None:
+    write_split("sample_ner.conll", 240, seed=13)
+    write_split("sample_ner_dev.conll", 60, seed=14)
 
 
 if __name__ == "__main__":
