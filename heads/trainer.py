@@ -249,6 +249,8 @@ class Trainer:
     def train(self) -> dict[str, dict[str, Any]]:
         config = self.config
         self.out.mkdir(parents=True, exist_ok=True)
+        if not config.resume:  # a new run starts a new log; a resumed one continues it
+            (self.out / METRICS_NAME).unlink(missing_ok=True)
         for epoch in range(self.start_epoch, config.epochs):
             active = [run for run in self.runs if not run.stopped]
             if not active:

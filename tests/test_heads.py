@@ -101,6 +101,10 @@ def test_encoder_is_never_loaded_during_training(ner_stores, tmp_path, monkeypat
                        str(tmp_path), "--head", "linear", "--epochs", "1", "--no-progress"]) == 0
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert {record["event"] for record in records} == {"train", "epoch", "eval"}
+    assert heads_main(["train", "--store", ner_stores["train"], "--out", str(tmp_path), "--head", "linear",
+                       "--epochs", "1", "--no-progress"]) == 0
+    again = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [record["event"] for record in again].count("epoch") == 1  # a new run starts a new log
 
 
 def test_resume_after_a_crash_matches_an_uninterrupted_run(ner_stores, tmp_path, monkeypatch):
