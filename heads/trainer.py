@@ -150,15 +150,13 @@ def _remap(labels: torch.Tensor, mapping: np.ndarray | None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_heads(heads: list[Head], store: Store, batch_size: int = 64, device: str = "cpu",
-                   columns: list[slice | list[int]] | None = None, layers: list[int] | None = None,
+def evaluate_heads(heads: list[Head], store: Store, batch_size: int = 64, device: str = "cpu"
                    ) -> list[dict[str, Any]]:
     """Metrics of each head on a store, in one pass over it; also returns predictions per corpus row."""
     if not store.labeled:
         raise FeatstoreError(f"store {store.path} holds no labels; it cannot be used for evaluation")
-    if layers is None:
-        layers = sorted({layer for head in heads for layer in head.config.layers})
-        columns = [_columns(head.config.layers, layers) for head in heads]
+    layers = sorted({layer for head in heads for layer in head.config.layers})
+    columns = [_columns(head.config.layers, layers) for head in heads]
     mappings = [_label_map(head.config.label_names, store) for head in heads]
     predictions: list[dict[int, Any]] = [{} for _ in heads]
     gold: dict[int, Any] = {}
