@@ -59,8 +59,8 @@ class Store:
         # Python-int copies: indexing them is much cheaper than numpy scalars in the per-sequence path.
         self._token_bounds = self.token_offsets.tolist()
         self._word_bounds = self.word_offsets.tolist()
-        self._rows = None
         self.sequence_index = backend.read(fmt.SEQUENCE_INDEX)
+        self._rows = self.sequence_index.tolist()
         self.position_of_row = np.empty_like(self.sequence_index)
         self.position_of_row[self.sequence_index] = np.arange(len(self.sequence_index))
         self.input_ids = backend.read(fmt.INPUT_IDS)
@@ -143,9 +143,7 @@ class Store:
             if resolved not in self.layers:
                 raise FeatstoreError(f"layer {layer} is not in store {self.path}; it holds layers {self.layers}")
             columns.append(self.layers.index(resolved))
-        if columns == list(range(columns[0], columns[0] + len(columns))):
-            return slice(columns[0], columns[0] + len(columns))
-        return columns
+        return compact_columns(columns)
 
     def decode(self, raw: np.ndarray) -> np.ndarray:
         """Stored values as numpy floats: float16/float32 as stored, bfloat16 widened to float32."""
@@ -168,8 +166,6 @@ class Store:
         return self.sequence(row)
 
     def _features(self, position: int, hidden: np.ndarray, pooling: str | None) -> SequenceFeatures:
-        if self._rows is None:
-            self._rows = self.sequence_index.tolist()
         start, stop = self._token_bounds[position], self._token_bounds[position + 1]
         first_word, last_word = self._word_bounds[position], self._word_bounds[position + 1]
         word_ids = self.word_ids[start:stop]
@@ -240,6 +236,13 @@ class Store:
 
     def torch_dataset(self, layers: Sequence[int] | None = None, pooling: str | None = None) -> FeatureDataset:
         return FeatureDataset(self, layers, pooling)
+
+
+def compact_columns(columns: list[int]) -> slice | list[int]:
+    """A run of consecutive column indices as a slice (a view, and one contiguous read); others unchanged."""
+    if columns and columns == list(range(columns[0], columns[0] + len(columns))):
+        return slice(columns[0], columns[0] + len(columns))
+    return columns
 
 
 def open_store(path: str | Path, allow_incomplete: bool = False) -> Store:

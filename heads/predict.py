@@ -50,11 +50,14 @@ class Predictor:
                 examples.append(Example(words=tuple(item)))
         return examples
 
-    @torch.no_grad()
     def outputs(self, inputs: Sequence[str | Sequence[str]], batch_size: int = 32) -> list[torch.Tensor]:
         """Raw head outputs per input: (W, C) logits, (C,) logits, or a scalar."""
+        return self._outputs(self._examples(inputs), batch_size)
+
+    @torch.no_grad()
+    def _outputs(self, examples: list[Example], batch_size: int) -> list[torch.Tensor]:
         trained = self.head.config.encoder
-        sequences = self.encoder.tokenize(self._examples(inputs), trained.get("max_length"), trained.get("stride"))
+        sequences = self.encoder.tokenize(examples, trained.get("max_length"), trained.get("stride"))
         results: list[torch.Tensor] = []
         for start in range(0, len(sequences), batch_size):
             chunk = sequences[start: start + batch_size]
@@ -77,7 +80,8 @@ class Predictor:
         """Word tags, or a label with probabilities, or a regression value, per input."""
         config = self.head.config
         records = []
-        for item, example, output in zip(inputs, self._examples(inputs), self.outputs(inputs, batch_size)):
+        examples = self._examples(inputs)
+        for item, example, output in zip(inputs, examples, self._outputs(examples, batch_size)):
             if config.task == TOKEN_CLASSIFICATION:
                 probabilities = output.softmax(-1)
                 records.append({"words": list(example.words),

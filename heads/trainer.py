@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from featstore import FeatstoreError, Store, collate_features, open_store
-from featstore.reader import SequenceFeatures
+from featstore.reader import SequenceFeatures, compact_columns
 
 from .config import REGRESSION, SINGLE_LAYER_HEADS, TOKEN_CLASSIFICATION, HeadConfig
 from .head import Head, check_compatible, encoder_identity
@@ -198,10 +198,7 @@ def evaluate_heads(heads: list[Head], store: Store, batch_size: int = 64, device
 
 
 def _columns(head_layers: list[int], batch_layers: list[int]) -> slice | list[int]:
-    columns = [batch_layers.index(layer) for layer in head_layers]
-    if columns == list(range(columns[0], columns[0] + len(columns))):
-        return slice(columns[0], columns[0] + len(columns))
-    return columns
+    return compact_columns([batch_layers.index(layer) for layer in head_layers])
 
 
 class Trainer:
