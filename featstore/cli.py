@@ -29,7 +29,10 @@ def _add_extract_arguments(parser: argparse.ArgumentParser, out_required: bool) 
     parser.add_argument("--corpus", default=str(BUNDLED_CORPUS),
                         help="CoNLL file, JSONL/CSV/Parquet file or save_to_disk directory "
                         "(default: the bundled sample NER corpus)")
-    parser.add_argument("--out", required=out_required, help="store path (a directory for zarr, a file for hdf5)")
+    parser.add_argument("--out", required=out_required, help="store path or URL (s3://bucket/prefix/name.zarr): a "
+                        "directory for zarr, a file for hdf5; optional with --catalog")
+    parser.add_argument("--catalog", help="catalog root (directory or s3:// prefix): reuse a complete store with the "
+                        "same content fingerprint from it, else extract into it (at --out, or a path it chooses)")
     corpus = parser.add_argument_group("corpus")
     corpus.add_argument("--corpus-format", default="auto", choices=["auto", "conll", "json", "csv", "parquet",
                                                                       "disk"])
@@ -60,6 +63,8 @@ def _add_extract_arguments(parser: argparse.ArgumentParser, out_required: bool) 
     run.add_argument("--chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS)
     run.add_argument("--block-tokens", type=int, help="tokens per write/commit block (default: 64 MiB worth)")
     run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--lock-wait", type=float, default=0.0, metavar="SECONDS",
+                     help="wait this long for another process writing the same store (default: fail at once)")
 
 
 def config_from_args(args: argparse.Namespace) -> ExtractConfig:
@@ -73,22 +78,52 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         compute_dtype=args.compute_dtype, backend=args.backend, device=args.device,
         max_batch_tokens=args.max_batch_tokens, max_length=args.max_length, stride=args.stride,
         truncate=args.truncate, overwrite=args.overwrite, chunk_tokens=args.chunk_tokens,
-        block_tokens=args.block_tokens, progress=not args.no_progress)
+        block_tokens=args.block_tokens, progress=not args.no_progress, catalog=args.catalog,
+        lock_wait=args.lock_wait, storage_options=args.storage_options)
+
+
+def parse_storage_option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--storage-option takes KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)  # numbers, booleans, objects such as client_kwargs
+    except ValueError:
+        return key, value
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="featstore", description="Extract a frozen encoder's hidden states "
                                      "once into a chunked store, and read them back.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-S", "--storage-option", dest="storage_options_list", action="append", default=[],
+                        type=parse_storage_option, metavar="KEY=VALUE",
+                        help="fsspec storage option for remote locations (repeatable), e.g. "
+                        "client_kwargs='{\"endpoint_url\": \"http://127.0.0.1:8333\"}'; S3 endpoint and "
+                        "credentials otherwise come from the AWS_* environment variables")
     commands = parser.add_subparsers(dest="command", required=True)
     extract_parser = commands.add_parser("extract", help="extract hidden states into a store (resumable)")
-    _add_extract_arguments(extract_parser, out_required=True)
-    info = commands.add_parser("info", help="summarise a store")
+    _add_extract_arguments(extract_parser, out_required=False)
+    info = commands.add_parser("info", help="summarise a store (path or URL)")
     info.add_argument("store")
     info.add_argument("--json", action="store_true", help="print the raw attributes as JSON")
-    verify = commands.add_parser("verify", help="check a store is complete and consistent (exit 1 if not)")
+    verify = commands.add_parser("verify", help="check a store (path or URL) is complete, consistent and matches "
+                                 "its checksums (exit 1 if not, naming what is wrong)")
     verify.add_argument("store")
-    verify.add_argument("--quick", action="store_true", help="skip reading every hidden state")
+    verify.add_argument("--quick", action="store_true", help="skip reading every byte (no checksum check)")
+    for name, what in (("push", "upload a local store to a URL (or any location)"),
+                       ("pull", "download a store from a URL (or any location)")):
+        copy = commands.add_parser(name, help=f"{what}; verified before it is marked complete")
+        copy.add_argument("source")
+        copy.add_argument("destination", help="store path/URL, or a directory / prefix ending in '/' to copy into")
+        copy.add_argument("--overwrite", action="store_true", help="replace a different store at the destination")
+        copy.add_argument("--no-progress", action="store_true")
+    ls = commands.add_parser("ls", help="list the stores under a catalog root (directory or s3:// prefix)")
+    ls.add_argument("root")
+    ls.add_argument("--json", action="store_true", help="one JSON object per store")
+    gc = commands.add_parser("gc", help="find incomplete or abandoned stores, unfinished copies and stale leases")
+    gc.add_argument("root")
+    gc.add_argument("--delete", action="store_true", help="delete what was found (never a store being written)")
     demo = commands.add_parser("demo", help="end to end on the bundled corpus and packaged MiniLM: extract, verify, "
                                "train an adapter from the store, predict with the live encoder")
     demo.add_argument("--workdir", default="featstore-demo", help="where the demo writes its store")
@@ -101,6 +136,9 @@ def run_cli(parser: argparse.ArgumentParser, dispatch: Callable[[argparse.Namesp
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # the storage clients log every credential and endpoint lookup at INFO
+        for noisy in ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return dispatch(args)
     except FeatstoreError as error:
@@ -115,21 +153,31 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     from .verify import describe_store, verify_store
 
+    args.storage_options = dict(args.storage_options_list)
     if args.command == "extract":
         print(extract(config_from_args(args)).path)
         return 0
     if args.command == "info":
         if args.json:
             from .backends import open_backend
+            from .location import resolve
 
-            backend = open_backend(args.store)
+            backend = open_backend(resolve(args.store, args.storage_options))
             print(json.dumps(backend.get_attrs(), indent=2))
             backend.close()
         else:
-            print(describe_store(args.store))
+            print(describe_store(args.store, args.storage_options))
         return 0
+    if args.command in ("push", "pull"):
+        from .transfer import copy_store
+
+        print(copy_store(args.source, args.destination, args.overwrite, args.storage_options,
+                         progress=not args.no_progress).url)
+        return 0
+    if args.command in ("ls", "gc"):
+        return _catalog_command(args)
     if args.command == "verify":
-        problems = verify_store(args.store, deep=not args.quick)
+        problems = verify_store(args.store, deep=not args.quick, storage_options=args.storage_options)
         for problem in problems:
             print(f"FAIL {args.store}: {problem}", file=sys.stderr)
         if not problems:
@@ -141,6 +189,54 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return run_demo(args.workdir)
     raise AssertionError(args.command)
+
+
+def _catalog_command(args: argparse.Namespace) -> int:
+    from .catalog import Catalog
+
+    catalog = Catalog(args.root, args.storage_options)
+    if args.command == "gc":
+        found = catalog.garbage()
+        for entry, why in found:
+            print(f"{'deleting' if args.delete else 'found'} {entry.location.url}: {why}")
+            if args.delete:
+                catalog.remove(entry)
+        if not found:
+            print(f"nothing to clean under {catalog.root.url}")
+        return 0
+    rows = [entry.summary(catalog.root) for entry in catalog.entries()]
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    columns = ("status", "encoder", "corpus", "split", "layers", "tokens", "size", "created", "fingerprint", "path")
+    table = [[_cell(name, row) for name in columns] for row in rows]
+    widths = [max(len(name), *(len(line[i]) for line in table)) for i, name in enumerate(columns)]
+    print("  ".join(name.upper().ljust(width) for name, width in zip(columns, widths)).rstrip())
+    for line in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+    return 0
+
+
+def _cell(name: str, row: dict) -> str:
+    value = row.get("size_bytes") if name == "size" else row.get(name)
+    if value is None:
+        return "-"
+    if name == "size":
+        return _human_bytes(int(value))
+    if name == "layers":
+        return ",".join(map(str, value)) if len(value) <= 4 else f"{len(value)} ({value[0]}..{value[-1]})"
+    if name == "fingerprint":
+        return str(value)[:12]
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _human_bytes(size: float) -> str:
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    power = 0
+    while size >= 1024 and power < len(units) - 1:
+        size, power = size / 1024, power + 1
+    return f"{size:.0f} B" if power == 0 else f"{size:.1f} {units[power]}"
 
 
 if __name__ == "__main__":

@@ -13,13 +13,11 @@ from __future__ import annotations
 import logging
 import platform
 import queue
-import shutil
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,9 +26,13 @@ from tqdm.auto import tqdm
 
 from . import format as fmt
 from .backends import BACKENDS, ArraySpec, StoreBackend, detect_backend, open_backend
+from .catalog import Catalog
 from .corpus import TOKEN_CLASSIFICATION, Corpus, CorpusSpec, load_corpus
 from .encoder import FrozenEncoder, TokenizedSequence, default_stride, numpy_storage_dtype
 from .errors import FeatstoreError
+from .integrity import compute_checksums
+from .lease import DEFAULT_TTL_SECONDS, Lease
+from .location import Location, resolve
 from .windows import WINDOW_RULE
 
 logger = logging.getLogger(__name__)
@@ -44,7 +46,8 @@ WRITE_QUEUE_DEPTH = 4
 class ExtractConfig:
     """Everything `featstore extract` takes. None means the documented default."""
 
-    out: str
+    out: str | None = None  # a path or URL (s3://...); None only with `catalog`: a path inside it
+    catalog: str | None = None  # reuse a complete store with the same fingerprint from this root
     model: str | None = None  # None: the packaged all-MiniLM-L6-v2
     corpus: CorpusSpec = field(default_factory=CorpusSpec)
     layers: list[int] | None = None  # None: all hidden states, embeddings included
@@ -60,6 +63,9 @@ class ExtractConfig:
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS
     block_tokens: int | None = None  # default: DEFAULT_BLOCK_BYTES worth of tokens
     progress: bool = True
+    lock_wait: float = 0.0  # seconds to wait for another writer of the same store
+    lease_ttl: float = DEFAULT_TTL_SECONDS
+    storage_options: dict[str, Any] | None = None  # fsspec options for remote locations
 
 
 @dataclass
@@ -72,6 +78,7 @@ class ExtractResult:
     num_tokens: int
     resumed_from: int = 0  # sequences already committed by an earlier run
     already_complete: bool = False
+    reused: bool = False  # found complete in the catalog; nothing was computed
     encode_seconds: float = 0.0
 
 
@@ -81,6 +88,8 @@ def extract(config: ExtractConfig) -> ExtractResult:
         raise FeatstoreError(f"unknown backend {config.backend!r}; choose one of {', '.join(BACKENDS)}")
     if config.max_batch_tokens < 1:
         raise FeatstoreError("--max-batch-tokens must be positive")
+    if config.out is None and config.catalog is None:
+        raise FeatstoreError("give --out (where to write the store) or --catalog ROOT")
     corpus = load_corpus(config.corpus)
     encoder = FrozenEncoder.load(config.model, config.device, config.dtype, config.compute_dtype)
     layers = encoder.resolve_layers(config.layers)
@@ -94,24 +103,54 @@ def extract(config: ExtractConfig) -> ExtractResult:
     plan = StoragePlan.build(sequences)
     attrs = _initial_attrs(config, corpus, encoder, layers, max_length, stride, plan)
 
-    backend = _open_or_create(config, attrs, plan, labels_array(corpus, plan))
-    result = ExtractResult(config.out, attrs["fingerprint"], len(plan.sequences), plan.num_tokens)
+    location, reused = _target(config, attrs)
+    result = ExtractResult(location.url, attrs["fingerprint"], len(plan.sequences), plan.num_tokens)
+    if reused:
+        logger.info("reusing %s: the catalog %s already holds a complete store with fingerprint %s",
+                    location.url, config.catalog, attrs["fingerprint"][:12])
+        result.reused = result.already_complete = True
+        return result
+    lease = Lease(location, "featstore extract", config.lease_ttl)
     try:
-        if backend.get_attrs()["status"] == fmt.STATUS_COMPLETE:
-            logger.info("%s is already complete (fingerprint %s); nothing to do", config.out,
-                        attrs["fingerprint"][:12])
-            result.already_complete = True
-            return result
-        result.resumed_from = int(backend.read(fmt.PROGRESS)[0])
-        started = time.perf_counter()
-        _fill_hidden_states(backend, encoder, plan, layers, config)
-        _finalize(backend)
-        result.encode_seconds = time.perf_counter() - started
+        lease.acquire(config.lock_wait)
+    except PermissionError as error:
+        raise FeatstoreError(f"cannot write to {location.url}: permission denied ({error}); use credentials or a "
+                             "location that allow writing") from None
+    try:
+        backend = _open_or_create(location, config, attrs, plan, labels_array(corpus, plan))
+        try:
+            if backend.get_attrs()["status"] == fmt.STATUS_COMPLETE:
+                logger.info("%s is already complete (fingerprint %s); nothing to do", location.url,
+                            attrs["fingerprint"][:12])
+                result.already_complete = True
+                return result
+            result.resumed_from = int(backend.read(fmt.PROGRESS)[0])
+            started = time.perf_counter()
+            _fill_hidden_states(backend, encoder, plan, layers, config, lease)
+            _finalize(backend, lease)
+            result.encode_seconds = time.perf_counter() - started
+        finally:
+            backend.close()
     finally:
-        backend.close()
-    logger.info("extraction complete: %s (%d tokens in %.1f s)", config.out, plan.num_tokens,
+        lease.release()
+    logger.info("extraction complete: %s (%d tokens in %.1f s)", location.url, plan.num_tokens,
                 result.encode_seconds)
     return result
+
+
+def _target(config: ExtractConfig, attrs: dict[str, Any]) -> tuple[Location, bool]:
+    """Where the store is: --out, or with --catalog a complete store with the same fingerprint (reused = True)
+    or else --out or the catalog's default path for it."""
+    if config.catalog is None:
+        return resolve(config.out, config.storage_options), False  # type: ignore[arg-type] - checked above
+    catalog = Catalog(config.catalog, config.storage_options)
+    twin = catalog.find_complete(attrs["fingerprint"])
+    if twin is not None:
+        return twin.location, True
+    location = resolve(config.out, config.storage_options) if config.out else catalog.default_location(attrs)
+    logger.info("no complete store with fingerprint %s in %s; extracting into %s", attrs["fingerprint"][:12],
+                config.catalog, location.url)
+    return location, False
 
 
 @dataclass
@@ -209,51 +248,44 @@ def _layout(config: ExtractConfig, num_tokens: int, bytes_per_token: int) -> tup
     return chunk, max(chunk, -(-wanted // chunk) * chunk)
 
 
-def _open_or_create(config: ExtractConfig, attrs: dict[str, Any], plan: StoragePlan,
+def _open_or_create(location: Location, config: ExtractConfig, attrs: dict[str, Any], plan: StoragePlan,
                     labels: tuple[str, np.ndarray] | None) -> StoreBackend:
     """Create the store, or reopen one with the same fingerprint to resume; refuse anything else."""
-    path = Path(config.out)
-    if path.exists():
-        existing = detect_backend(path)
-        is_empty_dir = path.is_dir() and not any(path.iterdir())
+    if location.exists():
+        existing = detect_backend(location)
+        is_empty_dir = location.isdir() and not location.fs.ls(location.path)
         if existing is None and not is_empty_dir:
-            raise FeatstoreError(f"{path} exists and is not a featstore store; choose another --out or remove it")
+            raise FeatstoreError(f"{location.url} exists and is not a featstore store; choose another --out or "
+                                 "remove it")
         if existing is not None:
-            backend = open_backend(path, "r+")
+            backend = open_backend(location, "r+")
             old = backend.get_attrs()
             if old.get("format") != fmt.FORMAT_NAME:
                 backend.close()
-                raise FeatstoreError(f"{path} exists and is not a featstore store; choose another --out or "
+                raise FeatstoreError(f"{location.url} exists and is not a featstore store; choose another --out or "
                                      "remove it")
             if old.get("fingerprint") == attrs["fingerprint"] and not config.overwrite:
-                fmt.check_compatible(old, str(path))
+                fmt.check_compatible(old, location.url)
                 progress = backend.read(fmt.PROGRESS)
                 if old["status"] != fmt.STATUS_COMPLETE:
-                    logger.info("resuming %s from sequence %d of %d", path, progress[0],
+                    logger.info("resuming %s from sequence %d of %d", location.url, progress[0],
                                 attrs["counts"]["num_sequences"])
                 return backend
             backend.close()
             if not config.overwrite:
-                raise FeatstoreError(_mismatch_message(path, old, attrs))
-            logger.warning("--overwrite: replacing %s", path)
-        _remove(path)
-    backend = BACKENDS[config.backend].create(path)
+                raise FeatstoreError(_mismatch_message(location.url, old, attrs))
+            logger.warning("--overwrite: replacing %s", location.url)
+        location.remove(recursive=True)
+    backend = BACKENDS[config.backend].create(location)
     _create_arrays(backend, attrs, plan, labels)
     return backend
 
 
-def _mismatch_message(path: Path, old: dict[str, Any], new: dict[str, Any]) -> str:
+def _mismatch_message(path: str, old: dict[str, Any], new: dict[str, Any]) -> str:
     old_inputs, new_inputs = old.get("fingerprint_inputs", {}), new["fingerprint_inputs"]
     differing = [name for name in fmt.FINGERPRINT_FIELDS if old_inputs.get(name) != new_inputs.get(name)]
     return (f"{path} already holds a store made with different arguments (differs in: "
             f"{', '.join(differing) or 'format'}); use another --out, or --overwrite to replace it")
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
 
 
 def _create_arrays(backend: StoreBackend, attrs: dict[str, Any], plan: StoragePlan,
@@ -386,7 +418,7 @@ def _to_host(hidden: torch.Tensor) -> tuple[torch.Tensor, Any]:
 
 
 def _fill_hidden_states(backend: StoreBackend, encoder: FrozenEncoder, plan: StoragePlan, layers: list[int],
-                        config: ExtractConfig) -> None:
+                        config: ExtractConfig, lease: Lease) -> None:
     attrs = backend.get_attrs()
     start = int(backend.read(fmt.PROGRESS)[0])
     writer = BackgroundWriter(BlockWriter(backend, plan.token_offsets, attrs["layout"]["block_tokens"], start))
@@ -395,6 +427,7 @@ def _fill_hidden_states(backend: StoreBackend, encoder: FrozenEncoder, plan: Sto
     started, tokens_done = time.perf_counter(), 0
     try:
         for batch in plan.batches(start, config.max_batch_tokens):
+            lease.check()
             hidden = encoder.forward(plan.sequences[batch.start: batch.stop], layers, config.max_batch_tokens)
             writer.put(batch.stop, *_to_host(hidden))
             tokens_done += len(hidden)
@@ -405,16 +438,18 @@ def _fill_hidden_states(backend: StoreBackend, encoder: FrozenEncoder, plan: Sto
         writer.close()
 
 
-def _finalize(backend: StoreBackend) -> None:
-    """Mark complete only after checking that everything was committed."""
+def _finalize(backend: StoreBackend, lease: Lease) -> None:
+    """Record checksums and mark complete, only after checking that everything was committed."""
     attrs = backend.get_attrs()
     progress = backend.read(fmt.PROGRESS)
     counts = attrs["counts"]
     if int(progress[0]) != counts["num_sequences"] or int(progress[1]) != counts["num_tokens"]:
         raise FeatstoreError(f"internal error: finalize found progress {progress.tolist()} for "
                              f"{counts['num_sequences']} sequences / {counts['num_tokens']} tokens")
+    attrs["integrity"] = compute_checksums(backend, attrs["layout"]["block_tokens"])
     attrs["status"] = fmt.STATUS_COMPLETE
     attrs["extraction"]["completed_at"] = _now()
+    lease.check()
     backend.set_attrs(attrs)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from .errors import FeatstoreError
 
 FORMAT_NAME = "featstore"
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
 ATTRS_KEY = "featstore"
 
 STATUS_WRITING = "writing"

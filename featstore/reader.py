@@ -22,6 +22,7 @@ import torch
 from . import format as fmt
 from .backends import StoreBackend, open_backend
 from .errors import FeatstoreError
+from .location import Location, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +51,12 @@ class Store:
         self.attrs = backend.get_attrs()
         fmt.check_compatible(self.attrs, backend.path)
         if self.attrs["status"] != fmt.STATUS_COMPLETE and not allow_incomplete:
-            committed = int(backend.read(fmt.PROGRESS)[0])
-            raise FeatstoreError(f"{backend.path} is incomplete ({committed} of {self.num_sequences} sequences "
-                                 "committed); re-run the same `featstore extract` command to resume it, or pass "
-                                 "allow_incomplete=True to inspect it")
+            try:
+                state = f"{int(backend.read(fmt.PROGRESS)[0])} of {self.num_sequences} sequences committed"
+            except Exception:  # an interrupted copy may not hold the progress array yet
+                state = f"status {self.attrs['status']!r}"
+            raise FeatstoreError(f"{backend.path} is incomplete ({state}); re-run the `featstore extract` or copy "
+                                 "that was writing it to finish it, or pass allow_incomplete=True to inspect it")
         self.token_offsets = backend.read(fmt.TOKEN_OFFSETS)
         self.word_offsets = backend.read(fmt.WORD_OFFSETS)
         # Python-int copies: indexing them is much cheaper than numpy scalars in the per-sequence path.
@@ -245,9 +248,11 @@ def compact_columns(columns: list[int]) -> slice | list[int]:
     return columns
 
 
-def open_store(path: str | Path, allow_incomplete: bool = False) -> Store:
-    """Open a Zarr or HDF5 store for reading. Never writes to it."""
-    return Store(open_backend(path, "r"), allow_incomplete=allow_incomplete)
+def open_store(path: str | Path | Location, allow_incomplete: bool = False,
+               storage_options: dict[str, Any] | None = None) -> Store:
+    """Open a Zarr or HDF5 store (a local path or a URL such as s3://bucket/prefix/store.zarr) for reading.
+    Never writes to it, so read-only mounts and read-only credentials work."""
+    return Store(open_backend(resolve(path, storage_options), "r"), allow_incomplete=allow_incomplete)
 
 
 def pool_words(hidden: np.ndarray, word_ids: np.ndarray, num_words: int, pooling: str) -> np.ndarray:

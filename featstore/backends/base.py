@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..location import Location
 
 
 @dataclass(frozen=True)
@@ -25,17 +26,21 @@ class ArraySpec:
 class StoreBackend(ABC):
     name: str
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = str(path)
+    def __init__(self, location: Location) -> None:
+        self.location = location
+        self.path = location.url
+        # Direct reads bypass the storage library where the layout allows (local stores); `featstore verify`
+        # turns them off so every byte goes through the library and its own checks (e.g. shard-index CRCs).
+        self.direct_reads = True
 
     @classmethod
     @abstractmethod
-    def create(cls, path: str | Path) -> StoreBackend:
-        """A new empty store at `path` (which must not exist)."""
+    def create(cls, location: Location) -> StoreBackend:
+        """A new empty store at `location` (which must not exist)."""
 
     @classmethod
     @abstractmethod
-    def open(cls, path: str | Path, mode: str = "r") -> StoreBackend:
+    def open(cls, location: Location, mode: str = "r") -> StoreBackend:
         """An existing store; mode 'r' never writes, 'r+' allows writes."""
 
     @abstractmethod
@@ -72,6 +77,10 @@ class StoreBackend(ABC):
     @abstractmethod
     def missing_blocks(self, name: str) -> list[int]:
         """Indices of write blocks of `name` that hold no data on disk."""
+
+    def object_at(self, name: str, row: int) -> str | None:
+        """The storage object holding row `row` of `name`, for messages (None: not stored in separate objects)."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass

@@ -4,19 +4,22 @@ Why contiguous with early allocation: after creation, writing hidden states chan
 raw bytes only, never HDF5 metadata (no chunk B-tree grows), so a process killed
 mid-write leaves a file that opens cleanly and resumes from its committed progress.
 It also makes reads plain file reads: rows are read with one `preadv` into the caller's buffer.
+Remote HDF5 stores (object storage) are read-only, through an fsspec file object: HDF5
+needs in-place updates that object stores do not offer, so they are written locally and pushed.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
+from ..errors import FeatstoreError
 from ..format import ATTRS_KEY
+from ..location import Location
 from .base import ArraySpec, StoreBackend
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -25,19 +28,32 @@ HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 class HDF5Backend(StoreBackend):
     name = "hdf5"
 
-    def __init__(self, path: str | Path, handle: h5py.File) -> None:
-        super().__init__(path)
+    def __init__(self, location: Location, handle: h5py.File) -> None:
+        super().__init__(location)
         self.handle = handle
         self._file_descriptor: int | None = None
+        self._remote_file: Any = None
+        self.direct_reads = location.is_local
 
     @classmethod
-    def create(cls, path: str | Path) -> HDF5Backend:
-        return cls(path, h5py.File(str(path), "w-", track_order=True))
+    def create(cls, location: Location) -> HDF5Backend:
+        if not location.is_local:
+            raise FeatstoreError(f"cannot write an HDF5 store to {location.url}: HDF5 needs a local or shared "
+                                 "filesystem; use --backend zarr for object storage, or extract locally and "
+                                 "`featstore push` the file")
+        return cls(location, h5py.File(location.path, "w-", track_order=True))
 
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r") -> HDF5Backend:
-        # No file locking for readers: it would need write access to the lock and fails on read-only mounts.
-        return cls(path, h5py.File(str(path), mode, locking=mode != "r"))
+    def open(cls, location: Location, mode: str = "r") -> HDF5Backend:
+        if location.is_local:
+            # No file locking for readers: it would need write access to the lock and fails on read-only mounts.
+            return cls(location, h5py.File(location.path, mode, locking=mode != "r"))
+        if mode != "r":
+            raise FeatstoreError(f"{location.url}: remote HDF5 stores are read-only; pull it to change it")
+        remote_file = location.fs.open(location.path, "rb", block_size=8 * 2**20)
+        backend = cls(location, h5py.File(remote_file, "r"))
+        backend._remote_file = remote_file
+        return backend
 
     def get_attrs(self) -> dict[str, Any]:
         raw = self.handle.attrs.get(ATTRS_KEY)
@@ -65,7 +81,7 @@ class HDF5Backend(StoreBackend):
 
     def read(self, name: str, start: int = 0, stop: int | None = None, columns: Any = None) -> np.ndarray:
         dataset = self.handle[name]
-        offset = dataset.id.get_offset() if dataset.size else None
+        offset = dataset.id.get_offset() if dataset.size and self.direct_reads else None
         if offset is None:
             rows = dataset[start:stop]
             return rows if columns is None else rows[:, columns]
@@ -80,8 +96,11 @@ class HDF5Backend(StoreBackend):
 
     def _fd(self) -> int:
         if self._file_descriptor is None:
-            self._file_descriptor = os.open(self.path, os.O_RDONLY)
+            self._file_descriptor = os.open(self.location.path, os.O_RDONLY)
         return self._file_descriptor
+
+    def _file_size(self) -> int:
+        return int(self.location.fs.size(self.location.path))
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.handle[name].shape)
@@ -94,7 +113,7 @@ class HDF5Backend(StoreBackend):
 
     def nbytes_stored(self, name: str | None = None) -> int:
         if name is None:
-            return os.path.getsize(self.path)
+            return self._file_size()
         return int(self.handle[name].id.get_storage_size())
 
     def missing_blocks(self, name: str) -> list[int]:
@@ -104,7 +123,7 @@ class HDF5Backend(StoreBackend):
         if offset is None:
             return [0] if dataset.size else []
         row_bytes = dataset.dtype.itemsize * int(np.prod(dataset.shape[1:], dtype=np.int64))
-        available = os.path.getsize(self.path) - offset
+        available = self._file_size() - offset
         complete_rows = max(0, available // row_bytes) if row_bytes else dataset.shape[0]
         return [0] if complete_rows < dataset.shape[0] else []
 
@@ -113,3 +132,5 @@ class HDF5Backend(StoreBackend):
             os.close(self._file_descriptor)
             self._file_descriptor = None
         self.handle.close()
+        if self._remote_file is not None:
+            self._remote_file.close()

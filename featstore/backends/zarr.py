@@ -19,6 +19,7 @@ import zarr
 from zarr.core.sync import sync
 
 from ..format import ATTRS_KEY
+from ..location import Location
 from .base import ArraySpec, StoreBackend
 
 RAW_BYTES_CODEC = {"name": "bytes", "configuration": {"endian": "little"}}
@@ -111,21 +112,26 @@ class ShardReader:
 class ZarrBackend(StoreBackend):
     name = "zarr"
 
-    def __init__(self, path: str | Path, group: zarr.Group) -> None:
-        super().__init__(path)
+    def __init__(self, location: Location, group: zarr.Group) -> None:
+        super().__init__(location)
         self.group = group
         self._arrays: dict[str, zarr.Array] = {}
         self._shard_readers: dict[str, ShardReader | None] = {}
-        # Off for `featstore verify`, which reads through zarr-python and its index checksums.
-        self.fast_reads = True
+
+    @staticmethod
+    def _zarr_store(location: Location, read_only: bool) -> zarr.abc.store.Store:
+        if location.is_local:
+            return zarr.storage.LocalStore(location.path, read_only=read_only)
+        return zarr.storage.FsspecStore.from_url(location.url, storage_options=location.storage_options,
+                                                 read_only=read_only)
 
     @classmethod
-    def create(cls, path: str | Path) -> ZarrBackend:
-        return cls(path, zarr.open_group(str(path), mode="w-"))
+    def create(cls, location: Location) -> ZarrBackend:
+        return cls(location, zarr.open_group(cls._zarr_store(location, read_only=False), mode="w-"))
 
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r") -> ZarrBackend:
-        return cls(path, zarr.open_group(str(path), mode=mode))
+    def open(cls, location: Location, mode: str = "r") -> ZarrBackend:
+        return cls(location, zarr.open_group(cls._zarr_store(location, read_only=mode == "r"), mode=mode))
 
     def get_attrs(self) -> dict[str, Any]:
         return dict(self.group.attrs.get(ATTRS_KEY, {}))
@@ -161,7 +167,7 @@ class ZarrBackend(StoreBackend):
 
     def read(self, name: str, start: int = 0, stop: int | None = None, columns: Any = None) -> np.ndarray:
         array = self._array(name)
-        reader = self._shard_reader(name) if self.fast_reads else None
+        reader = self._shard_reader(name) if self.direct_reads else None
         if reader is not None:
             stop = array.shape[0] if stop is None else min(stop, array.shape[0])
             layers = list(range(array.shape[1]))
@@ -189,6 +195,10 @@ class ZarrBackend(StoreBackend):
         array = self._array(name)
         block = (array.shards or array.chunks)[0]
         n_blocks = -(-array.shape[0] // block)
+        store = self.group.store
+        return [index for index in range(n_blocks) if not sync(store.exists(self.object_at(name, index * block)))]
+
+    def object_at(self, name: str, row: int) -> str:
+        array = self._array(name)
         tail = "/".join("0" for _ in array.shape[1:])
-        keys = [f"{name}/c/{index}" + (f"/{tail}" if tail else "") for index in range(n_blocks)]
-        return [index for index, key in enumerate(keys) if not sync(self.group.store.exists(key))]
+        return f"{name}/c/{row // (array.shards or array.chunks)[0]}" + (f"/{tail}" if tail else "")

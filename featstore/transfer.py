@@ -1,0 +1,139 @@
+"""Copying a complete store between locations (`featstore push` / `featstore pull`).
+
+A copy never looks complete before it is verified. Zarr: the destination's root
+metadata is written first with status "writing", then every other object, then the
+copy is verified against the source's per-block checksums, and only then the source's
+own root metadata (status "complete") is written, which makes the copy byte-identical.
+HDF5 (one file): copied to `NAME.partial`, verified, then renamed. The destination is
+held under a lease for the whole copy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from . import format as fmt
+from .backends import detect_backend, open_backend
+from .catalog import PARTIAL_SUFFIX
+from .errors import FeatstoreError
+from .lease import Lease
+from .location import Location, resolve
+from .verify import verify_store
+
+logger = logging.getLogger(__name__)
+
+COPY_WORKERS = 4
+STREAM_BYTES = 16 * 2**20
+
+
+def copy_store(source: str | Path | Location, destination: str | Path | Location, overwrite: bool = False,
+               storage_options: dict[str, Any] | None = None, progress: bool = True) -> Location:
+    """Copy the complete store at `source` to `destination` (or into it, when it is a directory or ends
+    with '/'); returns where the copy is. Verified before it is marked complete."""
+    src = resolve(source, storage_options)
+    kind = detect_backend(src)
+    if kind is None:
+        raise FeatstoreError(f"{src.url} is not a featstore store")
+    problems = verify_store(src, deep=False)
+    if problems:
+        raise FeatstoreError(f"refusing to copy {src.url}: " + "; ".join(problems))
+    dst = _destination(src, str(destination), storage_options)
+    with Lease(dst, "featstore copy"):
+        if _already_there(src, dst, overwrite):
+            logger.info("%s already holds this store (same fingerprint, complete); nothing to copy", dst.url)
+            return dst
+        if kind == "zarr":
+            _copy_zarr(src, dst, progress)
+        else:
+            _copy_file(src, dst, progress)
+    logger.info("copied %s -> %s (verified)", src.url, dst.url)
+    return dst
+
+
+def _destination(src: Location, destination: str, storage_options: dict[str, Any] | None) -> Location:
+    dst = resolve(destination, storage_options)
+    into = destination.endswith("/") or (dst.isdir() and detect_backend(dst) is None and dst.fs.ls(dst.path))
+    return dst.child(src.name) if into else dst
+
+
+def _fingerprint_and_status(location: Location) -> tuple[str | None, str | None]:
+    backend = open_backend(location, "r")
+    try:
+        attrs = backend.get_attrs()
+    finally:
+        backend.close()
+    return attrs.get("fingerprint"), attrs.get("status")
+
+
+def _already_there(src: Location, dst: Location, overwrite: bool) -> bool:
+    if not dst.exists():
+        return False
+    fingerprint, _ = _fingerprint_and_status(src)
+    if detect_backend(dst) is not None:
+        theirs, status = _fingerprint_and_status(dst)
+        if theirs == fingerprint and status == fmt.STATUS_COMPLETE and not verify_store(dst, deep=False):
+            return True
+        if theirs == fingerprint:  # an interrupted earlier copy of the same store: redo it
+            return False
+    if not overwrite:
+        raise FeatstoreError(f"{dst.url} already exists and holds something else; choose another destination "
+                             "or pass --overwrite to replace it")
+    dst.remove(recursive=True)
+    return False
+
+
+def _copy_zarr(src: Location, dst: Location, progress: bool) -> None:
+    root_metadata = src.child("zarr.json").read_bytes()
+    interim = json.loads(root_metadata)
+    interim["attributes"][fmt.ATTRS_KEY]["status"] = fmt.STATUS_WRITING
+    dst.child("zarr.json").write_bytes(json.dumps(interim, indent=2).encode())
+
+    prefix = src.path.rstrip("/") + "/"
+    objects = {path[len(prefix):]: int(info["size"]) for path, info in src.fs.find(src.path, detail=True).items()}
+    objects.pop("zarr.json")
+    bar = tqdm(total=sum(objects.values()), unit="B", unit_scale=True, desc="copy", disable=not progress)
+
+    def copy(key: str) -> None:
+        data = src.child(key).read_bytes()
+        dst.child(key).write_bytes(data)
+        bar.update(len(data))
+
+    with bar, ThreadPoolExecutor(max_workers=COPY_WORKERS, thread_name_prefix="featstore-copy") as pool:
+        # Array metadata first: a partial copy is then a well-formed (incomplete) Zarr hierarchy.
+        list(pool.map(copy, sorted(objects, key=lambda key: (not key.endswith("zarr.json"), key))))
+    copied = {path[len(dst.path.rstrip("/")) + 1:]: int(info["size"])
+              for path, info in dst.fs.find(dst.path, detail=True).items()}
+    copied.pop("zarr.json", None)
+    differing = sorted(key for key in objects if copied.get(key) != objects[key])
+    if differing:
+        raise FeatstoreError(f"copy to {dst.url} is incomplete ({len(differing)} objects differ in size, e.g. "
+                             f"{differing[0]}); it stays marked incomplete; re-run the copy")
+    _check(dst, expect_complete=False)
+    dst.child("zarr.json").write_bytes(root_metadata)
+
+
+def _copy_file(src: Location, dst: Location, progress: bool) -> None:
+    partial = dst.sibling(PARTIAL_SUFFIX)
+    if dst.is_local:
+        dst.local_path().parent.mkdir(parents=True, exist_ok=True)
+    size = int(src.fs.size(src.path))
+    with tqdm(total=size, unit="B", unit_scale=True, desc="copy", disable=not progress) as bar, \
+            src.fs.open(src.path, "rb") as reader, partial.fs.open(partial.path, "wb") as writer:
+        while data := reader.read(STREAM_BYTES):
+            writer.write(data)
+            bar.update(len(data))
+    _check(partial, expect_complete=True)
+    partial.fs.mv(partial.path, dst.path)
+
+
+def _check(location: Location, expect_complete: bool) -> None:
+    problems = verify_store(location, deep=True, expect_complete=expect_complete)
+    if problems:
+        raise FeatstoreError(f"the copy at {location.url} failed verification and is not marked complete: "
+                             + "; ".join(problems) + "; re-run the copy")
