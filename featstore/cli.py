@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 
 from .corpus import BUNDLED_CORPUS, TASKS, CorpusSpec
 from .errors import FeatstoreError
 from .extract import DEFAULT_CHUNK_TOKENS, ExtractConfig, extract
+from .jobs import StatusFileWriter
 
 
 def parse_layers(text: str) -> list[int] | None:
@@ -65,6 +68,8 @@ def _add_extract_arguments(parser: argparse.ArgumentParser, out_required: bool) 
     run.add_argument("--no-progress", action="store_true")
     run.add_argument("--lock-wait", type=float, default=0.0, metavar="SECONDS",
                      help="wait this long for another process writing the same store (default: fail at once)")
+    run.add_argument("--status-file", help="keep a JSON progress report here (path, state, sequences/tokens done, "
+                     "tokens/s), replaced atomically; the extraction service reads it")
 
 
 def config_from_args(args: argparse.Namespace) -> ExtractConfig:
@@ -79,7 +84,8 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         max_batch_tokens=args.max_batch_tokens, max_length=args.max_length, stride=args.stride,
         truncate=args.truncate, overwrite=args.overwrite, chunk_tokens=args.chunk_tokens,
         block_tokens=args.block_tokens, progress=not args.no_progress, catalog=args.catalog,
-        lock_wait=args.lock_wait, storage_options=args.storage_options)
+        lock_wait=args.lock_wait, storage_options=args.storage_options,
+        on_progress=StatusFileWriter(args.status_file) if args.status_file else None)
 
 
 def parse_storage_option(text: str) -> tuple[str, object]:
@@ -90,6 +96,11 @@ def parse_storage_option(text: str) -> tuple[str, object]:
         return key, json.loads(value)  # numbers, booleans, objects such as client_kwargs
     except ValueError:
         return key, value
+
+
+def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", help="service URL (default: $FEATSTORE_SERVER)")
+    parser.add_argument("--token", help="bearer token (default: $FEATSTORE_SERVICE_TOKEN)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,6 +129,41 @@ def build_parser() -> argparse.ArgumentParser:
         copy.add_argument("destination", help="store path/URL, or a directory / prefix ending in '/' to copy into")
         copy.add_argument("--overwrite", action="store_true", help="replace a different store at the destination")
         copy.add_argument("--no-progress", action="store_true")
+    serve = commands.add_parser("serve", help="run the extraction service (HTTP API, persistent job queue)")
+    serve.add_argument("--catalog", required=True, help="catalog root where finished stores land")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8470)
+    serve.add_argument("--corpus-root", action="append", default=[], required=True,
+                       help="directory requests may read corpora from (repeatable)")
+    serve.add_argument("--model-root", action="append", default=[],
+                       help="directory requests may load model directories from (repeatable)")
+    serve.add_argument("--state-dir", default="featstore-service", help="job database, logs and status files")
+    serve.add_argument("--token-file", help="file holding the bearer token (default: $FEATSTORE_SERVICE_TOKEN); "
+                       "required unless --host is a loopback address")
+    serve.add_argument("--workers", type=int, help="parallel jobs (default: one per GPU, one on CPU)")
+    serve.add_argument("--max-request-bytes", type=int, default=64 * 1024)
+    submit = commands.add_parser("submit", help="submit an extraction job to the service")
+    _add_server_arguments(submit)
+    submit.add_argument("--model")
+    submit.add_argument("--corpus", required=True, help="corpus path as the service sees it (under a corpus root)")
+    submit.add_argument("--out", help="store path relative to the service's catalog")
+    for flag in ("--split", "--words-column", "--text-column", "--label-column", "--task"):
+        submit.add_argument(flag)
+    submit.add_argument("--corpus-format")
+    submit.add_argument("--label-names")
+    submit.add_argument("--layers", type=parse_layers)
+    submit.add_argument("--dtype", choices=["float16", "bfloat16", "float32"])
+    submit.add_argument("--backend", choices=["zarr", "hdf5"])
+    submit.add_argument("--max-length", type=int)
+    submit.add_argument("--truncate", action="store_true")
+    submit.add_argument("--follow", action="store_true", help="wait for the job, with a progress bar")
+    jobs = commands.add_parser("jobs", help="list the service's jobs")
+    _add_server_arguments(jobs)
+    job = commands.add_parser("job", help="show one job; --follow waits for it, --cancel cancels it")
+    _add_server_arguments(job)
+    job.add_argument("job_id")
+    job.add_argument("--follow", action="store_true")
+    job.add_argument("--cancel", action="store_true")
     ls = commands.add_parser("ls", help="list the stores under a catalog root (directory or s3:// prefix)")
     ls.add_argument("root")
     ls.add_argument("--json", action="store_true", help="one JSON object per store")
@@ -155,6 +201,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     args.storage_options = dict(args.storage_options_list)
     if args.command == "extract":
+        # SIGTERM (a cancelled service job) unwinds like Ctrl-C: the lease is released, committed work kept.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         print(extract(config_from_args(args)).path)
         return 0
     if args.command == "info":
@@ -176,6 +225,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command in ("ls", "gc"):
         return _catalog_command(args)
+    if args.command in ("serve", "submit", "jobs", "job"):
+        return _service_command(args)
     if args.command == "verify":
         problems = verify_store(args.store, deep=not args.quick, storage_options=args.storage_options)
         for problem in problems:
@@ -189,6 +240,40 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return run_demo(args.workdir)
     raise AssertionError(args.command)
+
+
+def _service_command(args: argparse.Namespace) -> int:
+    if args.command == "serve":
+        from .service import ServiceConfig, load_token, serve
+
+        serve(ServiceConfig(catalog=args.catalog, state_dir=args.state_dir, corpus_roots=args.corpus_root,
+                            model_roots=args.model_root, token=load_token(args.token_file), workers=args.workers,
+                            max_request_bytes=args.max_request_bytes), args.host, args.port)
+        return 0
+    from .client import FINISHED, ServiceClient
+
+    client = ServiceClient(args.server, args.token)
+    if args.command == "jobs":
+        for job in client.jobs():
+            progress = job.get("progress") or {}
+            done = f"{progress.get('sequences_done', 0)}/{progress.get('sequences_total', '?')}"
+            print(f"{job['id']}  {job['status']:<9}  {done:>13}  {job['created_at']}  {job['store'] or '-'}")
+        return 0
+    if args.command == "submit":
+        spec = {name: getattr(args, name) for name in ("model", "corpus", "out", "split", "words_column", "text_column",
+                                                        "label_column", "task", "corpus_format", "layers", "dtype",
+                                                        "backend", "max_length")}
+        spec["label_names"] = args.label_names.split(",") if args.label_names else None
+        spec["truncate"] = args.truncate or None
+        job = client.submit(spec)
+        print(f"job {job['id']} {'(same as an active identical job) ' if job['coalesced'] else ''}{job['status']}",
+              file=sys.stderr)
+    else:
+        job = client.cancel(args.job_id) if args.cancel else client.job(args.job_id)
+    if args.follow:
+        job = client.follow(job["id"])
+    print(json.dumps(job, indent=2))
+    return 1 if job["status"] in FINISHED and job["status"] != "succeeded" else 0
 
 
 def _catalog_command(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ import platform
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -66,6 +66,20 @@ class ExtractConfig:
     lock_wait: float = 0.0  # seconds to wait for another writer of the same store
     lease_ttl: float = DEFAULT_TTL_SECONDS
     storage_options: dict[str, Any] | None = None  # fsspec options for remote locations
+    on_progress: Callable[[ExtractProgress], None] | None = None  # called once the target is known, per batch, at end
+
+
+@dataclass
+class ExtractProgress:
+    """Where an extraction stands; `state` is "extracting", "complete" or "reused"."""
+
+    path: str
+    state: str
+    sequences_done: int
+    sequences_total: int
+    tokens_done: int
+    tokens_total: int
+    tokens_per_second: float = 0.0
 
 
 @dataclass
@@ -105,10 +119,12 @@ def extract(config: ExtractConfig) -> ExtractResult:
 
     location, reused = _target(config, attrs)
     result = ExtractResult(location.url, attrs["fingerprint"], len(plan.sequences), plan.num_tokens)
+    report = _reporter(config, location.url, plan)
     if reused:
         logger.info("reusing %s: the catalog %s already holds a complete store with fingerprint %s",
                     location.url, config.catalog, attrs["fingerprint"][:12])
         result.reused = result.already_complete = True
+        report("reused", len(plan.sequences))
         return result
     lease = Lease(location, "featstore extract", config.lease_ttl)
     try:
@@ -123,12 +139,14 @@ def extract(config: ExtractConfig) -> ExtractResult:
                 logger.info("%s is already complete (fingerprint %s); nothing to do", location.url,
                             attrs["fingerprint"][:12])
                 result.already_complete = True
+                report("complete", len(plan.sequences))
                 return result
             result.resumed_from = int(backend.read(fmt.PROGRESS)[0])
             started = time.perf_counter()
-            _fill_hidden_states(backend, encoder, plan, layers, config, lease)
+            _fill_hidden_states(backend, encoder, plan, layers, config, lease, report)
             _finalize(backend, lease)
             result.encode_seconds = time.perf_counter() - started
+            report("complete", len(plan.sequences))
         finally:
             backend.close()
     finally:
@@ -136,6 +154,22 @@ def extract(config: ExtractConfig) -> ExtractResult:
     logger.info("extraction complete: %s (%d tokens in %.1f s)", location.url, plan.num_tokens,
                 result.encode_seconds)
     return result
+
+
+def _reporter(config: ExtractConfig, path: str, plan: StoragePlan) -> Callable[..., None]:
+    started, first = time.perf_counter(), None
+
+    def report(state: str, sequences_done: int) -> None:
+        nonlocal first
+        if config.on_progress is None:
+            return
+        tokens_done = int(plan.token_offsets[sequences_done])
+        first = tokens_done if first is None else first  # rate over this run's tokens, not resumed ones
+        rate = (tokens_done - first) / max(time.perf_counter() - started, 1e-9)
+        config.on_progress(ExtractProgress(path, state, sequences_done, len(plan.sequences), tokens_done,
+                                           plan.num_tokens, rate))
+
+    return report
 
 
 def _target(config: ExtractConfig, attrs: dict[str, Any]) -> tuple[Location, bool]:
@@ -418,13 +452,14 @@ def _to_host(hidden: torch.Tensor) -> tuple[torch.Tensor, Any]:
 
 
 def _fill_hidden_states(backend: StoreBackend, encoder: FrozenEncoder, plan: StoragePlan, layers: list[int],
-                        config: ExtractConfig, lease: Lease) -> None:
+                        config: ExtractConfig, lease: Lease, report: Callable[[str, int], None]) -> None:
     attrs = backend.get_attrs()
     start = int(backend.read(fmt.PROGRESS)[0])
     writer = BackgroundWriter(BlockWriter(backend, plan.token_offsets, attrs["layout"]["block_tokens"], start))
     total = len(plan.sequences)
     bar = tqdm(total=total, initial=start, unit="seq", desc="extract", disable=not config.progress)
     started, tokens_done = time.perf_counter(), 0
+    report("extracting", start)
     try:
         for batch in plan.batches(start, config.max_batch_tokens):
             lease.check()
@@ -433,6 +468,7 @@ def _fill_hidden_states(backend: StoreBackend, encoder: FrozenEncoder, plan: Sto
             tokens_done += len(hidden)
             bar.update(len(batch))
             bar.set_postfix(tok_s=f"{tokens_done / max(time.perf_counter() - started, 1e-9):,.0f}")
+            report("extracting", batch.stop)
     finally:
         bar.close()
         writer.close()

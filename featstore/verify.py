@@ -11,6 +11,7 @@ from . import format as fmt
 from .backends import StoreBackend, open_backend
 from .errors import FeatstoreError
 from .integrity import checksum_problems
+from .lease import read_lease
 from .location import Location, resolve
 from .reader import Store
 
@@ -180,6 +181,8 @@ def describe_store(path: str | Path | Location, storage_options: dict[str, Any] 
             ("bytes on disk", f"{total_bytes:,} ({hidden_bytes:,} hidden states)"),
             ("bytes/token", f"{hidden_bytes / max(counts['num_tokens'], 1):,.1f} hidden states (raw minimum "
                             f"{minimum:,}), {total_bytes / max(counts['num_tokens'], 1):,.1f} in all"),
+            ("checksums", _checksum_summary(attrs.get("integrity"))),
+            ("writer", lease.describe() if (lease := read_lease(store.backend.location)) else "none (no lease held)"),
             ("created", f"{extraction['created_at']}, completed {extraction['completed_at'] or '-'}"),
             ("versions", ", ".join(f"{k} {v}" for k, v in extraction["versions"].items())),
         ]
@@ -187,3 +190,10 @@ def describe_store(path: str | Path | Location, storage_options: dict[str, Any] 
         return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
     finally:
         store.close()
+
+
+def _checksum_summary(integrity: dict[str, Any] | None) -> str:
+    if not integrity:
+        return "none (written before format 1.1, or not finalized)"
+    blocks = sum(len(digests) for digests in integrity["arrays"].values())
+    return f"{integrity['algorithm']} per {integrity['block_rows']:,} rows, {blocks} blocks"

@@ -54,6 +54,8 @@ def test_extract_to_s3_equals_local_extraction(s3_root, tiny_models, conll_corpu
         assert actual.fingerprint == expected.fingerprint and actual.status == "complete"
         for row in range(len(expected)):
             assert np.array_equal(actual.sequence(row).hidden_states, expected.sequence(row).hidden_states)
+            assert np.array_equal(actual.sequence(row, layers=[0, 2]).hidden_states,
+                                  expected.sequence(row, layers=[0, 2]).hidden_states)
         streamed = {item.index: item.hidden_states for item in actual.iter_epoch(seed=3, span_bytes=4096)}
         assert sorted(streamed) == list(range(len(expected)))
         assert np.array_equal(streamed[5], expected.sequence(5).hidden_states)

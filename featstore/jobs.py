@@ -1,0 +1,297 @@
+"""The extraction service's persistent job queue and its workers.
+
+Jobs live in SQLite (one file in the service's state directory), so queued jobs survive a
+restart; jobs that were running when the service died are queued again at start-up and
+resume through the store's own resume logic. A worker runs each job as a child
+`featstore extract --catalog ROOT --status-file F` process: cancelling is terminating it, a
+GPU is pinned with CUDA_VISIBLE_DEVICES, and the child reports progress through the status
+file (JSON, replaced atomically).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .extract import ExtractProgress
+from .format import canonical_json
+
+logger = logging.getLogger(__name__)
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+ACTIVE = (QUEUED, RUNNING)
+POLL_SECONDS = 0.25
+STATUS_WRITE_INTERVAL = 0.5
+TERMINATE_GRACE_SECONDS = 10
+
+
+def write_status(path: str | Path, progress: ExtractProgress) -> None:
+    """Replace the status file atomically (the worker may read it at any moment)."""
+    path = Path(path)
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(asdict(progress)))
+    os.replace(temporary, path)
+
+
+class StatusFileWriter:
+    """An `ExtractConfig.on_progress` callback writing at most every STATUS_WRITE_INTERVAL seconds."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path, self.last = path, 0.0
+
+    def __call__(self, progress: ExtractProgress) -> None:
+        now = time.monotonic()
+        if progress.state == "extracting" and now - self.last < STATUS_WRITE_INTERVAL and self.last:
+            return
+        self.last = now
+        write_status(self.path, progress)
+
+
+def job_key(spec: dict[str, Any]) -> str:
+    """Identical requests have identical keys (used to coalesce concurrent submissions)."""
+    return hashlib.sha256(canonical_json(spec)).hexdigest()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Job:
+    id: str
+    key: str
+    spec: dict[str, Any]
+    status: str
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    store: str | None = None
+    reused: bool = False
+    progress: dict[str, Any] | None = None
+    error: str | None = None
+    cancel_requested: bool = False
+
+    def public(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("key")
+        data.pop("cancel_requested")
+        progress = self.progress or {}
+        rate, total, done = progress.get("tokens_per_second") or 0, progress.get("tokens_total"), progress.get(
+            "tokens_done")
+        if self.status == RUNNING and rate and total is not None and done is not None:
+            progress["eta_seconds"] = round((total - done) / rate, 1)
+        data["progress"] = progress or None
+        return data
+
+
+class JobQueue:
+    """SQLite-backed queue; safe to share between the API's threads and the workers."""
+
+    COLUMNS = ("id", "key", "spec", "status", "created_at", "started_at", "finished_at", "store", "reused",
+               "progress", "error", "cancel_requested")
+
+    def __init__(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.lock = threading.Lock()
+        self.db.execute("""CREATE TABLE IF NOT EXISTS jobs (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, key TEXT NOT NULL, spec TEXT NOT NULL,
+            status TEXT NOT NULL, created_at TEXT NOT NULL, started_at TEXT, finished_at TEXT, store TEXT,
+            reused INTEGER NOT NULL DEFAULT 0, progress TEXT, error TEXT,
+            cancel_requested INTEGER NOT NULL DEFAULT 0)""")
+
+    def _rows(self, where: str = "", args: tuple = ()) -> list[Job]:
+        with self.lock:
+            rows = self.db.execute(f"SELECT {', '.join(self.COLUMNS)} FROM jobs {where} ORDER BY seq", args).fetchall()
+        jobs = []
+        for row in rows:
+            values = dict(zip(self.COLUMNS, row))
+            values["spec"] = json.loads(values["spec"])
+            values["progress"] = json.loads(values["progress"]) if values["progress"] else None
+            values["reused"], values["cancel_requested"] = bool(values["reused"]), bool(values["cancel_requested"])
+            jobs.append(Job(**values))
+        return jobs
+
+    def submit(self, spec: dict[str, Any]) -> tuple[Job, bool]:
+        """A new queued job, or the active job with the same request (coalesced = True)."""
+        key = job_key(spec)
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                active = self.db.execute("SELECT id FROM jobs WHERE key = ? AND status IN (?, ?) ORDER BY seq LIMIT 1",
+                                         (key, *ACTIVE)).fetchone()
+                if active is None:
+                    job_id = uuid.uuid4().hex[:16]
+                    self.db.execute("INSERT INTO jobs (id, key, spec, status, created_at) VALUES (?, ?, ?, ?, ?)",
+                                    (job_id, key, json.dumps(spec), QUEUED, _now()))
+                else:
+                    job_id = active[0]
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+        job = self.get(job_id)
+        assert job is not None
+        return job, active is not None
+
+    def get(self, job_id: str) -> Job | None:
+        found = self._rows("WHERE id = ?", (job_id,))
+        return found[0] if found else None
+
+    def list(self) -> list[Job]:
+        return self._rows()
+
+    def claim(self) -> Job | None:
+        """Atomically move the oldest queued job to running."""
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self.db.execute("SELECT id FROM jobs WHERE status = ? ORDER BY seq LIMIT 1",
+                                      (QUEUED,)).fetchone()
+                if row is not None:
+                    self.db.execute("UPDATE jobs SET status = ?, started_at = ? WHERE id = ?",
+                                    (RUNNING, _now(), row[0]))
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+        return self.get(row[0]) if row else None
+
+    def update(self, job_id: str, **values: Any) -> None:
+        encoded = {name: json.dumps(value) if name == "progress" else value for name, value in values.items()}
+        assignments = ", ".join(f"{name} = ?" for name in encoded)
+        with self.lock:
+            self.db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*encoded.values(), job_id))
+
+    def cancel(self, job_id: str) -> Job | None:
+        """Queued: cancelled now. Running: flagged; its worker stops it. Finished: unchanged."""
+        with self.lock:
+            self.db.execute("UPDATE jobs SET status = ?, finished_at = ? WHERE id = ? AND status = ?",
+                            (CANCELLED, _now(), job_id, QUEUED))
+            self.db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status = ?", (job_id, RUNNING))
+        return self.get(job_id)
+
+    def requeue_interrupted(self) -> list[str]:
+        """At start-up: jobs left running by a previous service process go back to the queue."""
+        interrupted = [job.id for job in self._rows("WHERE status = ?", (RUNNING,))]
+        with self.lock:
+            self.db.execute("UPDATE jobs SET status = ?, started_at = NULL WHERE status = ?", (QUEUED, RUNNING))
+        return interrupted
+
+    def close(self) -> None:
+        with self.lock:
+            self.db.close()
+
+
+def extract_command(spec: dict[str, Any], catalog: str, status_file: Path) -> list[str]:
+    """The child process command line for a validated job spec."""
+    command = [sys.executable, "-m", "featstore.cli", "extract", "--catalog", catalog, "--no-progress",
+               "--status-file", str(status_file), "--lock-wait", "86400"]
+    options = {"model": "--model", "corpus": "--corpus", "corpus_format": "--corpus-format", "split": "--split",
+               "words_column": "--words-column", "text_column": "--text-column", "label_column": "--label-column",
+               "task": "--task", "dtype": "--dtype", "compute_dtype": "--compute-dtype", "backend": "--backend",
+               "max_length": "--max-length", "stride": "--stride", "max_batch_tokens": "--max-batch-tokens"}
+    for name, flag in options.items():
+        if spec.get(name) is not None:
+            command += [flag, str(spec[name])]
+    if spec.get("layers") is not None:
+        command += ["--layers", ",".join(map(str, spec["layers"]))]
+    if spec.get("label_names"):
+        command += ["--label-names", ",".join(spec["label_names"])]
+    if spec.get("out"):
+        command += ["--out", spec["out"]]
+    if spec.get("truncate"):
+        command.append("--truncate")
+    return command
+
+
+class Worker(threading.Thread):
+    """Runs queued jobs one at a time, each in a child process; `device` pins a GPU (None: CPU)."""
+
+    def __init__(self, queue: JobQueue, catalog: str, state_dir: Path, device: int | None,
+                 stop: threading.Event) -> None:
+        super().__init__(name=f"featstore-worker-{'cpu' if device is None else device}", daemon=True)
+        self.queue, self.catalog, self.state_dir, self.device, self.stop = queue, catalog, state_dir, device, stop
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            job = self.queue.claim()
+            if job is None:
+                self.stop.wait(POLL_SECONDS)
+                continue
+            try:
+                self._run(job)
+            except Exception as error:  # a worker outlives any one job
+                logger.exception("job %s failed in the worker", job.id)
+                self.queue.update(job.id, status=FAILED, finished_at=_now(), error=f"{type(error).__name__}: {error}")
+
+    def _run(self, job: Job) -> None:
+        status_file = self.state_dir / "status" / f"{job.id}.json"
+        status_file.parent.mkdir(parents=True, exist_ok=True)
+        log_path = self.state_dir / "logs" / f"{job.id}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ}
+        if self.device is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(self.device)
+        logger.info("job %s: starting on %s", job.id, "cpu" if self.device is None else f"cuda:{self.device}")
+        with log_path.open("ab") as log:
+            child = subprocess.Popen(extract_command(job.spec, self.catalog, status_file), env=env, stdout=log,
+                                     stderr=subprocess.STDOUT, cwd=self.state_dir)
+            while child.poll() is None:
+                self._report(job.id, status_file)
+                current = self.queue.get(job.id)
+                if self.stop.is_set() or (current is not None and current.cancel_requested):
+                    self._terminate(child)
+                    if self.stop.is_set() and not (current and current.cancel_requested):
+                        return  # service shutting down: the job stays running and is requeued at the next start
+                    self._report(job.id, status_file)
+                    self.queue.update(job.id, status=CANCELLED, finished_at=_now())
+                    logger.info("job %s: cancelled", job.id)
+                    return
+                time.sleep(POLL_SECONDS)
+        self._report(job.id, status_file)
+        final = self.queue.get(job.id)
+        if child.returncode == 0 and final is not None and final.store:
+            self.queue.update(job.id, status=SUCCEEDED, finished_at=_now())
+            logger.info("job %s: succeeded -> %s", job.id, final.store)
+        else:
+            self.queue.update(job.id, status=FAILED, finished_at=_now(), error=_last_error(log_path))
+            logger.warning("job %s: failed (exit %s)", job.id, child.returncode)
+
+    def _report(self, job_id: str, status_file: Path) -> None:
+        try:
+            status = json.loads(status_file.read_text())
+        except (FileNotFoundError, ValueError):
+            return
+        self.queue.update(job_id, progress=status, store=status["path"], reused=status["state"] == "reused")
+
+    @staticmethod
+    def _terminate(child: subprocess.Popen) -> None:
+        child.terminate()
+        try:
+            child.wait(TERMINATE_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def _last_error(log_path: Path) -> str:
+    with contextlib.suppress(OSError):
+        lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+        errors = [line for line in lines if "error" in line.lower()]
+        return (errors or lines or ["no output"])[-1][-2000:]
+    return "no output"
