@@ -4,16 +4,18 @@ import logging
 
 __version__ = "0.1.0"
 
+from .catalog import Catalog
 from .corpus import Corpus, CorpusSpec, Example, load_corpus
 from .encoder import FrozenEncoder
 from .errors import FeatstoreError
 from .extract import ExtractConfig, ExtractResult, extract
 from .reader import FeatureDataset, Store, collate_features, open_store
+from .transfer import copy_store
 from .verify import verify_store
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
-    "Corpus", "CorpusSpec", "Example", "ExtractConfig", "ExtractResult", "FeatstoreError", "FeatureDataset",
-    "FrozenEncoder", "Store", "collate_features", "extract", "load_corpus", "open_store", "verify_store",
+    "Catalog", "Corpus", "CorpusSpec", "Example", "ExtractConfig", "ExtractResult", "FeatstoreError", "FeatureDataset",
+    "FrozenEncoder", "Store", "collate_features", "copy_store", "extract", "load_corpus", "open_store", "verify_store",
 ]

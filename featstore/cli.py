@@ -68,6 +68,11 @@ def _add_extract_arguments(parser: argparse.ArgumentParser, out_required: bool) 
     run.add_argument("--no-progress", action="store_true")
     run.add_argument("--lock-wait", type=float, default=0.0, metavar="SECONDS",
                      help="wait this long for another process writing the same store (default: fail at once)")
+    run.add_argument("--engine", choices=["local", "ray"], default="local",
+                     help="ray: split the work across Ray actors (one per GPU, else per CPU) writing one store")
+    run.add_argument("--workers", type=int, help="Ray actors (default: one per GPU, else one per CPU)")
+    run.add_argument("--ray-address", help="Ray cluster to join ('auto', ray://host:10001); default: start a "
+                     "local one")
     run.add_argument("--status-file", help="keep a JSON progress report here (path, state, sequences/tokens done, "
                      "tokens/s), replaced atomically; the extraction service reads it")
 
@@ -85,7 +90,8 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         truncate=args.truncate, overwrite=args.overwrite, chunk_tokens=args.chunk_tokens,
         block_tokens=args.block_tokens, progress=not args.no_progress, catalog=args.catalog,
         lock_wait=args.lock_wait, storage_options=args.storage_options,
-        on_progress=StatusFileWriter(args.status_file) if args.status_file else None)
+        on_progress=StatusFileWriter(args.status_file) if args.status_file else None, engine=args.engine,
+        workers=args.workers, ray_address=args.ray_address)
 
 
 def parse_storage_option(text: str) -> tuple[str, object]:
@@ -133,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--catalog", required=True, help="catalog root where finished stores land")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8470)
-    serve.add_argument("--corpus-root", action="append", default=[], required=True,
-                       help="directory requests may read corpora from (repeatable)")
+    serve.add_argument("--corpus-root", action="append", default=[],
+                       help="directory requests may read corpora from (repeatable; default: the current directory)")
     serve.add_argument("--model-root", action="append", default=[],
                        help="directory requests may load model directories from (repeatable)")
     serve.add_argument("--state-dir", default="featstore-service", help="job database, logs and status files")
@@ -142,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "required unless --host is a loopback address")
     serve.add_argument("--workers", type=int, help="parallel jobs (default: one per GPU, one on CPU)")
     serve.add_argument("--max-request-bytes", type=int, default=64 * 1024)
+    serve.add_argument("--engine", choices=["local", "ray"], default="local",
+                       help="ray: run every job on Ray actors instead of one local process per GPU")
+    serve.add_argument("--ray-address", help="with --engine ray: the cluster ('auto', ray://host:10001); default: "
+                       "a local Ray instance per job")
     submit = commands.add_parser("submit", help="submit an extraction job to the service")
     _add_server_arguments(submit)
     submit.add_argument("--model")
@@ -248,7 +258,9 @@ def _service_command(args: argparse.Namespace) -> int:
 
         serve(ServiceConfig(catalog=args.catalog, state_dir=args.state_dir, corpus_roots=args.corpus_root,
                             model_roots=args.model_root, token=load_token(args.token_file), workers=args.workers,
-                            max_request_bytes=args.max_request_bytes), args.host, args.port)
+                            max_request_bytes=args.max_request_bytes, engine=args.engine,
+                            ray_address=args.ray_address),
+              args.host, args.port)
         return 0
     from .client import FINISHED, ServiceClient
 

@@ -67,6 +67,9 @@ class ExtractConfig:
     lease_ttl: float = DEFAULT_TTL_SECONDS
     storage_options: dict[str, Any] | None = None  # fsspec options for remote locations
     on_progress: Callable[[ExtractProgress], None] | None = None  # called once the target is known, per batch, at end
+    engine: str = "local"  # "local": this process; "ray": Ray actors (featstore/distributed.py)
+    workers: int | None = None  # Ray actors; default: one per GPU, else one per CPU of the cluster
+    ray_address: str | None = None  # None: start a local Ray instance; "auto" or ray://... for a cluster
 
 
 @dataclass
@@ -104,6 +107,8 @@ def extract(config: ExtractConfig) -> ExtractResult:
         raise FeatstoreError("--max-batch-tokens must be positive")
     if config.out is None and config.catalog is None:
         raise FeatstoreError("give --out (where to write the store) or --catalog ROOT")
+    if config.engine not in ("local", "ray"):
+        raise FeatstoreError(f"unknown engine {config.engine!r}; choose local or ray")
     corpus = load_corpus(config.corpus)
     encoder = FrozenEncoder.load(config.model, config.device, config.dtype, config.compute_dtype)
     layers = encoder.resolve_layers(config.layers)
@@ -143,7 +148,14 @@ def extract(config: ExtractConfig) -> ExtractResult:
                 return result
             result.resumed_from = int(backend.read(fmt.PROGRESS)[0])
             started = time.perf_counter()
-            _fill_hidden_states(backend, encoder, plan, layers, config, lease, report)
+            if config.engine == "ray":
+                from .distributed import fill_with_ray
+
+                batches = list(plan.batches(result.resumed_from, config.max_batch_tokens))
+                fill_with_ray(backend, encoder, plan.token_offsets, batches, plan.sequences, layers, config, lease,
+                              report)
+            else:
+                _fill_hidden_states(backend, encoder, plan, layers, config, lease, report)
             _finalize(backend, lease)
             result.encode_seconds = time.perf_counter() - started
             report("complete", len(plan.sequences))

@@ -197,10 +197,10 @@ class JobQueue:
             self.db.close()
 
 
-def extract_command(spec: dict[str, Any], catalog: str, status_file: Path) -> list[str]:
+def extract_command(spec: dict[str, Any], catalog: str, status_file: Path, engine_args: list[str]) -> list[str]:
     """The child process command line for a validated job spec."""
     command = [sys.executable, "-m", "featstore.cli", "extract", "--catalog", catalog, "--no-progress",
-               "--status-file", str(status_file), "--lock-wait", "86400"]
+               "--status-file", str(status_file), "--lock-wait", "86400", *engine_args]
     options = {"model": "--model", "corpus": "--corpus", "corpus_format": "--corpus-format", "split": "--split",
                "words_column": "--words-column", "text_column": "--text-column", "label_column": "--label-column",
                "task": "--task", "dtype": "--dtype", "compute_dtype": "--compute-dtype", "backend": "--backend",
@@ -220,12 +220,14 @@ def extract_command(spec: dict[str, Any], catalog: str, status_file: Path) -> li
 
 
 class Worker(threading.Thread):
-    """Runs queued jobs one at a time, each in a child process; `device` pins a GPU (None: CPU)."""
+    """Runs queued jobs one at a time, each in a child process; `device` pins a GPU (None: CPU or Ray, whose
+    actors take the cluster's GPUs)."""
 
-    def __init__(self, queue: JobQueue, catalog: str, state_dir: Path, device: int | None,
-                 stop: threading.Event) -> None:
+    def __init__(self, queue: JobQueue, catalog: str, state_dir: Path, device: int | None, stop: threading.Event,
+                 engine_args: list[str] | None = None) -> None:
         super().__init__(name=f"featstore-worker-{'cpu' if device is None else device}", daemon=True)
         self.queue, self.catalog, self.state_dir, self.device, self.stop = queue, catalog, state_dir, device, stop
+        self.engine_args = engine_args or []
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -249,7 +251,8 @@ class Worker(threading.Thread):
             env["CUDA_VISIBLE_DEVICES"] = str(self.device)
         logger.info("job %s: starting on %s", job.id, "cpu" if self.device is None else f"cuda:{self.device}")
         with log_path.open("ab") as log:
-            child = subprocess.Popen(extract_command(job.spec, self.catalog, status_file), env=env, stdout=log,
+            command = extract_command(job.spec, self.catalog, status_file, self.engine_args)
+            child = subprocess.Popen(command, env=env, stdout=log,
                                      stderr=subprocess.STDOUT, cwd=self.state_dir)
             while child.poll() is None:
                 self._report(job.id, status_file)

@@ -43,8 +43,10 @@ class ServiceConfig:
     corpus_roots: list[str] = field(default_factory=list)
     model_roots: list[str] = field(default_factory=list)
     token: str | None = None
-    workers: int | None = None  # default: one per GPU, one on CPU
+    workers: int | None = None  # default: one per GPU, one on CPU; with Ray: one (the cluster runs the job)
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    engine: str = "local"  # "ray": each job runs on Ray actors (a local instance, or the cluster at ray_address)
+    ray_address: str | None = None
 
 
 class JobRequest(BaseModel):
@@ -171,14 +173,16 @@ def create_app(config: ServiceConfig) -> FastAPI:
             logger.info("job %s was interrupted by a restart; queued again (its store resumes)", job_id)
         count = config.workers
         devices: list[int | None]
-        if count is None:
+        engine_args = (["--engine", "ray"] + (["--ray-address", config.ray_address] if config.ray_address else [])
+                       if config.engine == "ray" else [])
+        if count is None and not engine_args:
             import torch
 
             devices = list(range(torch.cuda.device_count())) or [None]
         else:
-            devices = [None] * count
+            devices = [None] * (count or 1)
         for device in devices:
-            workers.append(Worker(queue, config.catalog, state_dir, device, stop))
+            workers.append(Worker(queue, config.catalog, state_dir, device, stop, engine_args))
             workers[-1].start()
 
     def stop_workers() -> None:
@@ -210,17 +214,12 @@ def create_app(config: ServiceConfig) -> FastAPI:
     @app.middleware("http")
     async def limit_request_size(request: Request, call_next):
         declared = request.headers.get("content-length")
+        if declared is None and request.method == "POST" and request.url.path == "/v1/jobs":
+            return JSONResponse({"detail": "send a Content-Length header (chunked bodies are not accepted)"},
+                                status_code=status.HTTP_411_LENGTH_REQUIRED)
         if declared is not None and (not declared.isdigit() or int(declared) > config.max_request_bytes):
             return JSONResponse({"detail": f"request body larger than {config.max_request_bytes} bytes"},
                                 status_code=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE)
-        if declared is None and request.method in ("POST", "PUT", "PATCH"):
-            body = b""
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > config.max_request_bytes:
-                    return JSONResponse({"detail": f"request body larger than {config.max_request_bytes} bytes"},
-                                        status_code=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE)
-            request._body = body  # already consumed: hand the bytes on
         return await call_next(request)
 
     def view(job: Any, coalesced: bool = False) -> JobView:
@@ -274,7 +273,8 @@ def serve(config: ServiceConfig, host: str, port: int) -> None:
         raise FeatstoreError(f"refusing to listen on {host} without a bearer token: set {TOKEN_ENV} or pass "
                              "--token-file (or listen on 127.0.0.1)")
     if not config.corpus_roots:
-        raise FeatstoreError("give at least one --corpus-root: the directories requests may read corpora from")
+        config.corpus_roots = [os.getcwd()]
+        logger.info("no --corpus-root given: requests may read corpora under %s only", config.corpus_roots[0])
     logger.info("featstore service on http://%s:%d, catalog %s, state %s", host, port, config.catalog,
                 config.state_dir)
     uvicorn.run(create_app(config), host=host, port=port, log_level="warning")

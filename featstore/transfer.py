@@ -58,7 +58,7 @@ def copy_store(source: str | Path | Location, destination: str | Path | Location
 
 def _destination(src: Location, destination: str, storage_options: dict[str, Any] | None) -> Location:
     dst = resolve(destination, storage_options)
-    into = destination.endswith("/") or (dst.isdir() and detect_backend(dst) is None and dst.fs.ls(dst.path))
+    into = destination.endswith("/") or (dst.isdir() and detect_backend(dst) is None)
     return dst.child(src.name) if into else dst
 
 

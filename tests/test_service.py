@@ -138,8 +138,8 @@ def test_coalesce_cancel_and_concurrent_status_load(service, minilm_path):
         codes = list(pool.map(lambda _: service.request("GET", f"/v1/jobs/{first['id']}")[0], range(200)))
     assert codes == [200] * 200
 
-    code, cancelled = service.request("POST", f"/v1/jobs/{first['id']}/cancel")
-    assert code == 200
+    code, cancelling = service.request("POST", f"/v1/jobs/{first['id']}/cancel")
+    assert code == 200 and cancelling["id"] == first["id"]
     final = service.wait(first["id"])
     assert final["status"] == "cancelled"
     with pytest.raises(FeatstoreError, match="incomplete"):

@@ -11,17 +11,17 @@ and of the adapter.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchargs import parse_bench_args
 
 from featstore import ExtractConfig, extract, open_store
 from featstore.corpus import CorpusSpec
@@ -44,15 +44,8 @@ def train_epoch(path: str, head: dict, out: Path) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--corpus", required=True)
-    parser.add_argument("--workdir", default=None)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args()
+    args, workdir = parse_bench_args(__doc__, "bench-remote-")
     logging.basicConfig(level=logging.WARNING)
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-remote-"))
-    workdir.mkdir(parents=True, exist_ok=True)
 
     server = SeaweedServer(workdir / "seaweedfs").start()
     os.environ.update(server.env(ADMIN))
