@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from featstore.distributed import plan_shares
 from featstore.encoder import FrozenEncoder
 from featstore.extract import StoragePlan
 from tests.conftest import _random_sentences, write_conll
+from tests.test_service import Service, corpus_file
 
 
 def test_shares_cover_every_row_once_on_block_boundaries(tiny_models, conll_corpus):
@@ -68,3 +70,18 @@ def test_ray_extraction_equals_single_process_even_when_an_actor_dies(minilm_pat
     with open_store(single) as expected, open_store(str(out)) as actual:
         assert actual.fingerprint == expected.fingerprint
         assert np.array_equal(actual.backend.read("hidden_states"), expected.backend.read("hidden_states"))
+
+
+@pytest.mark.slow
+def test_the_service_runs_jobs_on_ray(tmp_path, tiny_models):
+    pytest.importorskip("ray")
+    service = Service(tmp_path, str(Path(tiny_models["bert"]).parent), extra_args=("--engine", "ray")).start()
+    try:
+        corpus = corpus_file(service, "c.conll", 300, seed=12)
+        job = service.wait(service.submit(corpus=corpus, model=tiny_models["bert"])["id"])
+        assert job["status"] == "succeeded", job
+        assert verify_store(job["store"]) == []
+        log = (tmp_path / "state" / "logs" / f"{job['id']}.log").read_text()
+        assert "ray: " in log and "CPU actors" in log
+    finally:
+        service.stop()

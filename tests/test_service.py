@@ -26,8 +26,8 @@ FINISHED = ("succeeded", "failed", "cancelled")
 
 
 class Service:
-    def __init__(self, root: Path, model_root: str, workers: int = 1) -> None:
-        self.root, self.model_root, self.workers = root, model_root, workers
+    def __init__(self, root: Path, model_root: str, workers: int = 1, extra_args: tuple[str, ...] = ()) -> None:
+        self.root, self.model_root, self.workers, self.extra_args = root, model_root, workers, extra_args
         self.catalog, self.corpora = root / "catalog", root / "corpora"
         self.corpora.mkdir(parents=True, exist_ok=True)
         (root / "token").write_text(TOKEN)
@@ -41,7 +41,7 @@ class Service:
         command = [sys.executable, "-m", "featstore.cli", "serve", "--catalog", str(self.catalog), "--port",
                    str(self.port), "--corpus-root", str(self.corpora), "--model-root", self.model_root,
                    "--state-dir", str(self.root / "state"), "--token-file", str(self.root / "token"),
-                   "--workers", str(self.workers), "--max-request-bytes", "4096"]
+                   "--workers", str(self.workers), "--max-request-bytes", "4096", *self.extra_args]
         self.log = (self.root / "service.log").open("ab")
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
                                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -100,13 +100,13 @@ def service(tmp_path, tiny_models):
     running.stop()
 
 
-def _corpus(service: Service, name: str, sentences: int, seed: int) -> str:
+def corpus_file(service: Service, name: str, sentences: int, seed: int) -> str:
     write_conll(service.corpora / name, _random_sentences(sentences, seed=seed))
     return name
 
 
 def test_submit_extract_reuse_and_list(service, tiny_models):
-    corpus = _corpus(service, "small.conll", 40, seed=1)
+    corpus = corpus_file(service, "small.conll", 40, seed=1)
     job = service.submit(corpus=corpus, model=tiny_models["bert"], layers=[0, -1])
     assert job["status"] in ("queued", "running") and not job["coalesced"]
     done = service.wait(job["id"])
@@ -126,7 +126,7 @@ def test_submit_extract_reuse_and_list(service, tiny_models):
 
 
 def test_coalesce_cancel_and_concurrent_status_load(service, minilm_path):
-    corpus = _corpus(service, "big.conll", 6000, seed=2)
+    corpus = corpus_file(service, "big.conll", 6000, seed=2)
     first = service.submit(corpus=corpus, max_batch_tokens=256)
     twin = service.submit(corpus=corpus, max_batch_tokens=256)
     assert twin["coalesced"] and twin["id"] == first["id"]
@@ -150,8 +150,8 @@ def test_coalesce_cancel_and_concurrent_status_load(service, minilm_path):
 
 def test_queued_jobs_survive_a_crash_and_the_interrupted_job_resumes(tmp_path, tiny_models, minilm_path):
     service = Service(tmp_path, str(Path(tiny_models["bert"]).parent)).start()
-    big = service.submit(corpus=_corpus(service, "big.conll", 6000, seed=3), max_batch_tokens=256)
-    small = service.submit(corpus=_corpus(service, "small.conll", 30, seed=4), model=tiny_models["bert"])
+    big = service.submit(corpus=corpus_file(service, "big.conll", 6000, seed=3), max_batch_tokens=256)
+    small = service.submit(corpus=corpus_file(service, "small.conll", 30, seed=4), model=tiny_models["bert"])
     service.wait(big["id"], until=lambda job: (job["progress"] or {}).get("sequences_done", 0) > 1000)
     assert service.request("GET", f"/v1/jobs/{small['id']}")[1]["status"] == "queued"
     service.stop(crash=True)
@@ -168,7 +168,7 @@ def test_queued_jobs_survive_a_crash_and_the_interrupted_job_resumes(tmp_path, t
 
 
 def test_authentication_confinement_and_validation(service, tiny_models, tmp_path):
-    corpus = _corpus(service, "c.conll", 5, seed=5)
+    corpus = corpus_file(service, "c.conll", 5, seed=5)
     assert service.request("GET", "/v1/jobs", token=None)[0] == 401
     assert service.request("GET", "/v1/jobs", token="wrong")[0] == 401
     assert service.request("POST", "/v1/jobs", {"corpus": corpus}, token=None)[0] == 401
@@ -204,7 +204,7 @@ def test_authentication_confinement_and_validation(service, tiny_models, tmp_pat
 def test_the_client_commands(service, tiny_models, capsys):
     from featstore.cli import main
 
-    corpus = _corpus(service, "c.conll", 10, seed=6)
+    corpus = corpus_file(service, "c.conll", 10, seed=6)
     server = ["--server", f"http://127.0.0.1:{service.port}", "--token", TOKEN]
     assert main(["submit", *server, "--corpus", corpus, "--model", tiny_models["bert"], "--follow"]) == 0
     job = json.loads(capsys.readouterr().out)
