@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import threading
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -190,8 +191,6 @@ def create_app(config: ServiceConfig) -> FastAPI:
         for worker in workers:
             worker.join()
         queue.close()
-
-    from contextlib import asynccontextmanager
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
