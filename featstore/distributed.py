@@ -27,6 +27,7 @@ from . import format as fmt
 from .backends import StoreBackend, open_backend
 from .encoder import FrozenEncoder, TokenizedSequence
 from .errors import FeatstoreError
+from .integrity import block_digests
 from .lease import Lease
 from .location import resolve
 
@@ -67,8 +68,18 @@ class ShareWriter:
                                  "hash); every node needs the same model files")
 
     def write(self, store: str, storage_options: dict[str, Any], share: Share, layers: list[int],
-              block_tokens: int, max_batch_tokens: int) -> int:
+              block_tokens: int, max_batch_tokens: int, total_rows: int) -> tuple[int, dict[int, str]]:
+        """Write the share; returns its row count and the digests of the blocks it wrote whole."""
         backend = open_backend(resolve(store, storage_options), "r+")
+        digests: dict[int, str] = {}
+        storage_dtype = backend.dtype(fmt.HIDDEN_STATES)
+
+        def flush(position: int, rows: np.ndarray) -> int:
+            rows = np.asarray(rows, dtype=storage_dtype)
+            backend.write(fmt.HIDDEN_STATES, position, rows)
+            digests.update(block_digests(position, rows, block_tokens, total_rows))
+            return position + len(rows)
+
         try:
             pending: list[np.ndarray] = []
             position = share.start  # first row not yet written
@@ -79,19 +90,16 @@ class ShareWriter:
                 buffered = sum(len(part) for part in pending)
                 aligned = (position + buffered) // block_tokens * block_tokens
                 if aligned > position:  # whole blocks only, so no shard is written twice in one pass
-                    data = np.concatenate(pending)
-                    backend.write(fmt.HIDDEN_STATES, position, data[: aligned - position])
-                    pending = [data[aligned - position:]]
-                    position = aligned
+                    data, count = np.concatenate(pending), aligned - position
+                    position = flush(position, data[:count])
+                    pending = [data[count:]]
             if pending and sum(len(part) for part in pending):
-                data = np.concatenate(pending)
-                backend.write(fmt.HIDDEN_STATES, position, data)
-                position += len(data)
+                position = flush(position, np.concatenate(pending))
         finally:
             backend.close()
         if position != share.stop:
             raise FeatstoreError(f"share {share.index} wrote rows up to {position}, expected {share.stop}")
-        return share.stop - share.start
+        return share.stop - share.start, digests
 
 
 def plan_shares(token_offsets: np.ndarray, batches: list[range], start_sequence: int, block_tokens: int,
@@ -112,8 +120,9 @@ def plan_shares(token_offsets: np.ndarray, batches: list[range], start_sequence:
 
 def fill_with_ray(backend: StoreBackend, encoder: FrozenEncoder, token_offsets: np.ndarray, batches: list[range],
                   sequences: list[TokenizedSequence], layers: list[int], config: Any, lease: Lease,
-                  report: Callable[[str, int], None]) -> None:
-    """Write every hidden state from the committed progress on with Ray actors, then record progress."""
+                  report: Callable[[str, int], None]) -> dict[int, str]:
+    """Write every hidden state from the committed progress on with Ray actors, then record progress; returns
+    the digests of the blocks written whole."""
     try:
         import ray
     except ImportError:
@@ -133,23 +142,27 @@ def fill_with_ray(backend: StoreBackend, encoder: FrozenEncoder, token_offsets: 
     actors = [actor_class.remote(spec) for _ in range(count)]
     shares = plan_shares(token_offsets, batches, start, block_tokens, count * SHARES_PER_WORKER, sequences)
     logger.info("ray: %d shares of %s over %d %s actors", len(shares), backend.path, count, device.upper())
+    total_rows = int(token_offsets[-1])
+    arguments = (layers, block_tokens, config.max_batch_tokens, total_rows)
     pending = {actors[share.index % count].write.remote(backend.path, backend.location.storage_options, share,
-                                                        layers, block_tokens, config.max_batch_tokens): share
-               for share in shares}
-    written = 0
+                                                        *arguments): share for share in shares}
+    written, digests = 0, {}
     try:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             share = pending.pop(done[0])
             try:
-                written += ray.get(done[0])
+                rows, share_digests = ray.get(done[0])
             except ray.exceptions.RayError as error:
                 raise FeatstoreError(f"share {share.index} (rows {share.start}..{share.stop}) failed after "
                                      f"{ACTOR_RESTARTS} retries: {error}") from None
+            written += rows
+            digests.update(share_digests)
             lease.check()
             report("extracting", int(np.searchsorted(token_offsets, int(token_offsets[start]) + written)))
             logger.debug("ray: share %d (rows %d..%d) written", share.index, share.start, share.stop)
     finally:
         for actor in actors:
             ray.kill(actor)
-    backend.write(fmt.PROGRESS, 0, np.array([len(sequences), int(token_offsets[-1])], dtype=np.int64))
+    backend.write(fmt.PROGRESS, 0, np.array([len(sequences), total_rows], dtype=np.int64))
+    return digests

@@ -30,7 +30,7 @@ from .catalog import Catalog
 from .corpus import TOKEN_CLASSIFICATION, Corpus, CorpusSpec, load_corpus
 from .encoder import FrozenEncoder, TokenizedSequence, default_stride, numpy_storage_dtype
 from .errors import FeatstoreError
-from .integrity import compute_checksums
+from .integrity import block_digests, compute_checksums
 from .lease import DEFAULT_TTL_SECONDS, Lease
 from .location import Location, resolve
 from .windows import WINDOW_RULE
@@ -152,11 +152,11 @@ def extract(config: ExtractConfig) -> ExtractResult:
                 from .distributed import fill_with_ray
 
                 batches = list(plan.batches(result.resumed_from, config.max_batch_tokens))
-                fill_with_ray(backend, encoder, plan.token_offsets, batches, plan.sequences, layers, config, lease,
-                              report)
+                digests = fill_with_ray(backend, encoder, plan.token_offsets, batches, plan.sequences, layers,
+                                        config, lease, report)
             else:
-                _fill_hidden_states(backend, encoder, plan, layers, config, lease, report)
-            _finalize(backend, lease)
+                digests = _fill_hidden_states(backend, encoder, plan, layers, config, lease, report)
+            _finalize(backend, lease, digests)
             result.encode_seconds = time.perf_counter() - started
             report("complete", len(plan.sequences))
         finally:
@@ -368,7 +368,9 @@ class BlockWriter:
     """Appends batches of hidden states in storage order; writes whole blocks, then commits.
 
     Progress records the last batch boundary that lies inside the written blocks, so a
-    resumed run starts at a batch boundary and recomputes exactly the same batches.
+    resumed run starts at a batch boundary and recomputes exactly the same batches. The
+    digest of every block written whole is taken from the data in memory, so finalize only
+    reads back blocks an earlier (interrupted) run wrote.
     """
 
     def __init__(self, backend: StoreBackend, token_offsets: np.ndarray, block_tokens: int,
@@ -376,6 +378,8 @@ class BlockWriter:
         self.backend = backend
         self.token_offsets = token_offsets
         self.block_tokens = block_tokens
+        self.storage_dtype = backend.dtype(fmt.HIDDEN_STATES)
+        self.digests: dict[int, str] = {}
         self.write_position = int(token_offsets[start_sequence])
         self.committed_sequences = start_sequence
         self.pending: list[np.ndarray] = []
@@ -398,7 +402,9 @@ class BlockWriter:
 
     def _write(self, count: int) -> None:
         data = np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0]
-        self.backend.write(fmt.HIDDEN_STATES, self.write_position, data[:count])
+        rows = np.asarray(data[:count], dtype=self.storage_dtype)
+        self.backend.write(fmt.HIDDEN_STATES, self.write_position, rows)
+        self.digests.update(block_digests(self.write_position, rows, self.block_tokens, int(self.token_offsets[-1])))
         rest = data[count:]
         self.pending = [rest] if len(rest) else []
         self.pending_tokens = len(rest)
@@ -464,7 +470,8 @@ def _to_host(hidden: torch.Tensor) -> tuple[torch.Tensor, Any]:
 
 
 def _fill_hidden_states(backend: StoreBackend, encoder: FrozenEncoder, plan: StoragePlan, layers: list[int],
-                        config: ExtractConfig, lease: Lease, report: Callable[[str, int], None]) -> None:
+                        config: ExtractConfig, lease: Lease, report: Callable[[str, int], None]) -> dict[int, str]:
+    """Encode and write from the committed progress on; returns the digests of the blocks written whole."""
     attrs = backend.get_attrs()
     start = int(backend.read(fmt.PROGRESS)[0])
     writer = BackgroundWriter(BlockWriter(backend, plan.token_offsets, attrs["layout"]["block_tokens"], start))
@@ -484,9 +491,10 @@ def _fill_hidden_states(backend: StoreBackend, encoder: FrozenEncoder, plan: Sto
     finally:
         bar.close()
         writer.close()
+    return writer.writer.digests
 
 
-def _finalize(backend: StoreBackend, lease: Lease) -> None:
+def _finalize(backend: StoreBackend, lease: Lease, hidden_digests: dict[int, str]) -> None:
     """Record checksums and mark complete, only after checking that everything was committed."""
     attrs = backend.get_attrs()
     progress = backend.read(fmt.PROGRESS)
@@ -494,7 +502,8 @@ def _finalize(backend: StoreBackend, lease: Lease) -> None:
     if int(progress[0]) != counts["num_sequences"] or int(progress[1]) != counts["num_tokens"]:
         raise FeatstoreError(f"internal error: finalize found progress {progress.tolist()} for "
                              f"{counts['num_sequences']} sequences / {counts['num_tokens']} tokens")
-    attrs["integrity"] = compute_checksums(backend, attrs["layout"]["block_tokens"])
+    attrs["integrity"] = compute_checksums(backend, attrs["layout"]["block_tokens"],
+                                           {fmt.HIDDEN_STATES: hidden_digests})
     attrs["status"] = fmt.STATUS_COMPLETE
     attrs["extraction"]["completed_at"] = _now()
     lease.check()

@@ -26,19 +26,42 @@ def _blocks(backend: StoreBackend, name: str, block_rows: int) -> Iterator[tuple
         yield index, start, min(start + block_rows, rows)
 
 
+def digest_rows(rows: np.ndarray) -> str:
+    """The digest of a block: sha256 of its rows' bytes in C order, little-endian."""
+    data = np.ascontiguousarray(rows, dtype=rows.dtype.newbyteorder("<"))
+    return hashlib.sha256(memoryview(data).cast("B")).hexdigest()
+
+
 def _digest(backend: StoreBackend, name: str, start: int, stop: int) -> str:
-    data = np.ascontiguousarray(backend.read(name, start, stop))
-    return hashlib.sha256(memoryview(data.astype(data.dtype.newbyteorder("<"), copy=False)).cast("B")).hexdigest()
+    return digest_rows(backend.read(name, start, stop))
 
 
-def compute_checksums(backend: StoreBackend, block_rows: int) -> dict[str, Any]:
-    """The `integrity` attribute for the store's current content."""
+def block_digests(start: int, rows: np.ndarray, block_rows: int, total_rows: int) -> dict[int, str]:
+    """Digests of the blocks that rows start..start+len(rows) cover completely (the writer's in-memory data)."""
+    digests, stop = {}, start + len(rows)
+    for block in range(-(-start // block_rows), -(-total_rows // block_rows)):
+        first, last = block * block_rows, min((block + 1) * block_rows, total_rows)
+        if last > stop:
+            break
+        digests[block] = digest_rows(rows[first - start: last - start])
+    return digests
+
+
+def compute_checksums(backend: StoreBackend, block_rows: int, known: dict[str, dict[int, str]] | None = None
+                      ) -> dict[str, Any]:
+    """The `integrity` attribute for the store's content. `known` digests (computed by the writers from the
+    data they wrote) are used as they are; every other block is read back and hashed."""
+    known = known or {}
     arrays: dict[str, list[str]] = {}
     # Two reads in flight: hashing one block (hashlib releases the GIL) overlaps reading the next.
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="featstore-checksum") as pool:
         for name in backend.array_names():
-            blocks = list(_blocks(backend, name, block_rows))
-            arrays[name] = list(pool.map(lambda block, name=name: _digest(backend, name, *block[1:]), blocks))
+            given = known.get(name, {})
+
+            def digest(block: tuple[int, int, int], name: str = name, given: dict[int, str] = given) -> str:
+                return given[block[0]] if block[0] in given else _digest(backend, name, *block[1:])
+
+            arrays[name] = list(pool.map(digest, _blocks(backend, name, block_rows)))
     return {"algorithm": ALGORITHM, "block_rows": block_rows, "arrays": arrays}
 
 
