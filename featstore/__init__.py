@@ -2,7 +2,7 @@
 
 import logging
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .catalog import Catalog
 from .corpus import Corpus, CorpusSpec, Example, load_corpus
