@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from . import format as fmt
-from .backends import open_backend
+from .backends import read_attrs
 from .errors import FeatstoreError
-from .lease import LEASE_SUFFIX, LeaseInfo, read_lease
+from .lease import LEASE_SUFFIX, LeaseInfo, lock_location, read_lease
 from .location import Location, resolve
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ class CatalogEntry:
     """A store under the root (or something that was meant to become one)."""
 
     location: Location
-    kind: str  # "zarr" | "hdf5" | "partial-copy"
+    kind: str  # "zarr" | "hdf5" | "partial-copy" | "lock-only"
     attrs: dict[str, Any] | None
     lease: LeaseInfo | None
     size_bytes: int
@@ -116,11 +116,7 @@ class Catalog:
         except OSError:
             size = 0
         try:
-            backend = open_backend(location, "r")
-            try:
-                attrs = backend.get_attrs()
-            finally:
-                backend.close()
+            attrs = read_attrs(location)
         except Exception as error:  # a damaged store is listed, not fatal to the listing
             return CatalogEntry(location, kind, None, lease, size, f"{type(error).__name__}: {error}")
         if attrs.get("format") != fmt.FORMAT_NAME:
@@ -169,7 +165,7 @@ class Catalog:
         """Delete an entry and its lease."""
         if entry.kind != "lock-only" and entry.location.exists():
             entry.location.remove(recursive=True)
-        lock = entry.location.sibling(LEASE_SUFFIX)
+        lock = lock_location(entry.location)
         if lock.exists():
             lock.remove()
 

@@ -218,12 +218,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "info":
         if args.json:
-            from .backends import open_backend
+            from .backends import read_attrs
             from .location import resolve
 
-            backend = open_backend(resolve(args.store, args.storage_options))
-            print(json.dumps(backend.get_attrs(), indent=2))
-            backend.close()
+            print(json.dumps(read_attrs(resolve(args.store, args.storage_options)), indent=2))
         else:
             print(describe_store(args.store, args.storage_options))
         return 0

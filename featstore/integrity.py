@@ -9,7 +9,7 @@ whatever the backend does underneath, and names which block is wrong.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -65,8 +65,10 @@ def compute_checksums(backend: StoreBackend, block_rows: int, known: dict[str, d
     return {"algorithm": ALGORITHM, "block_rows": block_rows, "arrays": arrays}
 
 
-def checksum_problems(backend: StoreBackend, integrity: dict[str, Any]) -> list[str]:
-    """One message per block whose content does not match the recorded digest (or cannot be read)."""
+def checksum_problems(backend: StoreBackend, integrity: dict[str, Any],
+                      inspect: Callable[[str, int, int, np.ndarray], None] | None = None) -> list[str]:
+    """One message per block whose content does not match the recorded digest (or cannot be read).
+    `inspect(name, start, stop, rows)` sees every block read, so callers check content in the same pass."""
     if integrity.get("algorithm") != ALGORITHM:
         return [f"unknown checksum algorithm {integrity.get('algorithm')!r}"]
     problems = []
@@ -82,11 +84,13 @@ def checksum_problems(backend: StoreBackend, integrity: dict[str, Any]) -> list[
         for (index, start, stop), expected in zip(blocks, recorded[name]):
             where = _where(backend, name, index, start, stop)
             try:
-                actual = _digest(backend, name, start, stop)
+                rows = backend.read(name, start, stop)
             except Exception as error:  # a damaged object: report which, keep checking the rest
                 problems.append(f"{where} cannot be read: {type(error).__name__}: {error}")
                 continue
-            if actual != expected:
+            if inspect is not None:
+                inspect(name, start, stop, rows)
+            if digest_rows(rows) != expected:
                 problems.append(f"{where} does not match its checksum (corrupted)")
     return problems
 

@@ -63,21 +63,20 @@ class Location:
             raise FeatstoreError(f"{self.url} is not a local path")
         return Path(self.path)
 
-    def child(self, *parts: str) -> Location:
-        path = posixpath.join(self.path.rstrip("/"), *parts)
+    def _at(self, path: str) -> Location:
+        """Another location on the same filesystem."""
         url = str(Path(path)) if self.is_local else f"{self.protocol}://{path}"
         return Location(url, self.fs, path, self.storage_options)
+
+    def child(self, *parts: str) -> Location:
+        return self._at(posixpath.join(self.path.rstrip("/"), *parts))
 
     def sibling(self, suffix: str) -> Location:
         """The location with `suffix` appended to its name (lock files, partial copies)."""
-        path = self.path.rstrip("/") + suffix
-        url = str(Path(path)) if self.is_local else f"{self.protocol}://{path}"
-        return Location(url, self.fs, path, self.storage_options)
+        return self._at(self.path.rstrip("/") + suffix)
 
     def parent(self) -> Location:
-        path = posixpath.dirname(self.path.rstrip("/"))
-        url = str(Path(path)) if self.is_local else f"{self.protocol}://{path}"
-        return Location(url, self.fs, path, self.storage_options)
+        return self._at(posixpath.dirname(self.path.rstrip("/")))
 
     def exists(self) -> bool:
         return bool(self.fs.exists(self.path))

@@ -149,10 +149,7 @@ class Store:
         return compact_columns(columns)
 
     def decode(self, raw: np.ndarray) -> np.ndarray:
-        """Stored values as numpy floats: float16/float32 as stored, bfloat16 widened to float32."""
-        if self.storage_dtype == "bfloat16":
-            return (raw.astype(np.uint32) << 16).view(np.float32)
-        return raw
+        return decode_hidden(raw, self.storage_dtype)
 
     # --- random access --------------------------------------------------------------------------------
     def sequence(self, row: int, layers: Sequence[int] | None = None, pooling: str | None = None
@@ -239,6 +236,13 @@ class Store:
 
     def torch_dataset(self, layers: Sequence[int] | None = None, pooling: str | None = None) -> FeatureDataset:
         return FeatureDataset(self, layers, pooling)
+
+
+def decode_hidden(raw: np.ndarray, storage_dtype: str) -> np.ndarray:
+    """Stored hidden states as numpy floats: float16/float32 as stored, bfloat16 widened to float32."""
+    if storage_dtype == "bfloat16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw
 
 
 def compact_columns(columns: list[int]) -> slice | list[int]:

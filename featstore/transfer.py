@@ -19,7 +19,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from . import format as fmt
-from .backends import detect_backend, open_backend
+from .backends import detect_backend, read_attrs
 from .catalog import PARTIAL_SUFFIX
 from .errors import FeatstoreError
 from .lease import Lease
@@ -63,11 +63,7 @@ def _destination(src: Location, destination: str, storage_options: dict[str, Any
 
 
 def _fingerprint_and_status(location: Location) -> tuple[str | None, str | None]:
-    backend = open_backend(location, "r")
-    try:
-        attrs = backend.get_attrs()
-    finally:
-        backend.close()
+    attrs = read_attrs(location)
     return attrs.get("fingerprint"), attrs.get("status")
 
 

@@ -13,7 +13,7 @@ from .errors import FeatstoreError
 from .integrity import checksum_problems
 from .lease import read_lease
 from .location import Location, resolve
-from .reader import Store
+from .reader import Store, decode_hidden
 
 REQUIRED_ARRAYS = (fmt.HIDDEN_STATES, fmt.INPUT_IDS, fmt.WORD_IDS, fmt.TOKEN_WINDOW, fmt.TOKEN_OFFSETS,
                    fmt.WORD_OFFSETS, fmt.SEQUENCE_INDEX, fmt.PROGRESS)
@@ -72,9 +72,20 @@ def _problems(backend: StoreBackend, deep: bool, expect_complete: bool) -> list[
             problems.append(f"array {name} has shape {backend.shape(name)}, expected {shape}")
     if problems:
         return problems
-    if deep and "integrity" in attrs:
-        # First: the most specific finding (which block is damaged) before what the damage breaks.
-        problems += checksum_problems(backend, attrs["integrity"])
+    checksummed = deep and "integrity" in attrs
+    nonfinite: list[str] = []
+    if checksummed:
+        storage_dtype = attrs["extraction"]["storage_dtype"]
+
+        def check_finite(name: str, start: int, stop: int, rows: np.ndarray) -> None:
+            if name != fmt.HIDDEN_STATES or nonfinite:
+                return
+            if not np.isfinite(decode_hidden(rows, storage_dtype)).all():
+                nonfinite.append(f"hidden_states tokens {start}..{stop} hold NaN or infinite values")
+
+        # First: the most specific finding (which block is damaged) before what the damage breaks. The finiteness
+        # check rides on the same read of every block.
+        problems += checksum_problems(backend, attrs["integrity"], inspect=check_finite)
 
     token_offsets, word_offsets = backend.read(fmt.TOKEN_OFFSETS), backend.read(fmt.WORD_OFFSETS)
     if token_offsets[0] != 0 or token_offsets[-1] != n_tok or np.any(np.diff(token_offsets) <= 0):
@@ -98,7 +109,7 @@ def _problems(backend: StoreBackend, deep: bool, expect_complete: bool) -> list[
         problems.append(f"hidden_states hold {stored} bytes in storage, fewer than the {minimum} they need "
                         "(truncated or missing data)")
     if deep and not problems:
-        problems += _scan_hidden_states(backend)
+        problems += nonfinite if checksummed else _scan_hidden_states(backend)
     return list(dict.fromkeys(problems))
 
 

@@ -4,9 +4,11 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 from featstore import ExtractConfig, FeatstoreError, extract, open_store, verify_store
+from featstore import format as fmt
 from featstore.backends import open_backend
 from featstore.cli import main
 from featstore.corpus import CorpusSpec
@@ -111,3 +113,21 @@ def test_info_summarises_a_store(capsys, tiny_models, conll_corpus, tmp_path):
 def test_info_on_something_that_is_not_a_store(capsys, tmp_path):
     code, err = _run(capsys, "info", str(tmp_path))
     assert code == 2 and "not a featstore store" in err
+
+
+@pytest.mark.parametrize("name,backend", [("s.zarr", "zarr"), ("s.h5", "hdf5")])
+def test_verify_reports_non_finite_hidden_states_even_when_checksummed(tiny_models, conll_corpus, tmp_path, name,
+                                                                        backend):
+    """A NaN the encoder produced is recorded in the checksums; verify must still flag it."""
+    from featstore.integrity import compute_checksums
+
+    out = extract(ExtractConfig(out=str(tmp_path / name), model=tiny_models["bert"], backend=backend,
+                                block_tokens=64, corpus=CorpusSpec(str(conll_corpus)), progress=False)).path
+    store = open_backend(out, "r+")
+    rows = store.read(fmt.HIDDEN_STATES, 70, 71)
+    rows[0, 0, 0] = np.nan
+    store.write(fmt.HIDDEN_STATES, 70, rows)
+    attrs = store.get_attrs()
+    store.set_attrs({**attrs, "integrity": compute_checksums(store, attrs["layout"]["block_tokens"])})
+    store.close()
+    assert verify_store(out) == ["hidden_states tokens 64..128 hold NaN or infinite values"]

@@ -37,4 +37,14 @@ def open_backend(location: str | Path | Location, mode: str = "r") -> StoreBacke
     return BACKENDS[backend].open(location, mode)
 
 
-__all__ = ["BACKENDS", "ArraySpec", "HDF5Backend", "StoreBackend", "ZarrBackend", "detect_backend", "open_backend"]
+def read_attrs(location: str | Path | Location) -> dict:
+    """A store's featstore attributes, without keeping it open."""
+    backend = open_backend(location, "r")
+    try:
+        return backend.get_attrs()
+    finally:
+        backend.close()
+
+
+__all__ = ["BACKENDS", "ArraySpec", "HDF5Backend", "StoreBackend", "ZarrBackend", "detect_backend", "open_backend",
+           "read_attrs"]
