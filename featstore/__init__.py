@@ -4,14 +4,14 @@ import logging
 
 __version__ = "0.2.0"
 
-from .catalog import Catalog
-from .corpus import Corpus, CorpusSpec, Example, load_corpus
-from .encoder import FrozenEncoder
 from .errors import FeatstoreError
-from .extract import ExtractConfig, ExtractResult, extract
-from .reader import FeatureDataset, Store, collate_features, open_store
-from .transfer import copy_store
-from .verify import verify_store
+from .extraction.corpus import Corpus, CorpusSpec, Example, load_corpus
+from .extraction.encoder import FrozenEncoder
+from .extraction.extract import ExtractConfig, ExtractResult, extract
+from .sharing.catalog import Catalog
+from .sharing.transfer import copy_store
+from .store.reader import FeatureDataset, Store, collate_features, open_store
+from .store.verify import verify_store
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

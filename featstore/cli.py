@@ -10,10 +10,10 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 
-from .corpus import BUNDLED_CORPUS, TASKS, CorpusSpec
 from .errors import FeatstoreError
-from .extract import DEFAULT_CHUNK_TOKENS, ExtractConfig, extract
-from .jobs import StatusFileWriter
+from .extraction.corpus import BUNDLED_CORPUS, TASKS, CorpusSpec
+from .extraction.extract import DEFAULT_CHUNK_TOKENS, ExtractConfig, extract
+from .service.jobs import StatusFileWriter
 
 
 def parse_layers(text: str) -> list[int] | None:
@@ -207,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from .verify import describe_store, verify_store
+    from .store.verify import describe_store, verify_store
 
     args.storage_options = dict(args.storage_options_list)
     if args.command == "extract":
@@ -218,15 +218,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "info":
         if args.json:
-            from .backends import read_attrs
-            from .location import resolve
+            from .sharing.location import resolve
+            from .store.backends import read_attrs
 
             print(json.dumps(read_attrs(resolve(args.store, args.storage_options)), indent=2))
         else:
             print(describe_store(args.store, args.storage_options))
         return 0
     if args.command in ("push", "pull"):
-        from .transfer import copy_store
+        from .sharing.transfer import copy_store
 
         print(copy_store(args.source, args.destination, args.overwrite, args.storage_options,
                          progress=not args.no_progress).url)
@@ -252,7 +252,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _service_command(args: argparse.Namespace) -> int:
     if args.command == "serve":
-        from .service import ServiceConfig, load_token, serve
+        from .service.api import ServiceConfig, load_token, serve
 
         serve(ServiceConfig(catalog=args.catalog, state_dir=args.state_dir, corpus_roots=args.corpus_root,
                             model_roots=args.model_root, token=load_token(args.token_file), workers=args.workers,
@@ -260,7 +260,7 @@ def _service_command(args: argparse.Namespace) -> int:
                             ray_address=args.ray_address),
               args.host, args.port)
         return 0
-    from .client import FINISHED, ServiceClient
+    from .service.client import FINISHED, ServiceClient
 
     client = ServiceClient(args.server, args.token)
     if args.command == "jobs":
@@ -287,7 +287,7 @@ def _service_command(args: argparse.Namespace) -> int:
 
 
 def _catalog_command(args: argparse.Namespace) -> int:
-    from .catalog import Catalog
+    from .sharing.catalog import Catalog
 
     catalog = Catalog(args.root, args.storage_options)
     if args.command == "gc":

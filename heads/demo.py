@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from featstore import ExtractConfig, FrozenEncoder, extract, load_corpus, open_store, verify_store
-from featstore.corpus import BUNDLED_CORPUS, CorpusSpec
-from featstore.verify import describe_store
+from featstore.extraction.corpus import BUNDLED_CORPUS, CorpusSpec
+from featstore.store.verify import describe_store
 
 from .predict import Predictor
 from .trainer import TrainConfig, train

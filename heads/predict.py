@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from featstore import Example, FeatstoreError, FrozenEncoder, collate_features
-from featstore.reader import SequenceFeatures
+from featstore.store.reader import SequenceFeatures
 
 from .config import REGRESSION, TOKEN_CLASSIFICATION
 from .head import Head, check_compatible

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from featstore import FeatstoreError, Store, collate_features, open_store
-from featstore.reader import SequenceFeatures, compact_columns
+from featstore.store.reader import SequenceFeatures, compact_columns
 
 from .config import REGRESSION, SINGLE_LAYER_HEADS, TOKEN_CLASSIFICATION, HeadConfig
 from .head import Head, check_compatible, encoder_identity

@@ -3,7 +3,8 @@ import json
 import datasets
 import pytest
 
-from featstore.corpus import (
+from featstore.errors import FeatstoreError
+from featstore.extraction.corpus import (
     BUNDLED_CORPUS,
     REGRESSION,
     SEQUENCE_CLASSIFICATION,
@@ -11,7 +12,6 @@ from featstore.corpus import (
     CorpusSpec,
     load_corpus,
 )
-from featstore.errors import FeatstoreError
 
 
 def test_conll_file_reads_words_and_tags(tmp_path):

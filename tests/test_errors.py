@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from featstore import ExtractConfig, FeatstoreError, extract, open_store, verify_store
-from featstore import format as fmt
-from featstore.backends import open_backend
+from featstore.store import format as fmt
 from featstore.cli import main
-from featstore.corpus import CorpusSpec
+from featstore.extraction.corpus import CorpusSpec
+from featstore.store.backends import open_backend
 
 
 def _run(capsys, *args):
@@ -119,7 +119,7 @@ def test_info_on_something_that_is_not_a_store(capsys, tmp_path):
 def test_verify_reports_non_finite_hidden_states_even_when_checksummed(tiny_models, conll_corpus, tmp_path, name,
                                                                         backend):
     """A NaN the encoder produced is recorded in the checksums; verify must still flag it."""
-    from featstore.integrity import compute_checksums
+    from featstore.store.integrity import compute_checksums
 
     out = extract(ExtractConfig(out=str(tmp_path / name), model=tiny_models["bert"], backend=backend,
                                 block_tokens=64, corpus=CorpusSpec(str(conll_corpus)), progress=False)).path

@@ -10,7 +10,7 @@ import torch
 
 import featstore
 from featstore import ExtractConfig, extract, open_store
-from featstore.corpus import CorpusSpec
+from featstore.extraction.corpus import CorpusSpec
 from heads import Adapter, Head, Predictor, TrainConfig, evaluate_heads, train
 from heads.cli import main as heads_main
 from heads.layers import pool_words

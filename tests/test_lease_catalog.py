@@ -14,9 +14,9 @@ import pytest
 
 from featstore import Catalog, ExtractConfig, FeatstoreError, extract
 from featstore.cli import main
-from featstore.corpus import CorpusSpec
-from featstore.lease import Lease, LeaseHeld, lock_location, read_lease
-from featstore.location import resolve
+from featstore.extraction.corpus import CorpusSpec
+from featstore.sharing.lease import Lease, LeaseHeld, lock_location, read_lease
+from featstore.sharing.location import resolve
 
 
 def _dead_pid() -> int:

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModel
 
 from featstore import ExtractConfig, FrozenEncoder, extract, load_corpus, open_store
-from featstore.corpus import CorpusSpec
+from featstore.extraction.corpus import CorpusSpec
 
 
 def _reference(model_path: str, store, corpus, layers):

@@ -15,16 +15,16 @@ import numpy as np
 import pytest
 
 from featstore import ExtractConfig, extract, open_store, verify_store
-from featstore.corpus import CorpusSpec
-from featstore.distributed import plan_shares
-from featstore.encoder import FrozenEncoder
-from featstore.extract import StoragePlan
+from featstore.extraction.corpus import CorpusSpec
+from featstore.extraction.encoder import FrozenEncoder
+from featstore.extraction.extract import StoragePlan
+from featstore.extraction.ray_engine import plan_shares
 from tests.conftest import _random_sentences, write_conll
 from tests.test_service import Service, corpus_file
 
 
 def test_shares_cover_every_row_once_on_block_boundaries(tiny_models, conll_corpus):
-    from featstore.corpus import load_corpus
+    from featstore.extraction.corpus import load_corpus
 
     encoder = FrozenEncoder.load(tiny_models["bert"])
     plan = StoragePlan.build(encoder.tokenize(load_corpus(CorpusSpec(str(conll_corpus))).examples, 48, 12))

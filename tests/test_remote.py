@@ -15,14 +15,14 @@ import pytest
 import s3fs
 
 from featstore import ExtractConfig, FeatstoreError, extract, open_store, verify_store
-from featstore import format as fmt
-from featstore.backends import detect_backend, open_backend
-from featstore.catalog import Catalog
+from featstore.store import format as fmt
 from featstore.cli import main
-from featstore.corpus import CorpusSpec
-from featstore.lease import Lease, LeaseHeld, lock_location
-from featstore.location import resolve
-from featstore.transfer import copy_store
+from featstore.extraction.corpus import CorpusSpec
+from featstore.sharing.catalog import Catalog
+from featstore.sharing.lease import Lease, LeaseHeld, lock_location
+from featstore.sharing.location import resolve
+from featstore.sharing.transfer import copy_store
+from featstore.store.backends import detect_backend, open_backend
 from heads.cli import main as heads_main
 from tests.conftest import _random_sentences, write_conll
 from tests.s3server import READER, environment_with

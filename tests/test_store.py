@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from featstore import ExtractConfig, collate_features, extract, open_store
-from featstore import format as fmt
-from featstore.corpus import CorpusSpec
-from featstore.reader import pool_words
+from featstore.store import format as fmt
+from featstore.extraction.corpus import CorpusSpec
+from featstore.store.reader import pool_words
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +171,7 @@ def test_explicit_truncation_is_recorded_and_keeps_labels_aligned(tiny_models, c
 
 def test_checksums_taken_while_writing_equal_checksums_of_the_stored_bytes(stores):
     """The writer hashes blocks from memory; a read-back of every block must give the same digests."""
-    from featstore.integrity import compute_checksums
+    from featstore.store.integrity import compute_checksums
 
     for path in stores.values():
         with open_store(path) as store:

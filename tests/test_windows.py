@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from featstore.errors import FeatstoreError
-from featstore.windows import plan_windows, word_units
+from featstore.extraction.windows import plan_windows, word_units
 
 
 def _word_ids(lengths):

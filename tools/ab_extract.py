@@ -28,7 +28,7 @@ def main() -> None:
     sys.path.insert(0, str(Path(args.tree).resolve()))
     logging.disable(logging.INFO)
     from featstore import ExtractConfig, extract, open_store
-    from featstore.corpus import CorpusSpec
+    from featstore.extraction.corpus import CorpusSpec
 
     out = Path(tempfile.mkdtemp(prefix="ab-extract-")) / "s.zarr"
     result = extract(ExtractConfig(out=str(out), corpus=CorpusSpec(args.corpus), progress=False))

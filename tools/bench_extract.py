@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from featstore import ExtractConfig, FrozenEncoder, extract, load_corpus, open_store
-from featstore import format as fmt
-from featstore.corpus import CorpusSpec
-from featstore.extract import StoragePlan
+from featstore.store import format as fmt
+from featstore.extraction.corpus import CorpusSpec
+from featstore.extraction.extract import StoragePlan
 
 
 def bare_forward_tokens_per_second(model: str | None, corpus_path: str, max_batch_tokens: int, device: str | None,

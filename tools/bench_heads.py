@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from featstore import ExtractConfig, FrozenEncoder, collate_features, extract, load_corpus, open_store
-from featstore.corpus import CorpusSpec
-from featstore.reader import SequenceFeatures
+from featstore.extraction.corpus import CorpusSpec
+from featstore.store.reader import SequenceFeatures
 from heads import Head, TrainConfig, Trainer, evaluate_heads
 from heads.metrics import tagging_metrics
 from heads.trainer import _loss, build_head_config

@@ -16,7 +16,7 @@ from pathlib import Path
 from bench_heads import ADAPTER_LR, LABELS, test_f1, train_from_store
 
 from featstore import ExtractConfig, extract
-from featstore.corpus import CorpusSpec
+from featstore.extraction.corpus import CorpusSpec
 
 
 def main() -> None:

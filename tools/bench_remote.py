@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchargs import parse_bench_args
 
 from featstore import ExtractConfig, extract, open_store
-from featstore.corpus import CorpusSpec
-from featstore.transfer import copy_store
+from featstore.extraction.corpus import CorpusSpec
+from featstore.sharing.transfer import copy_store
 from heads import TrainConfig, train
 from tests.s3server import ADMIN, SeaweedServer
 

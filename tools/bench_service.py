@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchargs import parse_bench_args
 
 from featstore import ExtractConfig, extract
-from featstore.client import ServiceClient
-from featstore.corpus import CorpusSpec
+from featstore.extraction.corpus import CorpusSpec
+from featstore.service.client import ServiceClient
 
 TOKEN = "bench-token"
 

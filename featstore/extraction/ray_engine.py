@@ -23,13 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from . import format as fmt
-from .backends import StoreBackend, open_backend
+from ..errors import FeatstoreError
+from ..sharing.lease import Lease
+from ..sharing.location import resolve
+from ..store import format as fmt
+from ..store.backends import StoreBackend, open_backend
+from ..store.integrity import block_digests
 from .encoder import FrozenEncoder, TokenizedSequence
-from .errors import FeatstoreError
-from .integrity import block_digests
-from .lease import Lease
-from .location import resolve
 
 logger = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ..errors import FeatstoreError
+from ...errors import FeatstoreError
+from ...sharing.location import Location
 from ..format import ATTRS_KEY
-from ..location import Location
 from .base import ArraySpec, StoreBackend
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"

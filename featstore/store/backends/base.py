@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ..location import Location
+from ...sharing.location import Location
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import FeatstoreError
+from ..store.format import NUMPY_STORAGE_DTYPE, STORAGE_DTYPES, sha256_json
 from .corpus import Example
-from .errors import FeatstoreError
-from .format import NUMPY_STORAGE_DTYPE, STORAGE_DTYPES, sha256_json
 from .windows import plan_windows
 
 logger = logging.getLogger(__name__)

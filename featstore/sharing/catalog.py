@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import format as fmt
-from .backends import read_attrs
-from .errors import FeatstoreError
+from ..errors import FeatstoreError
+from ..store import format as fmt
+from ..store.backends import read_attrs
 from .lease import LEASE_SUFFIX, LeaseInfo, lock_location, read_lease
 from .location import Location, resolve
 
@@ -125,7 +125,7 @@ class Catalog:
 
     def find_complete(self, fingerprint: str) -> CatalogEntry | None:
         """A complete, sound (quick verify) store with this content fingerprint, if the catalog holds one."""
-        from .verify import verify_store
+        from ..store.verify import verify_store
 
         for entry in self.entries():
             if entry.fingerprint != fingerprint or entry.status != fmt.STATUS_COMPLETE:
@@ -172,7 +172,7 @@ class Catalog:
 
 def encoder_label(name_or_path: str) -> str:
     """A short name for an encoder: the hub id's or directory's last part; the packaged MiniLM by its name."""
-    from .encoder import PACKAGED_MINILM_ALIASES, packaged_minilm_path
+    from ..extraction.encoder import PACKAGED_MINILM_ALIASES, packaged_minilm_path
 
     try:
         if Path(name_or_path) == Path(packaged_minilm_path()):

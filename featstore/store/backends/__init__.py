@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import FeatstoreError
-from ..location import Location, resolve
+from ...errors import FeatstoreError
+from ...sharing.location import Location, resolve
 from .base import ArraySpec, StoreBackend
 from .hdf5 import HDF5_SIGNATURE, HDF5Backend
 from .zarr import ZarrBackend

@@ -24,9 +24,9 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
-from .corpus import BUNDLED_CORPUS, TASKS
-from .encoder import PACKAGED_MINILM_ALIASES
-from .errors import FeatstoreError
+from ..errors import FeatstoreError
+from ..extraction.corpus import BUNDLED_CORPUS, TASKS
+from ..extraction.encoder import PACKAGED_MINILM_ALIASES
 from .jobs import QUEUED, RUNNING, JobQueue, Worker
 
 logger = logging.getLogger(__name__)

@@ -18,13 +18,13 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from . import format as fmt
-from .backends import detect_backend, read_attrs
+from ..errors import FeatstoreError
+from ..store import format as fmt
+from ..store.backends import detect_backend, read_attrs
+from ..store.verify import verify_store
 from .catalog import PARTIAL_SUFFIX
-from .errors import FeatstoreError
 from .lease import Lease
 from .location import Location, resolve
-from .verify import verify_store
 
 logger = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .extract import ExtractProgress
-from .format import canonical_json
+from ..extraction.extract import ExtractProgress
+from ..store.format import canonical_json
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import hashlib
 import json
 from typing import Any
 
-from .errors import FeatstoreError
+from ..errors import FeatstoreError
 
 FORMAT_NAME = "featstore"
 FORMAT_VERSION = "1.1"

@@ -24,15 +24,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import format as fmt
-from .backends import BACKENDS, ArraySpec, StoreBackend, detect_backend, open_backend
-from .catalog import Catalog
+from ..errors import FeatstoreError
+from ..sharing.catalog import Catalog
+from ..sharing.lease import DEFAULT_TTL_SECONDS, Lease
+from ..sharing.location import Location, resolve
+from ..store import format as fmt
+from ..store.backends import BACKENDS, ArraySpec, StoreBackend, detect_backend, open_backend
+from ..store.integrity import block_digests, compute_checksums
 from .corpus import TOKEN_CLASSIFICATION, Corpus, CorpusSpec, load_corpus
 from .encoder import FrozenEncoder, TokenizedSequence, default_stride, numpy_storage_dtype
-from .errors import FeatstoreError
-from .integrity import block_digests, compute_checksums
-from .lease import DEFAULT_TTL_SECONDS, Lease
-from .location import Location, resolve
 from .windows import WINDOW_RULE
 
 logger = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ def extract(config: ExtractConfig) -> ExtractResult:
             result.resumed_from = int(backend.read(fmt.PROGRESS)[0])
             started = time.perf_counter()
             if config.engine == "ray":
-                from .distributed import fill_with_ray
+                from .ray_engine import fill_with_ray
 
                 batches = list(plan.batches(result.resumed_from, config.max_batch_tokens))
                 digests = fill_with_ray(backend, encoder, plan.token_offsets, batches, plan.sequences, layers,
@@ -519,7 +519,7 @@ def _versions() -> dict[str, str]:
     import transformers
     import zarr
 
-    from . import __version__
+    from .. import __version__
 
     return {"featstore": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "zarr": zarr.__version__, "h5py": h5py.__version__,

@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import FeatstoreError
+from ..sharing.location import Location, resolve
 from . import format as fmt
 from .backends import StoreBackend, open_backend
-from .errors import FeatstoreError
-from .location import Location, resolve
 
 logger = logging.getLogger(__name__)
 

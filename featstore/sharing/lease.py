@@ -21,7 +21,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
-from .errors import FeatstoreError
+from ..errors import FeatstoreError
 from .location import Location
 
 logger = logging.getLogger(__name__)

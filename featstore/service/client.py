@@ -12,7 +12,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .errors import FeatstoreError
+from ..errors import FeatstoreError
 
 SERVER_ENV = "FEATSTORE_SERVER"
 FINISHED = ("succeeded", "failed", "cancelled")

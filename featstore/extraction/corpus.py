@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import FeatstoreError
+from ..errors import FeatstoreError
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ WORDS_COLUMNS = ("tokens", "words")
 TEXT_COLUMNS = ("text", "sentence", "content")
 LABEL_COLUMNS = ("ner_tags", "tags", "labels", "label", "pos_tags")
 
-BUNDLED_CORPUS = Path(__file__).parent / "data" / "sample_ner.conll"
+BUNDLED_CORPUS = Path(__file__).parent.parent / "data" / "sample_ner.conll"
 
 
 @dataclass(frozen=True)

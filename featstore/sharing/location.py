@@ -19,7 +19,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from .errors import FeatstoreError
+from ..errors import FeatstoreError
 
 STORAGE_OPTIONS_ENV = "FEATSTORE_STORAGE_OPTIONS"
 

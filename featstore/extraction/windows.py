@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .errors import FeatstoreError
+from ..errors import FeatstoreError
 
 WINDOW_RULE = "word-aligned-max-context/1"
 

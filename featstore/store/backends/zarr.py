@@ -17,8 +17,8 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
+from ...sharing.location import Location
 from ..format import ATTRS_KEY
-from ..location import Location
 from .base import ArraySpec, StoreBackend
 
 RAW_BYTES_CODEC = {"name": "bytes", "configuration": {"endian": "little"}}

@@ -7,12 +7,12 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import FeatstoreError
+from ..sharing.lease import read_lease
+from ..sharing.location import Location, resolve
 from . import format as fmt
 from .backends import StoreBackend, open_backend
-from .errors import FeatstoreError
 from .integrity import checksum_problems
-from .lease import read_lease
-from .location import Location, resolve
 from .reader import Store, decode_hidden
 
 REQUIRED_ARRAYS = (fmt.HIDDEN_STATES, fmt.INPUT_IDS, fmt.WORD_IDS, fmt.TOKEN_WINDOW, fmt.TOKEN_OFFSETS,
