@@ -11,87 +11,26 @@ import threading
 from collections.abc import Callable, Sequence
 
 from .errors import FeatstoreError
-from .extraction.corpus import BUNDLED_CORPUS, TASKS, CorpusSpec
-from .extraction.extract import DEFAULT_CHUNK_TOKENS, ExtractConfig, extract
-from .service.jobs import StatusFileWriter
+from .extraction.spec import ExtractSpec
+from .options import add_arguments, given_values
+from .plugins import plugin_commands
 
 
-def parse_layers(text: str) -> list[int] | None:
-    if text.strip().lower() == "all":
-        return None
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers takes 'all' or comma-separated integers, got {text!r}"
-                                         ) from None
+def _add_extract_arguments(parser: argparse.ArgumentParser) -> None:
+    add_arguments(parser, ExtractSpec)
+    parser.add_argument("--spec", metavar="FILE", help="JSON extraction spec (ExtractSpec.to_dict(), as the service's "
+                        "workers write); flags given beside it override its values")
+    parser.add_argument("--status-file", help="keep a JSON progress report here (path, state, sequences/tokens done, "
+                        "tokens/s), replaced atomically; the extraction service reads it")
 
 
-def _add_extract_arguments(parser: argparse.ArgumentParser, out_required: bool) -> None:
-    parser.add_argument("--model", help="local model directory or a hub id already in the local cache "
-                        "(default: the packaged all-MiniLM-L6-v2)")
-    parser.add_argument("--corpus", default=str(BUNDLED_CORPUS),
-                        help="CoNLL file, JSONL/CSV/Parquet file or save_to_disk directory "
-                        "(default: the bundled sample NER corpus)")
-    parser.add_argument("--out", required=out_required, help="store path or URL (s3://bucket/prefix/name.zarr): a "
-                        "directory for zarr, a file for hdf5; optional with --catalog")
-    parser.add_argument("--catalog", help="catalog root (directory or s3:// prefix): reuse a complete store with the "
-                        "same content fingerprint from it, else extract into it (at --out, or a path it chooses)")
-    corpus = parser.add_argument_group("corpus")
-    corpus.add_argument("--corpus-format", default="auto", choices=["auto", "conll", "json", "csv", "parquet",
-                                                                      "disk"])
-    corpus.add_argument("--split", help="split to read from a saved DatasetDict; also recorded in the store")
-    corpus.add_argument("--words-column", help="column of pre-split words (token classification)")
-    corpus.add_argument("--text-column", help="column of raw text (sequence tasks)")
-    corpus.add_argument("--label-column", help="column of labels (tags per word, or one per row)")
-    corpus.add_argument("--task", choices=TASKS, help="default: inferred from the columns")
-    corpus.add_argument("--label-names", help="comma-separated label names fixing the id order, e.g. to share it "
-                        "between train and dev stores")
-    corpus.add_argument("--conll-token-column", type=int, default=0)
-    corpus.add_argument("--conll-tag-column", type=int, default=-1)
-    run = parser.add_argument_group("extraction")
-    run.add_argument("--layers", type=parse_layers, default=None,
-                     help="'all' (default) or indices like 0,6,-1 (0 = embeddings, negatives count back)")
-    run.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
-                     help="storage dtype (default float16)")
-    run.add_argument("--compute-dtype", choices=["float16", "bfloat16", "float32"],
-                     help="default: float32 on CPU, the storage dtype on CUDA")
-    run.add_argument("--backend", default="zarr", choices=["zarr", "hdf5"])
-    run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    run.add_argument("--max-batch-tokens", type=int, default=8192, help="padded tokens per forward pass")
-    run.add_argument("--max-length", type=int, help="window length in tokens (default: the model's maximum)")
-    run.add_argument("--stride", type=int, help="overlap between windows in tokens (default: min(128, window/4))")
-    run.add_argument("--truncate", action="store_true",
-                     help="keep only the first window of long sequences instead of splitting them")
-    run.add_argument("--overwrite", action="store_true", help="replace an existing store made differently")
-    run.add_argument("--chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS)
-    run.add_argument("--block-tokens", type=int, help="tokens per write/commit block (default: 64 MiB worth)")
-    run.add_argument("--no-progress", action="store_true")
-    run.add_argument("--lock-wait", type=float, default=0.0, metavar="SECONDS",
-                     help="wait this long for another process writing the same store (default: fail at once)")
-    run.add_argument("--engine", choices=["local", "ray"], default="local",
-                     help="ray: split the work across Ray actors (one per GPU, else per CPU) writing one store")
-    run.add_argument("--workers", type=int, help="Ray actors (default: one per GPU, else one per CPU)")
-    run.add_argument("--ray-address", help="Ray cluster to join ('auto', ray://host:10001); default: start a "
-                     "local one")
-    run.add_argument("--status-file", help="keep a JSON progress report here (path, state, sequences/tokens done, "
-                     "tokens/s), replaced atomically; the extraction service reads it")
-
-
-def config_from_args(args: argparse.Namespace) -> ExtractConfig:
-    corpus = CorpusSpec(
-        path=args.corpus, format=args.corpus_format, split=args.split, words_column=args.words_column,
-        text_column=args.text_column, label_column=args.label_column, task=args.task,
-        label_names=args.label_names.split(",") if args.label_names else None,
-        conll_token_column=args.conll_token_column, conll_tag_column=args.conll_tag_column)
-    return ExtractConfig(
-        out=args.out, model=args.model, corpus=corpus, layers=args.layers, dtype=args.dtype,
-        compute_dtype=args.compute_dtype, backend=args.backend, device=args.device,
-        max_batch_tokens=args.max_batch_tokens, max_length=args.max_length, stride=args.stride,
-        truncate=args.truncate, overwrite=args.overwrite, chunk_tokens=args.chunk_tokens,
-        block_tokens=args.block_tokens, progress=not args.no_progress, catalog=args.catalog,
-        lock_wait=args.lock_wait, storage_options=args.storage_options,
-        on_progress=StatusFileWriter(args.status_file) if args.status_file else None, engine=args.engine,
-        workers=args.workers, ray_address=args.ray_address)
+def spec_from_args(args: argparse.Namespace) -> ExtractSpec:
+    values = given_values(args, ExtractSpec)
+    if args.storage_options:
+        values["storage_options"] = args.storage_options
+    if args.spec:
+        return ExtractSpec.from_file(args.spec, **values)
+    return ExtractSpec.from_dict(values, where="featstore extract")
 
 
 def parse_storage_option(text: str) -> tuple[str, object]:
@@ -120,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "credentials otherwise come from the AWS_* environment variables")
     commands = parser.add_subparsers(dest="command", required=True)
     extract_parser = commands.add_parser("extract", help="extract hidden states into a store (resumable)")
-    _add_extract_arguments(extract_parser, out_required=False)
+    _add_extract_arguments(extract_parser)
     info = commands.add_parser("info", help="summarise a store (path or URL)")
     info.add_argument("store")
     info.add_argument("--json", action="store_true", help="print the raw attributes as JSON")
@@ -152,20 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ray: run every job on Ray actors instead of one local process per GPU")
     serve.add_argument("--ray-address", help="with --engine ray: the cluster ('auto', ray://host:10001); default: "
                        "a local Ray instance per job")
-    submit = commands.add_parser("submit", help="submit an extraction job to the service")
+    submit = commands.add_parser("submit", help="submit an extraction job to the service (the extraction options "
+                                 "of `featstore extract` that the service accepts)")
     _add_server_arguments(submit)
-    submit.add_argument("--model")
-    submit.add_argument("--corpus", required=True, help="corpus path as the service sees it (under a corpus root)")
-    submit.add_argument("--out", help="store path relative to the service's catalog")
-    for flag in ("--split", "--words-column", "--text-column", "--label-column", "--task"):
-        submit.add_argument(flag)
-    submit.add_argument("--corpus-format")
-    submit.add_argument("--label-names")
-    submit.add_argument("--layers", type=parse_layers)
-    submit.add_argument("--dtype", choices=["float16", "bfloat16", "float32"])
-    submit.add_argument("--backend", choices=["zarr", "hdf5"])
-    submit.add_argument("--max-length", type=int)
-    submit.add_argument("--truncate", action="store_true")
+    add_arguments(submit, ExtractSpec, submit_only=True)
     submit.add_argument("--follow", action="store_true", help="wait for the job, with a progress bar")
     jobs = commands.add_parser("jobs", help="list the service's jobs")
     _add_server_arguments(jobs)
@@ -180,9 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     gc = commands.add_parser("gc", help="find incomplete or abandoned stores, unfinished copies and stale leases")
     gc.add_argument("root")
     gc.add_argument("--delete", action="store_true", help="delete what was found (never a store being written)")
-    demo = commands.add_parser("demo", help="end to end on the bundled corpus and packaged MiniLM: extract, verify, "
-                               "train an adapter from the store, predict with the live encoder")
-    demo.add_argument("--workdir", default="featstore-demo", help="where the demo writes its store")
+    for name, command in plugin_commands().items():
+        command.add_parser(commands, name)
     return parser
 
 
@@ -207,14 +135,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from .store.verify import describe_store, verify_store
-
     args.storage_options = dict(args.storage_options_list)
     if args.command == "extract":
+        from .extraction.extract import extract
+        from .service.status import StatusFileWriter
+
         # SIGTERM (a cancelled service job) unwinds like Ctrl-C: the lease is released, committed work kept.
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-        print(extract(config_from_args(args)).path)
+        on_progress = StatusFileWriter(args.status_file) if args.status_file else None
+        print(extract(spec_from_args(args), on_progress).path)
         return 0
     if args.command == "info":
         if args.json:
@@ -223,6 +153,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
             print(json.dumps(read_attrs(resolve(args.store, args.storage_options)), indent=2))
         else:
+            from .store.info import describe_store
+
             print(describe_store(args.store, args.storage_options))
         return 0
     if args.command in ("push", "pull"):
@@ -236,17 +168,16 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("serve", "submit", "jobs", "job"):
         return _service_command(args)
     if args.command == "verify":
+        from .store.verify import verify_store
+
         problems = verify_store(args.store, deep=not args.quick, storage_options=args.storage_options)
         for problem in problems:
             print(f"FAIL {args.store}: {problem}", file=sys.stderr)
         if not problems:
             print(f"OK {args.store}")
         return 1 if problems else 0
-    if args.command == "demo":
-        # The demo spans extraction and head training, so it lives in the heads package on top of this one.
-        from heads.demo import run_demo
-
-        return run_demo(args.workdir)
+    if args.command in plugin_commands():
+        return plugin_commands()[args.command].run(args)
     raise AssertionError(args.command)
 
 
@@ -270,11 +201,7 @@ def _service_command(args: argparse.Namespace) -> int:
             print(f"{job['id']}  {job['status']:<9}  {done:>13}  {job['created_at']}  {job['store'] or '-'}")
         return 0
     if args.command == "submit":
-        spec = {name: getattr(args, name) for name in ("model", "corpus", "out", "split", "words_column", "text_column",
-                                                        "label_column", "task", "corpus_format", "layers", "dtype",
-                                                        "backend", "max_length")}
-        spec["label_names"] = args.label_names.split(",") if args.label_names else None
-        spec["truncate"] = args.truncate or None
+        spec = given_values(args, ExtractSpec)
         job = client.submit(spec)
         print(f"job {job['id']} {'(same as an active identical job) ' if job['coalesced'] else ''}{job['status']}",
               file=sys.stderr)

@@ -12,7 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import TOKEN_CLASSIFICATION, HeadConfig
+from featstore.extraction.corpus import TOKEN_CLASSIFICATION
+
+from .config import HeadConfig
 from .head import Head
 
 
@@ -56,7 +58,7 @@ class Adapter(nn.Module):
                 ) -> torch.Tensor:
         """Logits per word (B, W, C) given word ids (-1 for special/padding), else per token (B, T, C)."""
         mask = attention_mask.bool()
-        if word_ids is None and self.head.config.task == TOKEN_CLASSIFICATION:
+        if word_ids is None and self.head.config.task_def.per_word:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
             word_ids = positions.masked_fill(~mask, -1)
         return self.head(self.encoder_features(input_ids, attention_mask), mask, word_ids)

@@ -7,11 +7,13 @@ import json
 import sys
 from collections.abc import Sequence
 
-from featstore import FeatstoreError, open_store
-from featstore.cli import parse_layers, run_cli
+from featstore import open_store
+from featstore.cli import run_cli
+from featstore.errors import ConfigError
+from featstore.options import parse_layers
 
-from .config import HEAD_TYPES
-from .head import Head, check_compatible, encoder_identity
+from .config import HEAD_TYPES, EncoderIdentity
+from .head import Head, check_compatible
 from .predict import Predictor, read_inputs
 from .trainer import TrainConfig, evaluate_heads, train
 
@@ -62,7 +64,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
                  "resume": args.resume or None, "progress": False if args.no_progress else None}
     if args.config:
         if args.head or args.layers or args.no_tailor:
-            raise FeatstoreError("--config lists the heads; do not combine it with --head/--layers/--no-tailor")
+            raise ConfigError("--config lists the heads; do not combine it with --head/--layers/--no-tailor")
         return TrainConfig.from_file(args.config, **overrides)
     spec = {"type": args.head or "adapter"}
     if args.layers is not None:
@@ -83,7 +85,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "evaluate":
         head = Head.from_pretrained(args.head)
         with open_store(args.store) as store:
-            check_compatible(head.config, encoder_identity(store.attrs), store.layers, f"store {args.store}")
+            check_compatible(head.config, EncoderIdentity.of(store.manifest.encoder), store.layers,
+                             f"store {args.store}")
             result = evaluate_heads([head], store, args.batch_size)[0]
         print(json.dumps({"head": head.config.name, "store": args.store, **result["metrics"]}, indent=2))
         return 0

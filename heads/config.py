@@ -5,11 +5,40 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from featstore.store.manifest import EncoderInfo, ExtractionInfo
+
+from .tasks import TASKS, Task
+
 HEAD_TYPES = ("adapter", "linear", "scalar_mix", "mlp", "fusion")
 SINGLE_LAYER_HEADS = ("linear", "mlp")
-TOKEN_CLASSIFICATION = "token-classification"
-SEQUENCE_CLASSIFICATION = "sequence-classification"
-REGRESSION = "regression"
+
+
+@dataclass
+class EncoderIdentity:
+    """What ties a head to its encoder: recorded in the head, checked wherever it is used."""
+
+    name_or_path: str | None = None
+    weights_sha256: str | None = None
+    tokenizer_sha256: str | None = None
+    hidden_size: int | None = None
+    num_hidden_states: int | None = None
+
+    @classmethod
+    def of(cls, encoder: EncoderInfo) -> EncoderIdentity:
+        return cls(**{item.name: getattr(encoder, item.name) for item in fields(cls)})
+
+
+@dataclass
+class ExtractionIdentity:
+    """How the head's training features were computed; prediction computes live features the same way."""
+
+    max_length: int | None = None
+    stride: int | None = None
+    storage_dtype: str | None = None
+
+    @classmethod
+    def of(cls, extraction: ExtractionInfo) -> ExtractionIdentity:
+        return cls(**{item.name: getattr(extraction, item.name) for item in fields(cls)})
 
 
 @dataclass
@@ -17,7 +46,7 @@ class HeadConfig:
     """A head's architecture, task and provenance (saved as config.json)."""
 
     head_type: str
-    task: str
+    task: str  # a name in heads.tasks.TASKS (the store's task)
     hidden_size: int
     layers: list[int]  # encoder hidden-state indices the head reads (0 = embeddings)
     label_names: list[str] | None = None
@@ -33,28 +62,45 @@ class HeadConfig:
     dropout: float = 0.1
     feature_dropout: float = 0.0  # dropout on the cached features, a stand-in for encoder dropout
     mlp_dim: int = 256
-    # provenance: the encoder and store the head was trained on
-    encoder: dict[str, Any] = field(default_factory=dict)
+    # provenance: the encoder, extraction settings and store the head was trained on
+    encoder: EncoderIdentity = field(default_factory=EncoderIdentity)
+    extraction: ExtractionIdentity = field(default_factory=ExtractionIdentity)
     store_fingerprint: str | None = None
 
     def __post_init__(self) -> None:
         if self.head_type not in HEAD_TYPES:
             raise ValueError(f"unknown head type {self.head_type!r}; choose one of {', '.join(HEAD_TYPES)}")
-        if self.task not in (TOKEN_CLASSIFICATION, SEQUENCE_CLASSIFICATION, REGRESSION):
-            raise ValueError(f"unknown task {self.task!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
         if self.head_type in SINGLE_LAYER_HEADS and len(self.layers) != 1:
             raise ValueError(f"a {self.head_type} head reads exactly one layer, got {self.layers}")
-        if self.task != REGRESSION and not self.label_names:
-            raise ValueError("classification heads need label names")
+        self.task_def.check_labels(self.label_names)
+
+    @property
+    def task_def(self) -> Task:
+        """The task's behaviour: loss, decoding, metrics (heads.tasks)."""
+        return TASKS[self.task]
 
     @property
     def num_outputs(self) -> int:
-        return 1 if self.task == REGRESSION else len(self.label_names)
+        return self.task_def.num_outputs(self.label_names)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> HeadConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{key: value for key, value in values.items() if key in known})
+        """Tolerates unknown keys; reads the first format's layout (extraction settings inside `encoder`)."""
+        known = {item.name for item in fields(cls)}
+        values = {key: value for key, value in values.items() if key in known}
+        encoder = dict(values.get("encoder") or {})
+        extraction = {**{key: encoder.pop(key) for key in ("max_length", "stride", "storage_dtype") if key in encoder},
+                      **(values.get("extraction") or {})}
+        values["encoder"] = _known(EncoderIdentity, encoder)
+        values["extraction"] = _known(ExtractionIdentity, extraction)
+        return cls(**values)
+
+
+def _known(cls: type, values: dict[str, Any]) -> Any:
+    names = {item.name for item in fields(cls)}
+    return cls(**{key: value for key, value in values.items() if key in names})

@@ -1,36 +1,56 @@
-"""The main job end to end on embedded defaults (`featstore demo`).
+"""The main job end to end on embedded defaults (`featstore demo`, added to featstore's CLI by this package).
 
 1. Extract the bundled sample NER corpus (train and dev) with the packaged all-MiniLM-L6-v2 into
    local Zarr stores, verify them, and print the train store's summary.
 2. Check a sequence read back from the store against the live encoder.
 3. Train the layer-attention adapter from the store (the encoder is not run again), evaluate it on dev.
 4. Attach the trained head to the live encoder and tag a new sentence.
+
+Only `DemoCommand` is loaded when featstore builds its parser; the work imports what it needs.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 
-from featstore import ExtractConfig, FrozenEncoder, extract, load_corpus, open_store, verify_store
-from featstore.extraction.corpus import BUNDLED_CORPUS, CorpusSpec
-from featstore.store.verify import describe_store
+class DemoCommand:
+    """The `featstore demo` command (entry point `featstore.commands: demo`)."""
 
-from .predict import Predictor
-from .trainer import TrainConfig, train
+    def add_parser(self, subparsers: Any, name: str) -> argparse.ArgumentParser:
+        parser = subparsers.add_parser(name, help="end to end on the bundled corpus and packaged MiniLM: extract, "
+                                       "verify, train an adapter from the store, predict with the live encoder")
+        parser.add_argument("--workdir", default="featstore-demo", help="where the demo writes its stores and head "
+                            "(default: %(default)s)")
+        return parser
 
-BUNDLED_DEV_CORPUS = BUNDLED_CORPUS.with_name("sample_ner_dev.conll")
+    def run(self, args: argparse.Namespace) -> int:
+        return run_demo(args.workdir)
+
+
+command = DemoCommand()
 
 
 def run_demo(workdir: str = "featstore-demo") -> int:
+    import numpy as np
+
+    from featstore import ExtractSpec, FrozenEncoder, extract, load_corpus, open_store, verify_store
+    from featstore.extraction.corpus import BUNDLED_CORPUS, CorpusSpec
+    from featstore.store.info import describe_store
+
+    from .predict import Predictor
+    from .trainer import TrainConfig, train
+
     root = Path(workdir)
-    train_store = extract(ExtractConfig(out=str(root / "sample_ner.zarr"))).path
+    train_store = extract(ExtractSpec(out=str(root / "sample_ner.zarr"))).path
     with open_store(train_store) as store:
         labels = store.label_names
-    dev_store = extract(ExtractConfig(out=str(root / "sample_ner_dev.zarr"),
-                                      corpus=CorpusSpec(str(BUNDLED_DEV_CORPUS), label_names=labels))).path
+    dev_store = extract(ExtractSpec(out=str(root / "sample_ner_dev.zarr"),
+                                    corpus=CorpusSpec(str(BUNDLED_CORPUS.with_name("sample_ner_dev.conll")),
+                                                      label_names=labels))).path
     for path in (train_store, dev_store):
         problems = verify_store(path)
         if problems:
@@ -39,12 +59,11 @@ def run_demo(workdir: str = "featstore-demo") -> int:
     print(describe_store(train_store))
 
     with open_store(train_store) as store:
-        extraction = store.attrs["extraction"]
-        encoder = FrozenEncoder.load(store.attrs["encoder"]["name_or_path"], device="cpu",
-                                     dtype=store.storage_dtype)
-        example = load_corpus(store.attrs["corpus"]["source"]).examples[0]
-        live = encoder.forward(encoder.tokenize([example], extraction["max_length"], extraction["stride"]),
-                               store.layers).float().numpy()
+        manifest = store.manifest
+        encoder = FrozenEncoder.load(manifest.encoder.name_or_path, device="cpu", dtype=store.storage_dtype)
+        example = load_corpus(manifest.corpus.source).examples[0]
+        live = encoder.forward(encoder.tokenize([example], manifest.extraction.max_length,
+                                                manifest.extraction.stride), store.layers).float().numpy()
         cached = store.sequence(0).hidden_states.astype(np.float32)
         print(f"\nstore vs live encoder, sequence 0 ({' '.join(example.words)}): hidden states {cached.shape}, "
               f"max |difference| = {np.abs(cached - live).max():.1e} (float16 storage)")

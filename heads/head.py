@@ -9,15 +9,14 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from featstore import FeatstoreError
+from featstore.errors import IncompatibleHeadError, StoreFormatError
 
-from .config import REGRESSION, TOKEN_CLASSIFICATION, HeadConfig
+from .config import EncoderIdentity, HeadConfig
 from .layers import SequencePooling, pool_words
 from .mixers import AdapterMixer, AttentionFusion, ScalarMix, SelectLayer
 
@@ -25,7 +24,8 @@ logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-HEAD_FORMAT = "featstore-head/1"
+HEAD_FORMAT = "featstore-head/2"  # /2: extraction settings in their own section
+READABLE_HEAD_FORMATS = ("featstore-head/1", HEAD_FORMAT)
 
 
 class Head(nn.Module):
@@ -52,8 +52,7 @@ class Head(nn.Module):
                                             nn.Linear(config.mlp_dim, outputs))
         else:
             self.classifier = nn.Linear(hidden, outputs)
-        self.sequence_pooling = None if config.task == TOKEN_CLASSIFICATION else \
-            SequencePooling(config.sequence_pooling, hidden)
+        self.sequence_pooling = None if config.task_def.per_word else SequencePooling(config.sequence_pooling, hidden)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor, word_ids: torch.Tensor | None = None,
                 num_words: int | None = None) -> torch.Tensor:
@@ -67,8 +66,7 @@ class Head(nn.Module):
                 raise ValueError("token classification needs word_ids")
             width = num_words if num_words is not None else int(word_ids.max().item()) + 1
             return self.classifier(pool_words(tokens, word_ids, max(width, 1), self.config.word_pooling))
-        output = self.classifier(self.sequence_pooling(tokens, mask))
-        return output.squeeze(-1) if self.config.task == REGRESSION else output
+        return self.config.task_def.shape_output(self.classifier(self.sequence_pooling(tokens, mask)))
 
     # --- persistence -------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:
@@ -84,33 +82,27 @@ class Head(nn.Module):
         directory = Path(directory)
         config_path = directory / CONFIG_NAME
         if not config_path.is_file() or not (directory / WEIGHTS_NAME).is_file():
-            raise FeatstoreError(f"{directory} is not a saved head (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+            raise StoreFormatError(f"{directory} is not a saved head (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
         values = json.loads(config_path.read_text())
-        if values.get("format") != HEAD_FORMAT:
-            raise FeatstoreError(f"{config_path} is not a featstore head config (format {values.get('format')!r})")
+        if values.get("format") not in READABLE_HEAD_FORMATS:
+            raise StoreFormatError(f"{config_path} is not a featstore head config (format {values.get('format')!r})")
         head = cls(HeadConfig.from_dict(values))
         head.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
         return head.eval()
 
 
-def encoder_identity(store_attrs: dict[str, Any]) -> dict[str, Any]:
-    """What ties a head to its encoder: recorded in the head, checked wherever it is used."""
-    encoder = store_attrs["encoder"]
-    return {key: encoder[key] for key in ("name_or_path", "weights_sha256", "tokenizer_sha256", "hidden_size",
-                                          "num_hidden_states")}
-
-
-def check_compatible(config: HeadConfig, identity: dict[str, Any], available_layers: list[int], where: str) -> None:
+def check_compatible(config: HeadConfig, identity: EncoderIdentity, available_layers: list[int], where: str) -> None:
     """Refuse a store or encoder whose features the head was not trained on."""
     trained = config.encoder
-    if trained.get("weights_sha256") and trained["weights_sha256"] != identity["weights_sha256"]:
-        raise FeatstoreError(f"head '{config.name}' was trained on encoder {trained.get('name_or_path')} (weights "
-                             f"{trained['weights_sha256'][:12]}) but {where} uses {identity['name_or_path']} "
-                             f"(weights {identity['weights_sha256'][:12]}); use features of the same encoder")
-    if config.hidden_size != identity["hidden_size"]:
-        raise FeatstoreError(f"head '{config.name}' expects hidden size {config.hidden_size} but {where} has "
-                             f"{identity['hidden_size']}")
+    if trained.weights_sha256 and trained.weights_sha256 != identity.weights_sha256:
+        raise IncompatibleHeadError(f"head '{config.name}' was trained on encoder {trained.name_or_path} (weights "
+                                    f"{trained.weights_sha256[:12]}) but {where} uses {identity.name_or_path} "
+                                    f"(weights {(identity.weights_sha256 or '?')[:12]}); use features of the same "
+                                    "encoder")
+    if config.hidden_size != identity.hidden_size:
+        raise IncompatibleHeadError(f"head '{config.name}' expects hidden size {config.hidden_size} but {where} has "
+                                    f"{identity.hidden_size}")
     missing = [layer for layer in config.layers if layer not in available_layers]
     if missing:
-        raise FeatstoreError(f"head '{config.name}' reads layers {config.layers} but {where} lacks {missing} "
-                             f"(it has {available_layers})")
+        raise IncompatibleHeadError(f"head '{config.name}' reads layers {config.layers} but {where} lacks {missing} "
+                                    f"(it has {available_layers})")

@@ -1,15 +1,11 @@
 """Task metrics: entity-level micro F1 (seqeval) for tagging, accuracy and macro F1 for
-classification, Pearson/Spearman for regression. Each task has one primary metric for early stopping."""
+classification, Pearson/Spearman for regression (each task's primary metric is named in tasks.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import numpy as np
-
-from .config import REGRESSION, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION
-
-PRIMARY_METRIC = {TOKEN_CLASSIFICATION: "f1", SEQUENCE_CLASSIFICATION: "accuracy", REGRESSION: "pearson"}
 
 
 def tagging_metrics(gold: Sequence[Sequence[str]], predicted: Sequence[Sequence[str]]) -> dict[str, float]:

@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from featstore import Example, FeatstoreError, FrozenEncoder, collate_features
+from featstore import Example, FrozenEncoder, collate_features
+from featstore.errors import ConfigError
 from featstore.store.reader import SequenceFeatures
 
-from .config import REGRESSION, TOKEN_CLASSIFICATION
+from .config import EncoderIdentity
 from .head import Head, check_compatible
 
 
@@ -26,12 +27,11 @@ class Predictor:
     def __init__(self, head: str | Path | Head, model: str | None = None, device: str | None = None,
                  max_batch_tokens: int = 8192) -> None:
         self.head = head if isinstance(head, Head) else Head.from_pretrained(head)
-        trained = self.head.config.encoder
-        self.encoder = FrozenEncoder.load(model or trained.get("name_or_path"), device=device,
-                                          dtype=trained.get("storage_dtype"))
-        described = self.encoder.describe()
-        check_compatible(self.head.config, described, list(range(self.encoder.num_hidden_states)),
-                         f"encoder {self.encoder.name_or_path}")
+        config = self.head.config
+        self.encoder = FrozenEncoder.load(model or config.encoder.name_or_path, device=device,
+                                          dtype=config.extraction.storage_dtype)
+        check_compatible(config, EncoderIdentity.of(self.encoder.describe()),
+                         list(range(self.encoder.num_hidden_states)), f"encoder {self.encoder.name_or_path}")
         self.head.to(self.encoder.device).eval()
         self.max_batch_tokens = max_batch_tokens
 
@@ -40,13 +40,13 @@ class Predictor:
         for index, item in enumerate(inputs):
             if isinstance(item, str):
                 if not item.strip():
-                    raise FeatstoreError(f"input {index} is empty")
+                    raise ConfigError(f"input {index} is empty")
                 # Token tasks label words: raw text is split on whitespace into words.
-                is_token_task = self.head.config.task == TOKEN_CLASSIFICATION
-                examples.append(Example(words=tuple(item.split())) if is_token_task else Example(text=item))
+                per_word = self.head.config.task_def.per_word
+                examples.append(Example(words=tuple(item.split())) if per_word else Example(text=item))
             else:
                 if not item:
-                    raise FeatstoreError(f"input {index} has no words")
+                    raise ConfigError(f"input {index} has no words")
                 examples.append(Example(words=tuple(item)))
         return examples
 
@@ -56,8 +56,8 @@ class Predictor:
 
     @torch.no_grad()
     def _outputs(self, examples: list[Example], batch_size: int) -> list[torch.Tensor]:
-        trained = self.head.config.encoder
-        sequences = self.encoder.tokenize(examples, trained.get("max_length"), trained.get("stride"))
+        extraction = self.head.config.extraction
+        sequences = self.encoder.tokenize(examples, extraction.max_length, extraction.stride)
         results: list[torch.Tensor] = []
         for start in range(0, len(sequences), batch_size):
             chunk = sequences[start: start + batch_size]
@@ -82,17 +82,8 @@ class Predictor:
         records = []
         examples = self._examples(inputs)
         for item, example, output in zip(inputs, examples, self._outputs(examples, batch_size)):
-            if config.task == TOKEN_CLASSIFICATION:
-                probabilities = output.softmax(-1)
-                records.append({"words": list(example.words),
-                                "tags": [config.label_names[i] for i in probabilities.argmax(-1).tolist()],
-                                "scores": [round(p, 6) for p in probabilities.max(-1).values.tolist()]})
-            elif config.task == REGRESSION:
-                records.append({"input": item, "value": float(output)})
-            else:
-                probabilities = output.softmax(-1).tolist()
-                records.append({"input": item, "label": config.label_names[int(np.argmax(probabilities))],
-                                "probabilities": dict(zip(config.label_names, probabilities))})
+            prefix = {"words": list(example.words)} if config.task_def.per_word else {"input": item}
+            records.append({**prefix, **config.task_def.record(output, config.label_names)})
         return records
 
 
@@ -100,10 +91,10 @@ def read_inputs(path: str | Path) -> list[str | list[str]]:
     """JSONL lines with "words" (a list) or "text"; or a text file with one input per line."""
     path = Path(path)
     if not path.is_file():
-        raise FeatstoreError(f"input file {path} does not exist")
+        raise ConfigError(f"input file {path} does not exist")
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not lines:
-        raise FeatstoreError(f"input file {path} is empty")
+        raise ConfigError(f"input file {path} is empty")
     if path.suffix.lower() not in (".jsonl", ".json"):
         return lines
     inputs: list[str | list[str]] = []
@@ -111,9 +102,9 @@ def read_inputs(path: str | Path) -> list[str | list[str]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            raise FeatstoreError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+            raise ConfigError(f"{path}:{number}: not valid JSON ({error.msg})") from None
         value = record.get("words", record.get("tokens", record.get("text"))) if isinstance(record, dict) else None
         if not isinstance(value, (str, list)):
-            raise FeatstoreError(f"{path}:{number}: expected an object with \"words\" (a list) or \"text\"")
+            raise ConfigError(f"{path}:{number}: expected an object with \"words\" (a list) or \"text\"")
         inputs.append(value)
     return inputs

@@ -18,15 +18,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
-from featstore import FeatstoreError, Store, collate_features, open_store
+from featstore import Store, collate_features, open_store
+from featstore.errors import ConfigError, IncompatibleHeadError
 from featstore.store.reader import SequenceFeatures, compact_columns
 
-from .config import REGRESSION, SINGLE_LAYER_HEADS, TOKEN_CLASSIFICATION, HeadConfig
-from .head import Head, check_compatible, encoder_identity
-from .metrics import PRIMARY_METRIC, classification_metrics, regression_metrics, tagging_metrics
+from .config import SINGLE_LAYER_HEADS, EncoderIdentity, ExtractionIdentity, HeadConfig
+from .head import Head, check_compatible
 
 logger = logging.getLogger(__name__)
 
@@ -96,23 +95,17 @@ def build_head_config(spec: dict[str, Any], store: Store) -> HeadConfig:
     layers = spec.pop("layers", None)
     if layers is None:
         layers = store.layers[-1:] if head_type in SINGLE_LAYER_HEADS else store.layers
-    count = int(store.attrs["encoder"]["num_hidden_states"])
-    layers = sorted(layer % count if -count <= layer < count else layer for layer in layers)
+    encoder = store.manifest.encoder
+    layers = sorted(resolved if (resolved := encoder.resolve_layer(layer)) is not None else layer for layer in layers)
     store.layer_columns(layers)  # raises a clear error for layers the store lacks
-    identity = {**encoder_identity(store.attrs), **{key: store.attrs["extraction"][key]
-                                                    for key in ("max_length", "stride", "storage_dtype")}}
     try:
         return HeadConfig(head_type=head_type, task=store.task, hidden_size=store.hidden_size, layers=layers,
-                          label_names=store.label_names, name=spec.pop("name", head_type), encoder=identity,
+                          label_names=store.label_names, name=spec.pop("name", head_type),
+                          encoder=EncoderIdentity.of(encoder),
+                          extraction=ExtractionIdentity.of(store.manifest.extraction),
                           store_fingerprint=store.fingerprint, **spec)
     except (TypeError, ValueError) as error:
-        raise FeatstoreError(f"bad head spec {spec}: {error}") from None
-
-
-def _loss(config: HeadConfig, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    if config.task == REGRESSION:
-        return nn.functional.mse_loss(output, labels.float())
-    return nn.functional.cross_entropy(output.reshape(-1, output.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        raise ConfigError(f"bad head spec {spec}: {error}") from None
 
 
 def _batches(items: Iterable[SequenceFeatures], batch_size: int) -> Iterator[dict[str, Any]]:
@@ -137,7 +130,7 @@ def _label_map(head_labels: list[str] | None, store: Store) -> np.ndarray | None
         return None
     unknown = [name for name in store.label_names if name not in head_labels]
     if unknown:
-        raise FeatstoreError(f"store {store.path} has labels {unknown} the head was not trained on "
+        raise IncompatibleHeadError(f"store {store.path} has labels {unknown} the head was not trained on "
                              f"(head labels: {head_labels})")
     return np.array([head_labels.index(name) for name in store.label_names])
 
@@ -154,7 +147,7 @@ def evaluate_heads(heads: list[Head], store: Store, batch_size: int = 64, device
                    ) -> list[dict[str, Any]]:
     """Metrics of each head on a store, in one pass over it; also returns predictions per corpus row."""
     if not store.labeled:
-        raise FeatstoreError(f"store {store.path} holds no labels; it cannot be used for evaluation")
+        raise ConfigError(f"store {store.path} holds no labels; it cannot be used for evaluation")
     layers = sorted({layer for head in heads for layer in head.config.layers})
     columns = [_columns(head.config.layers, layers) for head in heads]
     mappings = [_label_map(head.config.label_names, store) for head in heads]
@@ -166,35 +159,16 @@ def evaluate_heads(heads: list[Head], store: Store, batch_size: int = 64, device
         labels = batch["labels"]
         rows = batch["index"].tolist()
         for k, head in enumerate(heads):
+            task = head.config.task_def
             hidden, mask, word_ids = _head_inputs(batch, columns[k], device)
-            output = head(hidden, mask, word_ids, labels.shape[1] if labels.dim() == 2 else None).cpu()
-            gold_k = _remap(labels, mappings[k])
-            for i, row in enumerate(rows):
-                if head.config.task == TOKEN_CLASSIFICATION:
-                    keep = gold_k[i] != -100
-                    predictions[k][row] = output[i][keep].argmax(-1).tolist()
-                    gold.setdefault(row, gold_k[i][keep].tolist())
-                elif head.config.task == REGRESSION:
-                    predictions[k][row] = float(output[i])
-                    gold.setdefault(row, float(gold_k[i]))
-                else:
-                    predictions[k][row] = int(output[i].argmax())
-                    gold.setdefault(row, int(gold_k[i]))
-    results = []
+            output = head(hidden, mask, word_ids, task.num_words(labels)).cpu()
+            for row, (gold_row, predicted_row) in zip(rows, task.rows(output, _remap(labels, mappings[k]))):
+                predictions[k][row] = predicted_row
+                gold.setdefault(row, gold_row)
     order = sorted(gold)
-    for head, predicted in zip(heads, predictions):
-        config = head.config
-        if config.task == TOKEN_CLASSIFICATION:
-            names = config.label_names
-            metrics = tagging_metrics([[names[i] for i in gold[row]] for row in order],
-                                      [[names[i] for i in predicted[row]] for row in order])
-        elif config.task == REGRESSION:
-            metrics = regression_metrics(np.array([gold[r] for r in order]), np.array([predicted[r] for r in order]))
-        else:
-            metrics = classification_metrics(np.array([gold[r] for r in order]),
-                                             np.array([predicted[r] for r in order]), config.num_outputs)
-        results.append({"metrics": metrics, "predictions": predicted})
-    return results
+    return [{"metrics": head.config.task_def.metrics([gold[row] for row in order], [predicted[row] for row in order],
+                                                     head.config.label_names),
+             "predictions": predicted} for head, predicted in zip(heads, predictions)]
 
 
 def _columns(head_layers: list[int], batch_layers: list[int]) -> slice | list[int]:
@@ -207,17 +181,17 @@ class Trainer:
         self.out = Path(config.out)
         self.store = open_store(config.store)
         if not self.store.labeled:
-            raise FeatstoreError(f"store {config.store} holds no labels; extract a labeled corpus to train heads")
+            raise ConfigError(f"store {config.store} holds no labels; extract a labeled corpus to train heads")
         self.eval_store = open_store(config.eval_store) if config.eval_store else None
         if not config.heads:
-            raise FeatstoreError("no heads to train: list at least one head")
+            raise ConfigError("no heads to train: list at least one head")
         head_configs = [build_head_config(spec, self.store) for spec in config.heads]
         names = [head.name for head in head_configs]
         if len(set(names)) != len(names):
-            raise FeatstoreError(f"head names must be unique, got {names}; give each head a 'name'")
+            raise ConfigError(f"head names must be unique, got {names}; give each head a 'name'")
         if self.eval_store is not None:
             for head in head_configs:
-                check_compatible(head, encoder_identity(self.eval_store.attrs), self.eval_store.layers,
+                check_compatible(head, EncoderIdentity.of(self.eval_store.manifest.encoder), self.eval_store.layers,
                                  f"eval store {config.eval_store}")
         self.layers = sorted({layer for head in head_configs for layer in head.layers})
         self.steps_per_epoch = -(-len(self.store) // config.batch_size)
@@ -268,9 +242,10 @@ class Trainer:
     def _step(self, run: HeadRun, batch: dict[str, Any]) -> float:
         hidden, mask, word_ids = _head_inputs(batch, run.columns, self.config.device)
         labels = batch["labels"].to(self.config.device)
+        task = run.head.config.task_def
         with run.own_rng():
-            output = run.head(hidden, mask, word_ids, labels.shape[1] if labels.dim() == 2 else None)
-            loss = _loss(run.head.config, output, labels)
+            output = run.head(hidden, mask, word_ids, task.num_words(labels))
+            loss = task.loss(output, labels)
             run.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             run.optimizer.step()
@@ -287,7 +262,7 @@ class Trainer:
             results = evaluate_heads([run.head for run in active], self.eval_store, self.config.batch_size * 2,
                                      self.config.device)
             for run, result in zip(active, results):
-                metric = result["metrics"][PRIMARY_METRIC[run.head.config.task]]
+                metric = result["metrics"][run.head.config.task_def.primary_metric]
                 improved = metric > run.best
                 if improved:
                     run.best, run.best_epoch, run.bad_epochs = metric, epoch + 1, 0
@@ -320,13 +295,13 @@ class Trainer:
     def _load_state(self) -> None:
         path = self.out / STATE_NAME
         if not path.is_file():
-            raise FeatstoreError(f"--resume: no checkpoint at {path}; start without --resume")
+            raise ConfigError(f"--resume: no checkpoint at {path}; start without --resume")
         state = torch.load(path, weights_only=False)
         saved = {key: value for key, value in state["config"].items() if key not in ("resume", "progress")}
         current = {key: value for key, value in asdict(self.config).items() if key not in ("resume", "progress")}
         if saved != current:
             differing = sorted(key for key in current if saved.get(key) != current[key])
-            raise FeatstoreError(f"--resume: {path} was written by a run with different settings ({differing})")
+            raise ConfigError(f"--resume: {path} was written by a run with different settings ({differing})")
         for run, saved_run in zip(self.runs, state["runs"]):
             run.head.load_state_dict(saved_run["head"])
             run.optimizer.load_state_dict(saved_run["optimizer"])

@@ -13,7 +13,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from featstore.extraction.encoder import packaged_minilm_path
+from featstore.extraction.models import packaged_minilm_path
 
 TINY_MAX_POSITIONS = 48  # small, so ordinary test sentences need windows
 WORDS = tuple(

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from featstore import ExtractConfig, FeatstoreError, extract, open_store, verify_store
-from featstore.store import format as fmt
 from featstore.cli import main
 from featstore.extraction.corpus import CorpusSpec
+from featstore.store import format as fmt
 from featstore.store.backends import open_backend
 
 
@@ -127,7 +127,8 @@ def test_verify_reports_non_finite_hidden_states_even_when_checksummed(tiny_mode
     rows = store.read(fmt.HIDDEN_STATES, 70, 71)
     rows[0, 0, 0] = np.nan
     store.write(fmt.HIDDEN_STATES, 70, rows)
-    attrs = store.get_attrs()
-    store.set_attrs({**attrs, "integrity": compute_checksums(store, attrs["layout"]["block_tokens"])})
+    manifest = store.get_manifest()
+    manifest.integrity = compute_checksums(store, manifest.layout.block_tokens)
+    store.set_manifest(manifest)
     store.close()
     assert verify_store(out) == ["hidden_states tokens 64..128 hold NaN or infinite values"]

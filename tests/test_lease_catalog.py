@@ -14,8 +14,9 @@ import pytest
 
 from featstore import Catalog, ExtractConfig, FeatstoreError, extract
 from featstore.cli import main
+from featstore.errors import LeaseHeldError
 from featstore.extraction.corpus import CorpusSpec
-from featstore.sharing.lease import Lease, LeaseHeld, lock_location, read_lease
+from featstore.sharing.lease import Lease, lock_location, read_lease
 from featstore.sharing.location import resolve
 
 
@@ -35,7 +36,7 @@ def _write_lease(target, **fields) -> None:
 def test_a_second_lease_waits_then_takes_over_a_released_one(tmp_path):
     target = resolve(str(tmp_path / "s.zarr"))
     first = Lease(target, "first").acquire()
-    with pytest.raises(LeaseHeld, match=r"locked by pid \d+ on .*\(first, since"):
+    with pytest.raises(LeaseHeldError, match=r"locked by pid \d+ on .*\(first, since"):
         Lease(target, "second").acquire()
     released = []
 

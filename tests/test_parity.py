@@ -13,8 +13,8 @@ def _reference(model_path: str, store, corpus, layers):
     """Plain transformers calls, one window at a time, assembled with the store's recorded window map."""
     model = AutoModel.from_pretrained(model_path, dtype=torch.float32).eval()
     encoder = FrozenEncoder.load(model_path, device="cpu", dtype="float32")
-    extraction = store.attrs["extraction"]
-    sequences = encoder.tokenize(corpus.examples, extraction["max_length"], extraction["stride"])
+    extraction = store.manifest.extraction
+    sequences = encoder.tokenize(corpus.examples, extraction.max_length, extraction.stride)
     expected = []
     with torch.inference_mode():
         for sequence in sequences:
@@ -32,7 +32,7 @@ def test_float32_store_matches_live_encoder_including_windows(tiny_models, conll
                           dtype="float32", max_batch_tokens=512, progress=False))
     corpus = load_corpus(str(conll_corpus))
     with open_store(out) as store:
-        assert store.attrs["counts"]["num_windowed_sequences"] > 0
+        assert store.manifest.counts.num_windowed_sequences > 0
         sequences, expected = _reference(tiny_models[family], store, corpus, store.layers)
         for row, (sequence, want) in enumerate(zip(sequences, expected)):
             got = store.sequence(row)
@@ -50,9 +50,9 @@ def test_store_is_bitwise_the_live_encoder_output_for_the_same_batches(tiny_mode
                           dtype="float32", backend="hdf5", max_batch_tokens=10**6, progress=False))
     encoder = FrozenEncoder.load(tiny_models["bert"], device="cpu", dtype="float32")
     with open_store(out) as store:
-        extraction = store.attrs["extraction"]
+        extraction = store.manifest.extraction
         corpus = load_corpus(str(conll_corpus))
-        sequences = encoder.tokenize(corpus.examples, extraction["max_length"], extraction["stride"])
+        sequences = encoder.tokenize(corpus.examples, extraction.max_length, extraction.stride)
         ordered = [sequences[row] for row in store.sequence_index]
         live = encoder.forward(ordered, store.layers).numpy()  # one batch, as the extraction ran it
         stored = np.concatenate([store.sequence(int(row)).hidden_states for row in store.sequence_index])
@@ -66,7 +66,7 @@ def test_packaged_minilm_float16_store_matches_live_encoder(minilm_path, conll_c
     corpus = load_corpus(str(conll_corpus))
     with open_store(out) as store:
         assert store.storage_dtype == "float16" and store.layers == [0, 3, 6]
-        assert store.attrs["counts"]["num_windowed_sequences"] > 0
+        assert store.manifest.counts.num_windowed_sequences > 0
         _sequences, expected = _reference(minilm_path, store, corpus, [0, 3, 6])
         for row, want in enumerate(expected):
             got = store.sequence(row).hidden_states
@@ -83,7 +83,7 @@ def test_bfloat16_storage_round_trips(tiny_models, conll_corpus, tmp_path):
     encoder = FrozenEncoder.load(tiny_models["bert"], device="cpu", dtype="float32")
     corpus = load_corpus(str(conll_corpus))
     with open_store(out) as store:
-        assert store.storage_dtype == "bfloat16" and store.attrs["extraction"]["compute_dtype"] == "float32"
+        assert store.storage_dtype == "bfloat16" and store.manifest.extraction.compute_dtype == "float32"
         got = store.sequence(0).hidden_states
         assert got.dtype == np.float32
         want = encoder.forward(encoder.tokenize(corpus.examples[:1]), store.layers).numpy()

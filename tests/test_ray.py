@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featstore import ExtractConfig, extract, open_store, verify_store
+from featstore import ExtractConfig, ExtractSpec, extract, open_store, verify_store
 from featstore.extraction.corpus import CorpusSpec
 from featstore.extraction.encoder import FrozenEncoder
-from featstore.extraction.extract import StoragePlan
+from featstore.extraction.plan import ExtractionPlan
 from featstore.extraction.ray_engine import plan_shares
 from tests.conftest import _random_sentences, write_conll
 from tests.test_service import Service, corpus_file
@@ -27,8 +27,9 @@ def test_shares_cover_every_row_once_on_block_boundaries(tiny_models, conll_corp
     from featstore.extraction.corpus import load_corpus
 
     encoder = FrozenEncoder.load(tiny_models["bert"])
-    plan = StoragePlan.build(encoder.tokenize(load_corpus(CorpusSpec(str(conll_corpus))).examples, 48, 12))
-    batches = list(plan.batches(3, 64))
+    spec = ExtractSpec(out="unused", max_length=48, stride=12, max_batch_tokens=64)
+    plan = ExtractionPlan.build(spec, load_corpus(CorpusSpec(str(conll_corpus))), encoder)
+    batches = plan.batches(3)
     for block in (16, 50, 10_000):
         shares = plan_shares(plan.token_offsets, batches, 3, block, 5, plan.sequences)
         assert shares[0].start == plan.token_offsets[3] and shares[-1].stop == plan.num_tokens

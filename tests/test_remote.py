@@ -15,13 +15,14 @@ import pytest
 import s3fs
 
 from featstore import ExtractConfig, FeatstoreError, extract, open_store, verify_store
-from featstore.store import format as fmt
 from featstore.cli import main
+from featstore.errors import LeaseHeldError
 from featstore.extraction.corpus import CorpusSpec
 from featstore.sharing.catalog import Catalog
-from featstore.sharing.lease import Lease, LeaseHeld, lock_location
+from featstore.sharing.lease import Lease, lock_location
 from featstore.sharing.location import resolve
 from featstore.sharing.transfer import copy_store
+from featstore.store import format as fmt
 from featstore.store.backends import detect_backend, open_backend
 from heads.cli import main as heads_main
 from tests.conftest import _random_sentences, write_conll
@@ -123,12 +124,12 @@ def test_catalog_reuses_a_complete_store_and_misses_on_different_content(s3_root
     assert first.path.startswith(f"{root}/tiny-bert/train-") and first.path.endswith(".zarr")
     assert not first.reused
     with open_store(first.path) as store:
-        completed = store.attrs["extraction"]["completed_at"]
+        completed = store.manifest.extraction.completed_at
     hit = _extract(tiny_models["bert"], conll_corpus, catalog=root, out=f"{s3_root}/elsewhere.zarr")
     assert hit.reused and hit.path == first.path and hit.encode_seconds == 0
     assert not resolve(f"{s3_root}/elsewhere.zarr").exists()
     with open_store(first.path) as store:
-        assert store.attrs["extraction"]["completed_at"] == completed
+        assert store.manifest.extraction.completed_at == completed
     miss = _extract(tiny_models["bert"], conll_corpus, catalog=root, layers=[-1])
     assert not miss.reused and miss.path != first.path and miss.fingerprint != first.fingerprint
 
@@ -216,7 +217,7 @@ def test_half_written_store_is_refused_listed_and_collected(s3_root, tiny_models
 
 def test_a_live_lease_blocks_a_second_writer_and_a_stale_one_is_recovered(s3_root, tiny_models, conll_corpus):
     target = resolve(f"{s3_root}/locked.zarr")
-    with Lease(target, "another extraction"), pytest.raises(LeaseHeld, match=r"locked by pid \d+ on .*another "):
+    with Lease(target, "another extraction"), pytest.raises(LeaseHeldError, match=r"locked by pid \d+ on .*another "):
         _extract(tiny_models["bert"], conll_corpus, target.url)
     # a crashed holder: its process is gone (same host) ...
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

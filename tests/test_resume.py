@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from featstore import FeatstoreError, open_store, verify_store
-from featstore.store import format as fmt
 from featstore.cli import main
+from featstore.store import format as fmt
 from featstore.store.backends import open_backend
 from tests.conftest import _random_sentences, write_conll
 

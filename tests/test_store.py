@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from featstore import ExtractConfig, collate_features, extract, open_store
-from featstore.store import format as fmt
 from featstore.extraction.corpus import CorpusSpec
+from featstore.store import format as fmt
 from featstore.store.reader import pool_words
 
 
@@ -128,12 +128,12 @@ def test_text_classification_store(tiny_models, tmp_path):
 
 
 def test_rerun_of_a_complete_store_is_a_no_op(stores, tiny_models, conll_corpus):
-    before = open_store(stores["zarr"]).attrs["extraction"]["completed_at"]
+    before = open_store(stores["zarr"]).manifest.extraction.completed_at
     result = extract(ExtractConfig(out=stores["zarr"], model=tiny_models["roberta"],
                                    corpus=CorpusSpec(str(conll_corpus)),
                           block_tokens=256, chunk_tokens=64, progress=False))
     assert result.already_complete
-    assert open_store(stores["zarr"]).attrs["extraction"]["completed_at"] == before
+    assert open_store(stores["zarr"]).manifest.extraction.completed_at == before
 
 
 def test_direct_shard_reads_equal_zarr_python_reads(stores):
@@ -156,13 +156,13 @@ def test_explicit_truncation_is_recorded_and_keeps_labels_aligned(tiny_models, c
                                 corpus=CorpusSpec(str(conll_corpus)), progress=False)).path
     corpus = load_corpus(str(conll_corpus))
     with open_store(out) as store:
-        assert store.attrs["extraction"]["truncation"] is True
-        truncated = store.attrs["counts"]["num_truncated_sequences"]
-        assert truncated > 0 and store.attrs["counts"]["num_windowed_sequences"] == 0
+        assert store.manifest.extraction.truncation is True
+        truncated = store.manifest.counts.num_truncated_sequences
+        assert truncated > 0 and store.manifest.counts.num_windowed_sequences == 0
         shortened = 0
         for row in range(len(store)):
             item = store.sequence(row)
-            assert len(item.input_ids) <= store.attrs["extraction"]["max_length"]
+            assert len(item.input_ids) <= store.manifest.extraction.max_length
             gold = corpus.examples[row].label
             assert list(item.labels) == list(gold[: item.num_words])
             shortened += item.num_words < len(gold)
@@ -175,5 +175,5 @@ def test_checksums_taken_while_writing_equal_checksums_of_the_stored_bytes(store
 
     for path in stores.values():
         with open_store(path) as store:
-            recorded = store.attrs["integrity"]
-            assert compute_checksums(store.backend, recorded["block_rows"]) == recorded
+            recorded = store.manifest.integrity
+            assert compute_checksums(store.backend, recorded.block_rows) == recorded

@@ -24,19 +24,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featstore import ExtractConfig, FrozenEncoder, extract, load_corpus, open_store
-from featstore.store import format as fmt
+from featstore import ExtractConfig, ExtractSpec, FrozenEncoder, extract, load_corpus, open_store
 from featstore.extraction.corpus import CorpusSpec
-from featstore.extraction.extract import StoragePlan
+from featstore.extraction.plan import ExtractionPlan
+from featstore.store import format as fmt
 
 
 def bare_forward_tokens_per_second(model: str | None, corpus_path: str, max_batch_tokens: int, device: str | None,
                                    dtype: str | None) -> tuple[float, int]:
     encoder = FrozenEncoder.load(model, device=device, dtype=dtype)
-    plan = StoragePlan.build(encoder.tokenize(load_corpus(corpus_path).examples))
+    spec = ExtractSpec(out="unused", model=model, max_batch_tokens=max_batch_tokens, dtype=dtype or "float16")
+    plan = ExtractionPlan.build(spec, load_corpus(corpus_path), encoder)
     started = time.perf_counter()
     with torch.inference_mode():
-        for batch in plan.batches(0, max_batch_tokens):
+        for batch in plan.batches():
             windows = [window for sequence in plan.sequences[batch.start:batch.stop] for window in sequence.windows]
             encoder.hidden_states(windows)
             if encoder.device.type == "cuda":

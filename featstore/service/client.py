@@ -12,7 +12,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..errors import FeatstoreError
+from ..errors import ConfigError, ServiceError
 
 SERVER_ENV = "FEATSTORE_SERVER"
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -22,7 +22,7 @@ class ServiceClient:
     def __init__(self, server: str | None = None, token: str | None = None, timeout: float = 30.0) -> None:
         self.server = (server or os.environ.get(SERVER_ENV) or "").rstrip("/")
         if not self.server:
-            raise FeatstoreError(f"no service address: pass --server URL or set {SERVER_ENV}")
+            raise ConfigError(f"no service address: pass --server URL or set {SERVER_ENV}")
         self.token = token or os.environ.get("FEATSTORE_SERVICE_TOKEN")
         self.timeout = timeout
 
@@ -41,9 +41,9 @@ class ServiceClient:
             detail = error.read().decode(errors="replace")
             with contextlib.suppress(ValueError, AttributeError):
                 detail = json.loads(detail).get("detail", detail)
-            raise FeatstoreError(f"{self.server} refused {method} {path}: HTTP {error.code}: {detail}") from None
+            raise ServiceError(f"{self.server} refused {method} {path}: HTTP {error.code}: {detail}") from None
         except urllib.error.URLError as error:
-            raise FeatstoreError(f"cannot reach the service at {self.server}: {error.reason}") from None
+            raise ServiceError(f"cannot reach the service at {self.server}: {error.reason}") from None
 
     def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
         return self._request("POST", "/v1/jobs", {key: value for key, value in spec.items() if value is not None})

@@ -2,10 +2,10 @@
 
 Jobs live in SQLite (one file in the service's state directory), so queued jobs survive a
 restart; jobs that were running when the service died are queued again at start-up and
-resume through the store's own resume logic. A worker runs each job as a child
-`featstore extract --catalog ROOT --status-file F` process: cancelling is terminating it, a
-GPU is pinned with CUDA_VISIBLE_DEVICES, and the child reports progress through the status
-file (JSON, replaced atomically).
+resume through the store's own resume logic. A worker writes each job's full `ExtractSpec`
+to a file and runs it as a child `featstore extract --spec FILE --status-file F` process:
+cancelling is terminating it, a GPU is pinned with CUDA_VISIBLE_DEVICES, and the child
+reports progress through the status file (status.py).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..extraction.extract import ExtractProgress
+from ..extraction.spec import ExtractSpec
 from ..store.format import canonical_json
 
 logger = logging.getLogger(__name__)
@@ -34,30 +34,8 @@ logger = logging.getLogger(__name__)
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 ACTIVE = (QUEUED, RUNNING)
 POLL_SECONDS = 0.25
-STATUS_WRITE_INTERVAL = 0.5
 TERMINATE_GRACE_SECONDS = 10
-
-
-def write_status(path: str | Path, progress: ExtractProgress) -> None:
-    """Replace the status file atomically (the worker may read it at any moment)."""
-    path = Path(path)
-    temporary = path.with_suffix(f".{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(asdict(progress)))
-    os.replace(temporary, path)
-
-
-class StatusFileWriter:
-    """An `ExtractConfig.on_progress` callback writing at most every STATUS_WRITE_INTERVAL seconds."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path, self.last = path, 0.0
-
-    def __call__(self, progress: ExtractProgress) -> None:
-        now = time.monotonic()
-        if progress.state == "extracting" and now - self.last < STATUS_WRITE_INTERVAL and self.last:
-            return
-        self.last = now
-        write_status(self.path, progress)
+JOB_LOCK_WAIT_SECONDS = 86400.0  # a job waits for another writer of its store rather than fail
 
 
 def job_key(spec: dict[str, Any]) -> str:
@@ -197,26 +175,17 @@ class JobQueue:
             self.db.close()
 
 
-def extract_command(spec: dict[str, Any], catalog: str, status_file: Path, engine_args: list[str]) -> list[str]:
-    """The child process command line for a validated job spec."""
-    command = [sys.executable, "-m", "featstore.cli", "extract", "--catalog", catalog, "--no-progress",
-               "--status-file", str(status_file), "--lock-wait", "86400", *engine_args]
-    options = {"model": "--model", "corpus": "--corpus", "corpus_format": "--corpus-format", "split": "--split",
-               "words_column": "--words-column", "text_column": "--text-column", "label_column": "--label-column",
-               "task": "--task", "dtype": "--dtype", "compute_dtype": "--compute-dtype", "backend": "--backend",
-               "max_length": "--max-length", "stride": "--stride", "max_batch_tokens": "--max-batch-tokens"}
-    for name, flag in options.items():
-        if spec.get(name) is not None:
-            command += [flag, str(spec[name])]
-    if spec.get("layers") is not None:
-        command += ["--layers", ",".join(map(str, spec["layers"]))]
-    if spec.get("label_names"):
-        command += ["--label-names", ",".join(spec["label_names"])]
-    if spec.get("out"):
-        command += ["--out", spec["out"]]
-    if spec.get("truncate"):
-        command.append("--truncate")
-    return command
+def job_extract_spec(spec: dict[str, Any], catalog: str, engine: dict[str, Any]) -> ExtractSpec:
+    """The full extraction spec a job runs: the client's (validated, confined) options plus what the service
+    decides: its catalog, its engine, no progress bar, and waiting for a writer of the same store."""
+    return ExtractSpec.from_dict({**spec, "catalog": catalog, "progress": False, "lock_wait": JOB_LOCK_WAIT_SECONDS,
+                                  **engine}, where="job spec")
+
+
+def extract_command(spec_file: Path, status_file: Path) -> list[str]:
+    """The child process that runs a job: `featstore extract --spec FILE`."""
+    return [sys.executable, "-m", "featstore.cli", "extract", "--spec", str(spec_file), "--status-file",
+            str(status_file)]
 
 
 class Worker(threading.Thread):
@@ -224,10 +193,10 @@ class Worker(threading.Thread):
     actors take the cluster's GPUs)."""
 
     def __init__(self, queue: JobQueue, catalog: str, state_dir: Path, device: int | None, stop: threading.Event,
-                 engine_args: list[str] | None = None) -> None:
+                 engine: dict[str, Any] | None = None) -> None:
         super().__init__(name=f"featstore-worker-{'cpu' if device is None else device}", daemon=True)
         self.queue, self.catalog, self.state_dir, self.device, self.stop = queue, catalog, state_dir, device, stop
-        self.engine_args = engine_args or []
+        self.engine = engine or {}
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -250,8 +219,11 @@ class Worker(threading.Thread):
         if self.device is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(self.device)
         logger.info("job %s: starting on %s", job.id, "cpu" if self.device is None else f"cuda:{self.device}")
+        spec_file = self.state_dir / "specs" / f"{job.id}.json"
+        spec_file.parent.mkdir(parents=True, exist_ok=True)
+        job_extract_spec(job.spec, self.catalog, self.engine).save(spec_file)
         with log_path.open("ab") as log:
-            command = extract_command(job.spec, self.catalog, status_file, self.engine_args)
+            command = extract_command(spec_file, status_file)
             child = subprocess.Popen(command, env=env, stdout=log,
                                      stderr=subprocess.STDOUT, cwd=self.state_dir)
             while child.poll() is None:

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import FeatstoreError
+from ..errors import FeatstoreError, StoreFormatError
 from ..store import format as fmt
-from ..store.backends import read_attrs
+from ..store.backends import read_manifest
+from ..store.manifest import StoreManifest
 from .lease import LEASE_SUFFIX, LeaseInfo, lock_location, read_lease
 from .location import Location, resolve
 
@@ -35,20 +36,20 @@ class CatalogEntry:
 
     location: Location
     kind: str  # "zarr" | "hdf5" | "partial-copy" | "lock-only"
-    attrs: dict[str, Any] | None
+    manifest: StoreManifest | None
     lease: LeaseInfo | None
     size_bytes: int
     error: str | None = None
 
     @property
     def status(self) -> str:
-        if self.error is not None or self.attrs is None:
+        if self.error is not None or self.manifest is None:
             return "unreadable" if self.kind != "partial-copy" else "partial-copy"
-        return str(self.attrs.get("status", "unknown"))
+        return self.manifest.status
 
     @property
     def fingerprint(self) -> str | None:
-        return self.attrs.get("fingerprint") if self.attrs else None
+        return self.manifest.fingerprint if self.manifest else None
 
     @property
     def in_progress(self) -> bool:
@@ -56,17 +57,17 @@ class CatalogEntry:
         return self.lease is not None and self.lease.stale_reason() is None
 
     def summary(self, root: Location) -> dict[str, Any]:
-        attrs = self.attrs or {}
-        encoder, corpus = attrs.get("encoder", {}), attrs.get("corpus", {})
-        extraction, counts = attrs.get("extraction", {}), attrs.get("counts", {})
+        manifest = self.manifest
         status = self.status + (" (in progress)" if self.in_progress and self.status != fmt.STATUS_COMPLETE else "")
         return {
             "path": _relative(root, self.location), "url": self.location.url, "status": status,
-            "encoder": encoder_label(encoder["name_or_path"]) if encoder else None,
-            "corpus": corpus.get("name"), "split": corpus.get("split"),
-            "layers": extraction.get("layers"), "tokens": counts.get("num_tokens"), "size_bytes": self.size_bytes,
-            "created": extraction.get("created_at"), "fingerprint": self.fingerprint, "backend": self.kind,
-            "error": self.error,
+            "encoder": encoder_label(manifest.encoder.name_or_path) if manifest else None,
+            "corpus": manifest.corpus.name if manifest else None,
+            "split": manifest.corpus.split if manifest else None,
+            "layers": manifest.extraction.layers if manifest else None,
+            "tokens": manifest.counts.num_tokens if manifest else None, "size_bytes": self.size_bytes,
+            "created": manifest.extraction.created_at if manifest else None, "fingerprint": self.fingerprint,
+            "backend": self.kind, "error": self.error,
         }
 
 
@@ -116,12 +117,12 @@ class Catalog:
         except OSError:
             size = 0
         try:
-            attrs = read_attrs(location)
+            manifest = read_manifest(location)
+        except StoreFormatError as error:
+            return CatalogEntry(location, kind, None, lease, size, str(error))
         except Exception as error:  # a damaged store is listed, not fatal to the listing
             return CatalogEntry(location, kind, None, lease, size, f"{type(error).__name__}: {error}")
-        if attrs.get("format") != fmt.FORMAT_NAME:
-            return CatalogEntry(location, kind, None, lease, size, "not a featstore store")
-        return CatalogEntry(location, kind, attrs, lease, size)
+        return CatalogEntry(location, kind, manifest, lease, size)
 
     def find_complete(self, fingerprint: str) -> CatalogEntry | None:
         """A complete, sound (quick verify) store with this content fingerprint, if the catalog holds one."""
@@ -137,12 +138,12 @@ class Catalog:
             return entry
         return None
 
-    def default_location(self, attrs: dict[str, Any]) -> Location:
-        corpus = attrs["corpus"]
-        encoder = _slug(encoder_label(attrs["encoder"]["name_or_path"]))
-        name = _slug(corpus.get("name") or "corpus") + (f"-{_slug(corpus['split'])}" if corpus.get("split") else "")
-        suffix = ".zarr" if attrs["layout"]["backend"] == "zarr" else ".h5"
-        return self.root.child(encoder, f"{name}-{attrs['fingerprint'][:12]}{suffix}")
+    def default_location(self, manifest: StoreManifest) -> Location:
+        corpus = manifest.corpus
+        encoder = _slug(encoder_label(manifest.encoder.name_or_path))
+        name = _slug(corpus.name or "corpus") + (f"-{_slug(corpus.split)}" if corpus.split else "")
+        suffix = ".zarr" if manifest.layout.backend == "zarr" else ".h5"
+        return self.root.child(encoder, f"{name}-{manifest.fingerprint[:12]}{suffix}")
 
     def garbage(self) -> list[tuple[CatalogEntry, str]]:
         """Incomplete or abandoned things nobody is working on, with the reason."""
@@ -172,7 +173,7 @@ class Catalog:
 
 def encoder_label(name_or_path: str) -> str:
     """A short name for an encoder: the hub id's or directory's last part; the packaged MiniLM by its name."""
-    from ..extraction.encoder import PACKAGED_MINILM_ALIASES, packaged_minilm_path
+    from ..extraction.models import PACKAGED_MINILM_ALIASES, packaged_minilm_path
 
     try:
         if Path(name_or_path) == Path(packaged_minilm_path()):

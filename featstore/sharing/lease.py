@@ -21,17 +21,13 @@ import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
-from ..errors import FeatstoreError
+from ..errors import LeaseHeldError, LeaseLostError
 from .location import Location
 
 logger = logging.getLogger(__name__)
 
 LEASE_SUFFIX = ".lock"
 DEFAULT_TTL_SECONDS = 60.0
-
-
-class LeaseHeld(FeatstoreError):
-    """Another live process holds the lease."""
 
 
 @dataclass
@@ -88,7 +84,7 @@ class Lease:
             if holder is None:
                 break
             if time.monotonic() >= deadline:
-                raise LeaseHeld(f"{self.target.url} is locked by {holder.describe()}. Wait for it to finish "
+                raise LeaseHeldError(f"{self.target.url} is locked by {holder.describe()}. Wait for it to finish "
                                 "(--lock-wait SECONDS); if that process is gone, its lease goes stale on its own "
                                 f"(remove {self.lock.url} to break it sooner)")
             time.sleep(min(1.0, max(0.05, self.ttl / 20)))
@@ -135,7 +131,7 @@ class Lease:
     def check(self) -> None:
         """Raise if the lease was lost (taken over after this process stalled past its expiry)."""
         if self.lost:
-            raise FeatstoreError(f"stopped writing {self.target.url}: {self.lost}")
+            raise LeaseLostError(f"stopped writing {self.target.url}: {self.lost}")
 
     def release(self) -> None:
         self._stop.set()

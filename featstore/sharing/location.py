@@ -19,7 +19,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from ..errors import FeatstoreError
+from ..errors import ConfigError, StoreError
 
 STORAGE_OPTIONS_ENV = "FEATSTORE_STORAGE_OPTIONS"
 
@@ -31,9 +31,9 @@ def storage_options_from_env() -> dict[str, Any]:
     try:
         options = json.loads(raw)
     except ValueError as error:
-        raise FeatstoreError(f"{STORAGE_OPTIONS_ENV} is not valid JSON: {error}") from None
+        raise ConfigError(f"{STORAGE_OPTIONS_ENV} is not valid JSON: {error}") from None
     if not isinstance(options, dict):
-        raise FeatstoreError(f"{STORAGE_OPTIONS_ENV} must be a JSON object of fsspec storage options")
+        raise ConfigError(f"{STORAGE_OPTIONS_ENV} must be a JSON object of fsspec storage options")
     return options
 
 
@@ -60,7 +60,7 @@ class Location:
 
     def local_path(self) -> Path:
         if not self.is_local:
-            raise FeatstoreError(f"{self.url} is not a local path")
+            raise StoreError(f"{self.url} is not a local path")
         return Path(self.path)
 
     def _at(self, path: str) -> Location:
@@ -121,5 +121,5 @@ def resolve(location: str | Path | Location, storage_options: dict[str, Any] | N
     try:
         fs, path = fsspec.core.url_to_fs(text, **options)
     except (ImportError, ValueError) as error:
-        raise FeatstoreError(f"cannot open {text}: {error} (for s3:// install s3fs)") from None
+        raise ConfigError(f"cannot open {text}: {error} (for s3:// install s3fs)") from None
     return Location(text.rstrip("/"), fs, path.rstrip("/"), options)

@@ -18,9 +18,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..errors import FeatstoreError
+from ..errors import CorruptStoreError, StoreConflictError, StoreFormatError
 from ..store import format as fmt
-from ..store.backends import detect_backend, read_attrs
+from ..store.backends import detect_backend, read_manifest
 from ..store.verify import verify_store
 from .catalog import PARTIAL_SUFFIX
 from .lease import Lease
@@ -39,10 +39,10 @@ def copy_store(source: str | Path | Location, destination: str | Path | Location
     src = resolve(source, storage_options)
     kind = detect_backend(src)
     if kind is None:
-        raise FeatstoreError(f"{src.url} is not a featstore store")
+        raise StoreFormatError(f"{src.url} is not a featstore store")
     problems = verify_store(src, deep=False)
     if problems:
-        raise FeatstoreError(f"refusing to copy {src.url}: " + "; ".join(problems))
+        raise CorruptStoreError(f"refusing to copy {src.url}: " + "; ".join(problems))
     dst = _destination(src, str(destination), storage_options)
     with Lease(dst, "featstore copy"):
         if _already_there(src, dst, overwrite):
@@ -63,8 +63,11 @@ def _destination(src: Location, destination: str, storage_options: dict[str, Any
 
 
 def _fingerprint_and_status(location: Location) -> tuple[str | None, str | None]:
-    attrs = read_attrs(location)
-    return attrs.get("fingerprint"), attrs.get("status")
+    try:
+        manifest = read_manifest(location)
+    except StoreFormatError:
+        return None, None
+    return manifest.fingerprint, manifest.status
 
 
 def _already_there(src: Location, dst: Location, overwrite: bool) -> bool:
@@ -78,7 +81,7 @@ def _already_there(src: Location, dst: Location, overwrite: bool) -> bool:
         if theirs == fingerprint:  # an interrupted earlier copy of the same store: redo it
             return False
     if not overwrite:
-        raise FeatstoreError(f"{dst.url} already exists and holds something else; choose another destination "
+        raise StoreConflictError(f"{dst.url} already exists and holds something else; choose another destination "
                              "or pass --overwrite to replace it")
     dst.remove(recursive=True)
     return False
@@ -108,7 +111,7 @@ def _copy_zarr(src: Location, dst: Location, progress: bool) -> None:
     copied.pop("zarr.json", None)
     differing = sorted(key for key in objects if copied.get(key) != objects[key])
     if differing:
-        raise FeatstoreError(f"copy to {dst.url} is incomplete ({len(differing)} objects differ in size, e.g. "
+        raise CorruptStoreError(f"copy to {dst.url} is incomplete ({len(differing)} objects differ in size, e.g. "
                              f"{differing[0]}); it stays marked incomplete; re-run the copy")
     _check(dst, expect_complete=False)
     dst.child("zarr.json").write_bytes(root_metadata)
@@ -131,5 +134,5 @@ def _copy_file(src: Location, dst: Location, progress: bool) -> None:
 def _check(location: Location, expect_complete: bool) -> None:
     problems = verify_store(location, deep=True, expect_complete=expect_complete)
     if problems:
-        raise FeatstoreError(f"the copy at {location.url} failed verification and is not marked complete: "
+        raise CorruptStoreError(f"the copy at {location.url} failed verification and is not marked complete: "
                              + "; ".join(problems) + "; re-run the copy")

@@ -1,7 +1,7 @@
 """The store format: names, dtypes, attributes and the fingerprint rule (docs/store-format.md).
 
-Kept small and strict on purpose (like safetensors): a reader accepts any store of
-the same major version and refuses a newer major version with a clear message.
+Kept small and strict on purpose (like safetensors). The attributes' typed form, and the
+fingerprint rule, are in manifest.py.
 """
 
 from __future__ import annotations
@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 from typing import Any
-
-from ..errors import FeatstoreError
 
 FORMAT_NAME = "featstore"
 FORMAT_VERSION = "1.1"
@@ -31,19 +29,10 @@ WORD_LABELS = "word_labels"  # (num_words,) int32, token classification only
 LABELS = "labels"  # (num_sequences,) int64 (classification) or float32 (regression)
 PROGRESS = "progress"  # (2,) int64: committed sequences, committed tokens
 
+BACKEND_NAMES = ("zarr", "hdf5")  # a Zarr v3 group (a directory) or an HDF5 file
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")
 # numpy has no bfloat16: its raw bits are stored as uint16 and decoded by the reader.
 NUMPY_STORAGE_DTYPE = {"float16": "float16", "bfloat16": "uint16", "float32": "float32"}
-
-# Inputs to the fingerprint: everything that determines the stored values, nothing that
-# only determines where or how fast they were written (paths, device, backend, chunking,
-# batch token budget). See docs/store-format.md, "Fingerprint".
-FINGERPRINT_FIELDS = (
-    "format_major", "encoder_weights_sha256", "encoder_config_sha256", "tokenizer_sha256",
-    "corpus_fingerprint", "layers", "compute_dtype", "storage_dtype", "max_length", "stride",
-    "truncation", "window_rule",
-)
-
 
 def canonical_json(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
@@ -53,27 +42,5 @@ def sha256_json(value: Any) -> str:
     return hashlib.sha256(canonical_json(value)).hexdigest()
 
 
-def fingerprint(inputs: dict[str, Any]) -> str:
-    """Content fingerprint: sha256 of the canonical JSON of exactly FINGERPRINT_FIELDS."""
-    missing = [name for name in FINGERPRINT_FIELDS if name not in inputs]
-    if missing:
-        raise ValueError(f"fingerprint inputs lack {missing}")
-    return sha256_json({name: inputs[name] for name in FINGERPRINT_FIELDS})
-
-
 def format_major(version: str) -> int:
     return int(str(version).split(".")[0])
-
-
-def check_compatible(attrs: dict[str, Any], where: str) -> None:
-    """Refuse stores this version cannot read, with what to do about it."""
-    if attrs.get("format") != FORMAT_NAME:
-        raise FeatstoreError(f"{where} is not a featstore store (no featstore attributes)")
-    version = attrs.get("format_version", "?")
-    try:
-        major = format_major(version)
-    except ValueError:
-        raise FeatstoreError(f"{where} has an unreadable format version {version!r}") from None
-    if major > format_major(FORMAT_VERSION):
-        raise FeatstoreError(f"{where} uses store format {version}, newer than this featstore supports "
-                             f"({FORMAT_VERSION}); upgrade featstore to read it")

@@ -11,11 +11,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import numpy as np
 
 from .backends import StoreBackend
+from .manifest import Integrity
 
 ALGORITHM = "sha256"
 
@@ -48,7 +48,7 @@ def block_digests(start: int, rows: np.ndarray, block_rows: int, total_rows: int
 
 
 def compute_checksums(backend: StoreBackend, block_rows: int, known: dict[str, dict[int, str]] | None = None
-                      ) -> dict[str, Any]:
+                      ) -> Integrity:
     """The `integrity` attribute for the store's content. `known` digests (computed by the writers from the
     data they wrote) are used as they are; every other block is read back and hashed."""
     known = known or {}
@@ -62,17 +62,17 @@ def compute_checksums(backend: StoreBackend, block_rows: int, known: dict[str, d
                 return given[block[0]] if block[0] in given else _digest(backend, name, *block[1:])
 
             arrays[name] = list(pool.map(digest, _blocks(backend, name, block_rows)))
-    return {"algorithm": ALGORITHM, "block_rows": block_rows, "arrays": arrays}
+    return Integrity(algorithm=ALGORITHM, block_rows=block_rows, arrays=arrays)
 
 
-def checksum_problems(backend: StoreBackend, integrity: dict[str, Any],
+def checksum_problems(backend: StoreBackend, integrity: Integrity,
                       inspect: Callable[[str, int, int, np.ndarray], None] | None = None) -> list[str]:
     """One message per block whose content does not match the recorded digest (or cannot be read).
     `inspect(name, start, stop, rows)` sees every block read, so callers check content in the same pass."""
-    if integrity.get("algorithm") != ALGORITHM:
-        return [f"unknown checksum algorithm {integrity.get('algorithm')!r}"]
+    if integrity.algorithm != ALGORITHM:
+        return [f"unknown checksum algorithm {integrity.algorithm!r}"]
     problems = []
-    block_rows, recorded = int(integrity["block_rows"]), integrity["arrays"]
+    block_rows, recorded = integrity.block_rows, integrity.arrays
     present = backend.array_names()
     problems += [f"array {name} is recorded in the checksums but missing" for name in recorded if name not in present]
     problems += [f"array {name} has no recorded checksums" for name in present if name not in recorded]

@@ -14,15 +14,17 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from ..errors import FeatstoreError
+from ..errors import ConfigError, CorruptStoreError, IncompleteStoreError
 from ..sharing.location import Location, resolve
 from . import format as fmt
 from .backends import StoreBackend, open_backend
+
+if TYPE_CHECKING:
+    from .dataset import FeatureDataset
 
 logger = logging.getLogger(__name__)
 
@@ -48,15 +50,15 @@ class Store:
 
     def __init__(self, backend: StoreBackend, allow_incomplete: bool = False) -> None:
         self.backend = backend
-        self.attrs = backend.get_attrs()
-        fmt.check_compatible(self.attrs, backend.path)
-        if self.attrs["status"] != fmt.STATUS_COMPLETE and not allow_incomplete:
+        self.manifest = backend.get_manifest()
+        if not self.manifest.complete and not allow_incomplete:
             try:
                 state = f"{int(backend.read(fmt.PROGRESS)[0])} of {self.num_sequences} sequences committed"
             except Exception:  # an interrupted copy may not hold the progress array yet
-                state = f"status {self.attrs['status']!r}"
-            raise FeatstoreError(f"{backend.path} is incomplete ({state}); re-run the `featstore extract` or copy "
-                                 "that was writing it to finish it, or pass allow_incomplete=True to inspect it")
+                state = f"status {self.manifest.status!r}"
+            raise IncompleteStoreError(f"{backend.path} is incomplete ({state}); re-run the `featstore extract` or "
+                                       "copy that was writing it to finish it, or pass allow_incomplete=True to "
+                                       "inspect it")
         self.token_offsets = backend.read(fmt.TOKEN_OFFSETS)
         self.word_offsets = backend.read(fmt.WORD_OFFSETS)
         # Python-int copies: indexing them is much cheaper than numpy scalars in the per-sequence path.
@@ -79,40 +81,40 @@ class Store:
 
     @property
     def fingerprint(self) -> str:
-        return self.attrs["fingerprint"]
+        return self.manifest.fingerprint
 
     @property
     def status(self) -> str:
-        return self.attrs["status"]
+        return self.manifest.status
 
     @property
     def layers(self) -> list[int]:
         """Encoder hidden-state indices stored, in stored order (0 = embeddings)."""
-        return list(self.attrs["extraction"]["layers"])
+        return list(self.manifest.extraction.layers)
 
     @property
     def hidden_size(self) -> int:
-        return int(self.attrs["encoder"]["hidden_size"])
+        return self.manifest.encoder.hidden_size
 
     @property
     def storage_dtype(self) -> str:
-        return self.attrs["extraction"]["storage_dtype"]
+        return self.manifest.extraction.storage_dtype
 
     @property
     def task(self) -> str:
-        return self.attrs["corpus"]["task"]
+        return self.manifest.corpus.task
 
     @property
     def label_names(self) -> list[str] | None:
-        return self.attrs["corpus"]["label_names"]
+        return self.manifest.corpus.label_names
 
     @property
     def num_sequences(self) -> int:
-        return int(self.attrs["counts"]["num_sequences"])
+        return self.manifest.counts.num_sequences
 
     @property
     def num_tokens(self) -> int:
-        return int(self.attrs["counts"]["num_tokens"])
+        return self.manifest.counts.num_tokens
 
     @property
     def labeled(self) -> bool:
@@ -139,12 +141,11 @@ class Store:
         """Stored positions of encoder layers (negative = counted back from the encoder's last layer)."""
         if layers is None:
             return slice(None)
-        count = int(self.attrs["encoder"]["num_hidden_states"])
         columns = []
         for layer in layers:
-            resolved = layer % count if -count <= layer < count else None
+            resolved = self.manifest.encoder.resolve_layer(layer)
             if resolved not in self.layers:
-                raise FeatstoreError(f"layer {layer} is not in store {self.path}; it holds layers {self.layers}")
+                raise ConfigError(f"layer {layer} is not in store {self.path}; it holds layers {self.layers}")
             columns.append(self.layers.index(resolved))
         return compact_columns(columns)
 
@@ -235,6 +236,9 @@ class Store:
                 yield buffer.pop()
 
     def torch_dataset(self, layers: Sequence[int] | None = None, pooling: str | None = None) -> FeatureDataset:
+        """A map-style PyTorch dataset over this store (pair it with `featstore.collate_features`)."""
+        from .dataset import FeatureDataset
+
         return FeatureDataset(self, layers, pooling)
 
 
@@ -262,59 +266,15 @@ def open_store(path: str | Path | Location, allow_incomplete: bool = False,
 def pool_words(hidden: np.ndarray, word_ids: np.ndarray, num_words: int, pooling: str) -> np.ndarray:
     """Per-word vectors from per-token ones: the word's first subword, or the mean of its subwords."""
     if pooling not in POOLINGS:
-        raise FeatstoreError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+        raise ConfigError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
     content = np.nonzero(word_ids >= 0)[0]
     words = word_ids[content]
     # Tokens of a word are contiguous, so a word starts wherever the word id changes.
     starts = content[np.concatenate([[True], words[1:] != words[:-1]])] if len(content) else content
     if len(starts) != num_words:
-        raise FeatstoreError(f"word alignment covers {len(starts)} words, expected {num_words}")
+        raise CorruptStoreError(f"word alignment covers {len(starts)} words, expected {num_words}")
     if pooling == "first":
         return hidden[starts]
     sums = np.add.reduceat(hidden[content].astype(np.float32), starts - content[0], axis=0)
     counts = np.diff(np.append(starts - content[0], len(content)))
     return (sums / counts[:, None, None]).astype(hidden.dtype)
-
-
-class FeatureDataset(torch.utils.data.Dataset):
-    """Map-style PyTorch dataset over a store, indexed by corpus row; pair with `collate_features`."""
-
-    def __init__(self, store: Store, layers: Sequence[int] | None = None, pooling: str | None = None) -> None:
-        self.store, self.layers, self.pooling = store, layers, pooling
-
-    def __len__(self) -> int:
-        return len(self.store)
-
-    def __getitem__(self, row: int) -> SequenceFeatures:
-        return self.store.sequence(row, self.layers, self.pooling)
-
-
-def collate_features(items: Sequence[SequenceFeatures]) -> dict[str, Any]:
-    """Pad a batch: hidden (B, T, L, H) float32, mask (B, T) bool, labels (B, W) with -100 or (B,),
-    word_ids (B, T) with -1 on padding (token-level items only), index (B,) corpus rows."""
-    width = max(len(item.hidden_states) for item in items)
-    first = items[0].hidden_states
-    hidden = torch.empty((len(items), width, *first.shape[1:]), dtype=torch.float32)
-    mask = torch.zeros((len(items), width), dtype=torch.bool)
-    for row, item in enumerate(items):
-        length = len(item.hidden_states)
-        hidden[row, :length] = torch.from_numpy(np.asarray(item.hidden_states, np.float32))
-        hidden[row, length:] = 0  # only the padding needs zeroing
-        mask[row, :length] = True
-    batch: dict[str, Any] = {"hidden_states": hidden, "mask": mask,
-                             "index": torch.tensor([item.index for item in items])}
-    if items[0].pooled is None:
-        word_ids = torch.full((len(items), width), -1, dtype=torch.long)
-        for row, item in enumerate(items):
-            word_ids[row, : len(item.word_ids)] = torch.from_numpy(item.word_ids.astype(np.int64))
-        batch["word_ids"] = word_ids
-    if items[0].labels is not None:
-        if items[0].labels.ndim == 0:
-            batch["labels"] = torch.tensor(np.stack([item.labels for item in items]))
-        else:
-            words = max(item.num_words for item in items)
-            labels = torch.full((len(items), words), -100, dtype=torch.long)
-            for row, item in enumerate(items):
-                labels[row, : len(item.labels)] = torch.from_numpy(item.labels.astype(np.int64))
-            batch["labels"] = labels
-    return batch

@@ -1,4 +1,4 @@
-"""Completeness and consistency checks (`featstore verify`), and the human summary (`featstore info`)."""
+"""Completeness and consistency checks (`featstore verify`)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import FeatstoreError
-from ..sharing.lease import read_lease
 from ..sharing.location import Location, resolve
 from . import format as fmt
 from .backends import StoreBackend, open_backend
 from .integrity import checksum_problems
+from .manifest import CorpusInfo
 from .reader import Store, decode_hidden
 
 REQUIRED_ARRAYS = (fmt.HIDDEN_STATES, fmt.INPUT_IDS, fmt.WORD_IDS, fmt.TOKEN_WINDOW, fmt.TOKEN_OFFSETS,
@@ -41,30 +41,28 @@ def verify_store(path: str | Path | Location, deep: bool = True, expect_complete
 
 
 def _problems(backend: StoreBackend, deep: bool, expect_complete: bool) -> list[str]:
-    attrs = backend.get_attrs()
     try:
-        fmt.check_compatible(attrs, backend.path)
+        manifest = backend.get_manifest()
     except FeatstoreError as error:
         return [str(error)]
     problems: list[str] = []
     names = backend.array_names()
-    counts = attrs["counts"]
-    n_seq, n_tok, n_words = counts["num_sequences"], counts["num_tokens"], counts["num_words"]
+    counts = manifest.counts
+    n_seq, n_tok, n_words = counts.num_sequences, counts.num_tokens, counts.num_words
     progress = backend.read(fmt.PROGRESS) if fmt.PROGRESS in names else None
-    if attrs["status"] != fmt.STATUS_COMPLETE and expect_complete:
+    if not manifest.complete and expect_complete:
         committed = f"{int(progress[0])} of {n_seq} sequences committed" if progress is not None else "no progress"
-        problems.append(f"incomplete: status {attrs['status']!r}, {committed}; re-run the extract (or copy) that "
+        problems.append(f"incomplete: status {manifest.status!r}, {committed}; re-run the extract (or copy) that "
                         "was writing it to finish it")
     elif progress is not None and (int(progress[0]), int(progress[1])) != (n_seq, n_tok):
         problems.append(f"written but progress is {progress.tolist()}, expected [{n_seq}, {n_tok}]")
     missing = [name for name in REQUIRED_ARRAYS if name not in names]
     if missing:
         return [*problems, f"arrays missing: {', '.join(missing)}"]
-    if fmt.fingerprint(attrs["fingerprint_inputs"]) != attrs["fingerprint"]:
+    if manifest.fingerprint_inputs.fingerprint() != manifest.fingerprint:
         problems.append("fingerprint does not match the recorded fingerprint inputs")
 
-    hidden_shape = (n_tok, len(attrs["extraction"]["layers"]), attrs["encoder"]["hidden_size"])
-    expected = {fmt.HIDDEN_STATES: hidden_shape, fmt.INPUT_IDS: (n_tok,), fmt.WORD_IDS: (n_tok,),
+    expected = {fmt.HIDDEN_STATES: manifest.hidden_shape, fmt.INPUT_IDS: (n_tok,), fmt.WORD_IDS: (n_tok,),
                 fmt.TOKEN_WINDOW: (n_tok,), fmt.TOKEN_OFFSETS: (n_seq + 1,), fmt.WORD_OFFSETS: (n_seq + 1,),
                 fmt.SEQUENCE_INDEX: (n_seq,)}
     for name, shape in expected.items():
@@ -72,10 +70,10 @@ def _problems(backend: StoreBackend, deep: bool, expect_complete: bool) -> list[
             problems.append(f"array {name} has shape {backend.shape(name)}, expected {shape}")
     if problems:
         return problems
-    checksummed = deep and "integrity" in attrs
+    checksummed = deep and manifest.integrity is not None
     nonfinite: list[str] = []
     if checksummed:
-        storage_dtype = attrs["extraction"]["storage_dtype"]
+        storage_dtype = manifest.extraction.storage_dtype
 
         def check_finite(name: str, start: int, stop: int, rows: np.ndarray) -> None:
             if name != fmt.HIDDEN_STATES or nonfinite:
@@ -85,7 +83,7 @@ def _problems(backend: StoreBackend, deep: bool, expect_complete: bool) -> list[
 
         # First: the most specific finding (which block is damaged) before what the damage breaks. The finiteness
         # check rides on the same read of every block.
-        problems += checksum_problems(backend, attrs["integrity"], inspect=check_finite)
+        problems += checksum_problems(backend, manifest.integrity, inspect=check_finite)
 
     token_offsets, word_offsets = backend.read(fmt.TOKEN_OFFSETS), backend.read(fmt.WORD_OFFSETS)
     if token_offsets[0] != 0 or token_offsets[-1] != n_tok or np.any(np.diff(token_offsets) <= 0):
@@ -97,14 +95,14 @@ def _problems(backend: StoreBackend, deep: bool, expect_complete: bool) -> list[
         problems.append("sequence_index is not a permutation of the corpus rows")
     if not problems:
         problems += _alignment_problems(backend.read(fmt.WORD_IDS), token_offsets, word_offsets)
-    problems += _label_problems(backend, attrs, names, n_seq, n_words)
+    problems += _label_problems(backend, manifest.corpus, names, n_seq, n_words)
 
-    block = attrs["layout"]["block_tokens"]
+    block = manifest.layout.block_tokens
     for index in backend.missing_blocks(fmt.HIDDEN_STATES):
         where = backend.object_at(fmt.HIDDEN_STATES, index * block)
         problems.append(f"hidden_states block {index} (tokens {index * block}..{min((index + 1) * block, n_tok)}"
                         + (f", object {where}" if where else "") + ") is missing")
-    stored, minimum = backend.nbytes_stored(fmt.HIDDEN_STATES), counts["hidden_bytes"]
+    stored, minimum = backend.nbytes_stored(fmt.HIDDEN_STATES), counts.hidden_bytes
     if stored < minimum:
         problems.append(f"hidden_states hold {stored} bytes in storage, fewer than the {minimum} they need "
                         "(truncated or missing data)")
@@ -125,12 +123,11 @@ def _alignment_problems(word_ids: np.ndarray, token_offsets: np.ndarray, word_of
     return []
 
 
-def _label_problems(backend: StoreBackend, attrs: dict[str, Any], names: list[str], n_seq: int,
+def _label_problems(backend: StoreBackend, corpus: CorpusInfo, names: list[str], n_seq: int,
                     n_words: int) -> list[str]:
-    corpus = attrs["corpus"]
-    if not corpus["labeled"]:
+    if not corpus.labeled:
         return []
-    label_names = corpus["label_names"]
+    label_names = corpus.label_names
     if fmt.WORD_LABELS in names:
         labels, expected = backend.read(fmt.WORD_LABELS), n_words
     elif fmt.LABELS in names:
@@ -155,56 +152,3 @@ def _scan_hidden_states(backend: StoreBackend) -> list[str]:
         if not np.isfinite(block).all():
             return [f"hidden_states tokens {start}..{stop} hold NaN or infinite values"]
     return []
-
-
-def describe_store(path: str | Path | Location, storage_options: dict[str, Any] | None = None) -> str:
-    """The human summary printed by `featstore info`."""
-    store = Store(open_backend(resolve(path, storage_options), "r"), allow_incomplete=True)
-    try:
-        attrs, counts = store.attrs, store.attrs["counts"]
-        encoder, extraction, corpus = attrs["encoder"], attrs["extraction"], attrs["corpus"]
-        hidden_bytes = store.backend.nbytes_stored(fmt.HIDDEN_STATES)
-        total_bytes = store.backend.nbytes_stored()
-        bytes_per_element = np.dtype(fmt.NUMPY_STORAGE_DTYPE[store.storage_dtype]).itemsize
-        minimum = len(store.layers) * store.hidden_size * bytes_per_element
-        progress = store.backend.read(fmt.PROGRESS)
-        status = store.status if store.status == fmt.STATUS_COMPLETE else (
-            f"{store.status} ({int(progress[0])}/{store.num_sequences} sequences committed)")
-        labels = corpus["label_names"]
-        rows = [
-            ("store", f"{store.path} ({attrs['layout']['backend']}, format {attrs['format_version']})"),
-            ("status", status),
-            ("fingerprint", store.fingerprint),
-            ("encoder", f"{encoder['name_or_path']} ({encoder['model_class']}, revision "
-                        f"{encoder['revision'] or 'n/a'}, weights sha256 {encoder['weights_sha256'][:12]})"),
-            ("layers", f"{store.layers} of {encoder['num_hidden_states']} hidden states"),
-            ("hidden size", str(store.hidden_size)),
-            ("dtype", f"stored {store.storage_dtype}, computed {extraction['compute_dtype']} on "
-                      f"{extraction['device']}"),
-            ("corpus", f"{corpus['source']} ({corpus['task']}, {corpus['num_examples']} examples, "
-                       f"fingerprint {corpus['fingerprint'][:12]})"),
-            ("labels", ", ".join(labels) if labels else ("numeric" if corpus["labeled"] else "none")),
-            ("sequences", f"{counts['num_sequences']:,} ({counts['num_windowed_sequences']} windowed, "
-                          f"{counts['num_truncated_sequences']} truncated)"),
-            ("tokens", f"{counts['num_tokens']:,} ({counts['num_words']:,} words)"),
-            ("max length", f"{extraction['max_length']} (stride {extraction['stride']}, "
-                           f"truncation {'on' if extraction['truncation'] else 'off'})"),
-            ("bytes on disk", f"{total_bytes:,} ({hidden_bytes:,} hidden states)"),
-            ("bytes/token", f"{hidden_bytes / max(counts['num_tokens'], 1):,.1f} hidden states (raw minimum "
-                            f"{minimum:,}), {total_bytes / max(counts['num_tokens'], 1):,.1f} in all"),
-            ("checksums", _checksum_summary(attrs.get("integrity"))),
-            ("writer", lease.describe() if (lease := read_lease(store.backend.location)) else "none (no lease held)"),
-            ("created", f"{extraction['created_at']}, completed {extraction['completed_at'] or '-'}"),
-            ("versions", ", ".join(f"{k} {v}" for k, v in extraction["versions"].items())),
-        ]
-        width = max(len(key) for key, _ in rows)
-        return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
-    finally:
-        store.close()
-
-
-def _checksum_summary(integrity: dict[str, Any] | None) -> str:
-    if not integrity:
-        return "none (written before format 1.1, or not finalized)"
-    blocks = sum(len(digests) for digests in integrity["arrays"].values())
-    return f"{integrity['algorithm']} per {integrity['block_rows']:,} rows, {blocks} blocks"

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...errors import FeatstoreError
+from ...errors import StoreFormatError
 from ...sharing.location import Location, resolve
+from ..format import BACKEND_NAMES
+from ..manifest import StoreManifest
 from .base import ArraySpec, StoreBackend
 from .hdf5 import HDF5_SIGNATURE, HDF5Backend
 from .zarr import ZarrBackend
 
 BACKENDS: dict[str, type[StoreBackend]] = {"zarr": ZarrBackend, "hdf5": HDF5Backend}
+assert tuple(BACKENDS) == BACKEND_NAMES, "format.BACKEND_NAMES lists the backends"
 
 
 def detect_backend(location: str | Path | Location) -> str | None:
@@ -33,12 +36,12 @@ def open_backend(location: str | Path | Location, mode: str = "r") -> StoreBacke
     backend = detect_backend(location)
     if backend is None:
         what = "does not exist" if not location.exists() else "is neither a Zarr group nor an HDF5 file"
-        raise FeatstoreError(f"{location.url} {what}; it is not a featstore store")
+        raise StoreFormatError(f"{location.url} {what}; it is not a featstore store")
     return BACKENDS[backend].open(location, mode)
 
 
 def read_attrs(location: str | Path | Location) -> dict:
-    """A store's featstore attributes, without keeping it open."""
+    """A store's raw featstore attributes, without keeping it open."""
     backend = open_backend(location, "r")
     try:
         return backend.get_attrs()
@@ -46,5 +49,11 @@ def read_attrs(location: str | Path | Location) -> dict:
         backend.close()
 
 
+def read_manifest(location: str | Path | Location) -> StoreManifest:
+    """A store's validated attributes, without keeping it open."""
+    location = resolve(location)
+    return StoreManifest.from_attrs(read_attrs(location), location.url)
+
+
 __all__ = ["BACKENDS", "ArraySpec", "HDF5Backend", "StoreBackend", "ZarrBackend", "detect_backend", "open_backend",
-           "read_attrs"]
+           "read_attrs", "read_manifest"]

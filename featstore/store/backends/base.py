@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from ...sharing.location import Location
+from ..manifest import StoreManifest
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,13 @@ class StoreBackend(ABC):
     @abstractmethod
     def set_attrs(self, attrs: dict[str, Any]) -> None:
         """Replace the store's featstore attributes durably."""
+
+    def get_manifest(self) -> StoreManifest:
+        """The validated attributes (raises StoreFormatError naming what is malformed)."""
+        return StoreManifest.from_attrs(self.get_attrs(), self.path)
+
+    def set_manifest(self, manifest: StoreManifest) -> None:
+        self.set_attrs(manifest.to_dict())
 
     @abstractmethod
     def create_array(self, spec: ArraySpec, data: np.ndarray | None = None) -> None: ...

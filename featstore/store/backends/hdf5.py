@@ -17,7 +17,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ...errors import FeatstoreError
+from ...errors import StoreError
 from ...sharing.location import Location
 from ..format import ATTRS_KEY
 from .base import ArraySpec, StoreBackend
@@ -38,7 +38,7 @@ class HDF5Backend(StoreBackend):
     @classmethod
     def create(cls, location: Location) -> HDF5Backend:
         if not location.is_local:
-            raise FeatstoreError(f"cannot write an HDF5 store to {location.url}: HDF5 needs a local or shared "
+            raise StoreError(f"cannot write an HDF5 store to {location.url}: HDF5 needs a local or shared "
                                  "filesystem; use --backend zarr for object storage, or extract locally and "
                                  "`featstore push` the file")
         return cls(location, h5py.File(location.path, "w-", track_order=True))
@@ -49,7 +49,7 @@ class HDF5Backend(StoreBackend):
             # No file locking for readers: it would need write access to the lock and fails on read-only mounts.
             return cls(location, h5py.File(location.path, mode, locking=mode != "r"))
         if mode != "r":
-            raise FeatstoreError(f"{location.url}: remote HDF5 stores are read-only; pull it to change it")
+            raise StoreError(f"{location.url}: remote HDF5 stores are read-only; pull it to change it")
         remote_file = location.fs.open(location.path, "rb", block_size=8 * 2**20)
         backend = cls(location, h5py.File(remote_file, "r"))
         backend._remote_file = remote_file

@@ -1,0 +1,200 @@
+"""`ExtractionPlan`: what an extraction will write, resolved once, without touching any store.
+
+`ExtractionPlan.build(spec, corpus, encoder)` tokenizes every example (so every array's
+final shape is known before any hidden state is computed), resolves layers, window length
+and stride, orders sequences longest first (little padding per batch), computes offsets,
+labels, the storage layout and the fingerprint, and cuts the deterministic batches that
+every engine runs: a resumed run, or a Ray actor, recomputes exactly the same batches.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..store import format as fmt
+from ..store.backends import ArraySpec
+from ..store.manifest import (
+    CorpusInfo,
+    Counts,
+    ExtractionInfo,
+    FingerprintInputs,
+    LayoutInfo,
+    StoreManifest,
+)
+from .corpus import REGRESSION, TOKEN_CLASSIFICATION, Corpus
+from .encoder import FrozenEncoder, TokenizedSequence, default_stride, numpy_storage_dtype
+from .spec import ExtractSpec
+from .windows import WINDOW_RULE
+
+DEFAULT_BLOCK_BYTES = 64 * 2**20
+
+
+@dataclass
+class ExtractionPlan:
+    spec: ExtractSpec
+    sequences: list[TokenizedSequence]  # in storage order (longest first)
+    order: np.ndarray  # storage position -> corpus row
+    token_offsets: np.ndarray  # (n + 1,)
+    word_offsets: np.ndarray  # (n + 1,)
+    labels: tuple[str, np.ndarray] | None  # (array name, values in storage order)
+    manifest: StoreManifest  # the store's attributes, status "writing"
+
+    @classmethod
+    def build(cls, spec: ExtractSpec, corpus: Corpus, encoder: FrozenEncoder) -> ExtractionPlan:
+        layers = encoder.resolve_layers(spec.layers)
+        max_length = spec.max_length or encoder.max_length
+        if max_length > encoder.max_length:
+            raise ConfigError(f"--max-length {max_length} exceeds what {encoder.name_or_path} accepts "
+                              f"({encoder.max_length})")
+        budget = max_length - len(encoder.prefix_ids) - len(encoder.suffix_ids)
+        stride = default_stride(budget) if spec.stride is None else spec.stride
+        tokenized = encoder.tokenize(corpus.examples, max_length, stride, spec.truncate)
+        order = np.array(sorted(range(len(tokenized)), key=lambda row: (-tokenized[row].num_tokens, row)),
+                         dtype=np.int64)
+        sequences = [tokenized[row] for row in order]
+        token_offsets = _offsets([sequence.num_tokens for sequence in sequences])
+        word_offsets = _offsets([sequence.num_words for sequence in sequences])
+        manifest = _manifest(spec, corpus, encoder, layers, max_length, stride, sequences, int(token_offsets[-1]))
+        return cls(spec, sequences, order, token_offsets, word_offsets, _labels(corpus, order, sequences), manifest)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest.fingerprint
+
+    @property
+    def layers(self) -> list[int]:
+        return self.manifest.extraction.layers
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_offsets[-1])
+
+    @property
+    def block_tokens(self) -> int:
+        return self.manifest.layout.block_tokens
+
+    def batches(self, start: int = 0) -> list[range]:
+        """Greedy batches of storage positions from `start`, each under the padded-token budget.
+        Deterministic: from any batch boundary they repeat the batches a run from 0 makes."""
+        budget = self.spec.max_batch_tokens
+        batches, batch_start, width, count = [], start, 0, 0
+        for position in range(start, len(self.sequences)):
+            windows = self.sequences[position].windows
+            longest = max(len(window) for window in windows)
+            if position > batch_start and max(width, longest) * (count + len(windows)) > budget:
+                batches.append(range(batch_start, position))
+                batch_start, width, count = position, 0, 0
+            width, count = max(width, longest), count + len(windows)
+        if batch_start < len(self.sequences):
+            batches.append(range(batch_start, len(self.sequences)))
+        return batches
+
+    def arrays(self) -> list[tuple[ArraySpec, np.ndarray | None]]:
+        """Every array to create with its content; the hidden states' content comes later, from an engine."""
+        block, num_tokens = self.block_tokens, self.num_tokens
+        sequences = self.sequences
+        sequence_block = max(1, min(len(sequences) + 1, 1 << 16))
+
+        def token_array(name: str, values: list[np.ndarray], dtype: str) -> tuple[ArraySpec, np.ndarray]:
+            return ArraySpec(name, (num_tokens,), dtype, block), np.concatenate(values).astype(dtype)
+
+        def sequence_array(name: str, values: np.ndarray) -> tuple[ArraySpec, np.ndarray]:
+            return ArraySpec(name, values.shape, str(values.dtype), sequence_block), values
+
+        arrays = [
+            token_array(fmt.INPUT_IDS, [s.input_ids for s in sequences], "int32"),
+            token_array(fmt.WORD_IDS, [s.word_ids for s in sequences], "int32"),
+            token_array(fmt.TOKEN_WINDOW, [s.token_window for s in sequences], "int16"),
+            sequence_array(fmt.TOKEN_OFFSETS, self.token_offsets),
+            sequence_array(fmt.WORD_OFFSETS, self.word_offsets),
+            sequence_array(fmt.SEQUENCE_INDEX, self.order),
+        ]
+        if self.labels is not None:
+            arrays.append(sequence_array(*self.labels))
+        arrays.append((ArraySpec(fmt.PROGRESS, (2,), "int64", 2), np.zeros(2, np.int64)))
+        hidden_shape = self.manifest.hidden_shape
+        storage = str(numpy_storage_dtype(self.manifest.extraction.storage_dtype))
+        chunk = min(self.manifest.layout.chunk_tokens, block)
+        arrays.append((ArraySpec(fmt.HIDDEN_STATES, hidden_shape, storage, block, (chunk, 1, hidden_shape[2])), None))
+        return arrays
+
+
+def _offsets(lengths: Sequence[int]) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+
+def _labels(corpus: Corpus, order: np.ndarray, sequences: list[TokenizedSequence]
+            ) -> tuple[str, np.ndarray] | None:
+    """Word labels for tagging (of the words kept), one label per sequence otherwise; storage order."""
+    if not corpus.labeled:
+        return None
+    ordered = [corpus.examples[row] for row in order]
+    if corpus.task == TOKEN_CLASSIFICATION:
+        per_sequence = [example.label[: sequence.num_words] for example, sequence in zip(ordered, sequences)]
+        return fmt.WORD_LABELS, np.concatenate([np.asarray(labels, np.int32) for labels in per_sequence])
+    dtype = np.float32 if corpus.task == REGRESSION else np.int64
+    return fmt.LABELS, np.asarray([example.label for example in ordered], dtype=dtype)
+
+
+def _manifest(spec: ExtractSpec, corpus: Corpus, encoder: FrozenEncoder, layers: list[int], max_length: int,
+              stride: int, sequences: list[TokenizedSequence], num_tokens: int) -> StoreManifest:
+    encoder_info = encoder.describe()
+    inputs = FingerprintInputs(
+        format_major=fmt.format_major(fmt.FORMAT_VERSION), encoder_weights_sha256=encoder_info.weights_sha256,
+        encoder_config_sha256=encoder_info.config_sha256, tokenizer_sha256=encoder_info.tokenizer_sha256,
+        corpus_fingerprint=corpus.fingerprint(), layers=layers, compute_dtype=encoder.compute_dtype,
+        storage_dtype=encoder.storage_dtype, max_length=max_length, stride=stride, truncation=spec.truncate,
+        window_rule=WINDOW_RULE)
+    bytes_per_token = len(layers) * encoder.hidden_size * numpy_storage_dtype(encoder.storage_dtype).itemsize
+    chunk_tokens, block_tokens = _layout(spec, num_tokens, bytes_per_token)
+    return StoreManifest(
+        format=fmt.FORMAT_NAME, format_version=fmt.FORMAT_VERSION, status=fmt.STATUS_WRITING,
+        fingerprint=inputs.fingerprint(), fingerprint_inputs=inputs, encoder=encoder_info,
+        corpus=CorpusInfo(source=corpus.source, name=corpus.name, split=corpus.split, columns=corpus.spec,
+                          fingerprint=inputs.corpus_fingerprint, task=corpus.task, label_names=corpus.label_names,
+                          labeled=corpus.labeled, num_examples=len(corpus)),
+        extraction=ExtractionInfo(layers=layers, compute_dtype=encoder.compute_dtype,
+                                  storage_dtype=encoder.storage_dtype, max_length=max_length, stride=stride,
+                                  truncation=spec.truncate, window_rule=WINDOW_RULE, device=str(encoder.device),
+                                  max_batch_tokens=spec.max_batch_tokens, created_at=now(), completed_at=None,
+                                  versions=_versions(), host=platform.node()),
+        layout=LayoutInfo(backend=spec.backend, order="token-major", chunk_tokens=chunk_tokens,
+                          block_tokens=block_tokens, storage_order="longest-first"),
+        counts=Counts(num_sequences=len(sequences), num_tokens=num_tokens,
+                      num_words=int(sum(sequence.num_words for sequence in sequences)),
+                      num_windowed_sequences=sum(len(sequence.windows) > 1 for sequence in sequences),
+                      num_truncated_sequences=sum(sequence.truncated for sequence in sequences),
+                      hidden_bytes=num_tokens * bytes_per_token))
+
+
+def _layout(spec: ExtractSpec, num_tokens: int, bytes_per_token: int) -> tuple[int, int]:
+    """Inner chunk and write block, in tokens. Zarr stores an array's last chunk at full size, so the
+    chunk is capped at 1/128 of the store to keep that padding under 1%; a block is a whole number of
+    chunks (a zarr shard must be) and no larger than the store, since a shard's index has an entry
+    for every chunk it could hold."""
+    chunk = max(1, min(spec.chunk_tokens, max(16, num_tokens // 128)))
+    wanted = min(spec.block_tokens or DEFAULT_BLOCK_BYTES // bytes_per_token, num_tokens)
+    return chunk, max(chunk, -(-wanted // chunk) * chunk)
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _versions() -> dict[str, str]:
+    import h5py
+    import torch
+    import transformers
+    import zarr
+
+    from .. import __version__
+
+    return {"featstore": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "zarr": zarr.__version__, "h5py": h5py.__version__,
+            "numpy": np.__version__}

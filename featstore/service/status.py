@@ -1,0 +1,35 @@
+"""The status file through which an extraction child process reports progress to the service."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from ..extraction.progress import ExtractProgress
+
+STATUS_WRITE_INTERVAL = 0.5
+
+
+def write_status(path: str | Path, progress: ExtractProgress) -> None:
+    """Replace the status file atomically (the worker may read it at any moment)."""
+    path = Path(path)
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(asdict(progress)))
+    os.replace(temporary, path)
+
+
+class StatusFileWriter:
+    """An `extract(spec, on_progress=...)` callback writing at most every STATUS_WRITE_INTERVAL seconds."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path, self.last = path, 0.0
+
+    def __call__(self, progress: ExtractProgress) -> None:
+        now = time.monotonic()
+        if progress.state == "extracting" and now - self.last < STATUS_WRITE_INTERVAL and self.last:
+            return
+        self.last = now
+        write_status(self.path, progress)

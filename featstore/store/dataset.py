@@ -1,0 +1,59 @@
+"""PyTorch adapters for a store: a map-style `Dataset` and the padding collate function.
+
+Kept apart from the reader (like safetensors' framework modules) so that reading, verifying
+and listing stores never import torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .reader import SequenceFeatures, Store
+
+
+class FeatureDataset(torch.utils.data.Dataset):
+    """Map-style PyTorch dataset over a store, indexed by corpus row; pair with `collate_features`."""
+
+    def __init__(self, store: Store, layers: Sequence[int] | None = None, pooling: str | None = None) -> None:
+        self.store, self.layers, self.pooling = store, layers, pooling
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, row: int) -> SequenceFeatures:
+        return self.store.sequence(row, self.layers, self.pooling)
+
+
+def collate_features(items: Sequence[SequenceFeatures]) -> dict[str, Any]:
+    """Pad a batch: hidden (B, T, L, H) float32, mask (B, T) bool, labels (B, W) with -100 or (B,),
+    word_ids (B, T) with -1 on padding (token-level items only), index (B,) corpus rows."""
+    width = max(len(item.hidden_states) for item in items)
+    first = items[0].hidden_states
+    hidden = torch.empty((len(items), width, *first.shape[1:]), dtype=torch.float32)
+    mask = torch.zeros((len(items), width), dtype=torch.bool)
+    for row, item in enumerate(items):
+        length = len(item.hidden_states)
+        hidden[row, :length] = torch.from_numpy(np.asarray(item.hidden_states, np.float32))
+        hidden[row, length:] = 0  # only the padding needs zeroing
+        mask[row, :length] = True
+    batch: dict[str, Any] = {"hidden_states": hidden, "mask": mask,
+                             "index": torch.tensor([item.index for item in items])}
+    if items[0].pooled is None:
+        word_ids = torch.full((len(items), width), -1, dtype=torch.long)
+        for row, item in enumerate(items):
+            word_ids[row, : len(item.word_ids)] = torch.from_numpy(item.word_ids.astype(np.int64))
+        batch["word_ids"] = word_ids
+    if items[0].labels is not None:
+        if items[0].labels.ndim == 0:
+            batch["labels"] = torch.tensor(np.stack([item.labels for item in items]))
+        else:
+            words = max(item.num_words for item in items)
+            labels = torch.full((len(items), words), -100, dtype=torch.long)
+            for row, item in enumerate(items):
+                labels[row, : len(item.labels)] = torch.from_numpy(item.labels.astype(np.int64))
+            batch["labels"] = labels
+    return batch

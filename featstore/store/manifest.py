@@ -1,0 +1,263 @@
+"""`StoreManifest`: the store's attributes as typed dataclasses, validated when a store opens.
+
+The attributes are the `featstore` key of a store (docs/store-format.md, "Attributes"). Each
+section is a dataclass; `from_dict` checks that every field is present with the right type
+and raises `StoreFormatError` naming the field otherwise, so a malformed store fails at open
+with a clear message instead of a KeyError deep inside a reader. Keys a newer minor version
+adds are kept in `extra` and written back unchanged (like HF `DatasetInfo.from_dict`, which
+tolerates unknown keys), so rewriting a store's attributes never drops them.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, ClassVar, TypeVar, Union
+
+from ..errors import StoreFormatError
+from . import format as fmt
+
+SectionT = TypeVar("SectionT", bound="Section")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a (simple) type hint: str, int, float, bool, X | None, list[X], dict[...]."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, option) for option in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is Any:
+        return True
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_matches(element, item) for element in value)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+@dataclass
+class Section:
+    """A typed group of attributes. Subclasses list their fields; unknown keys go to `extra`."""
+
+    KEY: ClassVar[str] = ""
+
+    @classmethod
+    def from_dict(cls: type[SectionT], values: Any, where: str) -> SectionT:
+        name = cls.KEY or "attributes"
+        if not isinstance(values, dict):
+            raise StoreFormatError(f"{where}: metadata section {name!r} is {type(values).__name__}, not an object")
+        hints = typing.get_type_hints(cls)
+        known, kwargs = set(), {}
+        for item in fields(cls):
+            if item.name == "extra":
+                continue
+            known.add(item.name)
+            if item.name not in values:
+                if item.default is MISSING and item.default_factory is MISSING:
+                    raise StoreFormatError(f"{where}: the store's metadata lacks {name}.{item.name}; the store is "
+                                           "damaged or was not written by featstore")
+                continue
+            value = values[item.name]
+            hint = hints[item.name]
+            nested = _section_type(hint)
+            if nested is not None and value is not None:
+                value = nested.from_dict(value, where)
+            elif not _matches(value, hint):
+                raise StoreFormatError(f"{where}: the store's metadata has {name}.{item.name} = {value!r:.80}, "
+                                       f"not a valid {_describe(hint)}; the store is damaged")
+            kwargs[item.name] = value
+        kwargs["extra"] = {key: value for key, value in values.items() if key not in known}
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for item in fields(self):
+            if item.name == "extra":
+                continue
+            value = getattr(self, item.name)
+            result[item.name] = value.to_dict() if isinstance(value, Section) else value
+        return {**result, **self.extra}
+
+
+def _section_type(hint: Any) -> type[Section] | None:
+    for option in typing.get_args(hint) or (hint,):
+        if isinstance(option, type) and issubclass(option, Section):
+            return option
+    return None
+
+
+def _describe(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("NoneType", "None")
+
+
+@dataclass
+class FingerprintInputs(Section):
+    """Everything that determines the stored values and nothing else (docs/store-format.md, "Fingerprint").
+    The field list is the fingerprint rule: `FINGERPRINT_FIELDS` is derived from it."""
+
+    KEY: ClassVar[str] = "fingerprint_inputs"
+    format_major: int
+    encoder_weights_sha256: str
+    encoder_config_sha256: str
+    tokenizer_sha256: str
+    corpus_fingerprint: str
+    layers: list[int]
+    compute_dtype: str
+    storage_dtype: str
+    max_length: int
+    stride: int
+    truncation: bool
+    window_rule: str
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical JSON of exactly the fingerprint fields (extras never count)."""
+        return fmt.sha256_json({name: getattr(self, name) for name in FINGERPRINT_FIELDS})
+
+    def differing(self, other: FingerprintInputs) -> list[str]:
+        return [name for name in FINGERPRINT_FIELDS if getattr(self, name) != getattr(other, name)]
+
+
+FINGERPRINT_FIELDS = tuple(item.name for item in fields(FingerprintInputs) if item.name != "extra")
+
+
+@dataclass
+class EncoderInfo(Section):
+    KEY: ClassVar[str] = "encoder"
+    name_or_path: str
+    model_class: str
+    model_type: str
+    revision: str | None
+    weights_sha256: str
+    config: dict[str, Any]
+    config_sha256: str
+    tokenizer_class: str
+    tokenizer_sha256: str
+    num_hidden_states: int
+    hidden_size: int
+    special_prefix_ids: list[int]
+    special_suffix_ids: list[int]
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def resolve_layer(self, layer: int) -> int | None:
+        """A hidden-state index with negatives counted back from the last layer; None when out of range."""
+        count = self.num_hidden_states
+        return layer % count if -count <= layer < count else None
+
+
+@dataclass
+class CorpusInfo(Section):
+    KEY: ClassVar[str] = "corpus"
+    source: str
+    name: str
+    split: str | None
+    columns: dict[str, Any]
+    fingerprint: str
+    task: str
+    label_names: list[str] | None
+    labeled: bool
+    num_examples: int
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class ExtractionInfo(Section):
+    KEY: ClassVar[str] = "extraction"
+    layers: list[int]
+    compute_dtype: str
+    storage_dtype: str
+    max_length: int
+    stride: int
+    truncation: bool
+    window_rule: str
+    device: str
+    max_batch_tokens: int
+    created_at: str
+    completed_at: str | None
+    versions: dict[str, Any]
+    host: str
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class LayoutInfo(Section):
+    KEY: ClassVar[str] = "layout"
+    backend: str
+    order: str
+    chunk_tokens: int
+    block_tokens: int
+    storage_order: str
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class Counts(Section):
+    KEY: ClassVar[str] = "counts"
+    num_sequences: int
+    num_tokens: int
+    num_words: int
+    num_windowed_sequences: int
+    num_truncated_sequences: int
+    hidden_bytes: int
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class Integrity(Section):
+    """Per-block checksums (format 1.1), recorded at finalize."""
+
+    KEY: ClassVar[str] = "integrity"
+    algorithm: str
+    block_rows: int
+    arrays: dict[str, list[str]]
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class StoreManifest(Section):
+    """All of a store's attributes. `from_attrs` also refuses non-featstore and too-new stores."""
+
+    format: str
+    format_version: str
+    status: str
+    fingerprint: str
+    fingerprint_inputs: FingerprintInputs
+    encoder: EncoderInfo
+    corpus: CorpusInfo
+    extraction: ExtractionInfo
+    layout: LayoutInfo
+    counts: Counts
+    integrity: Integrity | None = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_attrs(cls, attrs: Any, where: str) -> StoreManifest:
+        """The validated manifest of the store at `where` (named in errors)."""
+        if not isinstance(attrs, dict) or attrs.get("format") != fmt.FORMAT_NAME:
+            raise StoreFormatError(f"{where} is not a featstore store (no featstore attributes)")
+        version = attrs.get("format_version", "?")
+        try:
+            major = fmt.format_major(version)
+        except ValueError:
+            raise StoreFormatError(f"{where} has an unreadable format version {version!r}") from None
+        if major > fmt.format_major(fmt.FORMAT_VERSION):
+            raise StoreFormatError(f"{where} uses store format {version}, newer than this featstore supports "
+                                   f"({fmt.FORMAT_VERSION}); upgrade featstore to read it")
+        return cls.from_dict(attrs, where)
+
+    @property
+    def complete(self) -> bool:
+        return self.status == fmt.STATUS_COMPLETE
+
+    @property
+    def hidden_shape(self) -> tuple[int, int, int]:
+        return self.counts.num_tokens, len(self.extraction.layers), self.encoder.hidden_size

@@ -1,0 +1,138 @@
+"""What a task means for a head, in one place: outputs, loss, decoding, metrics, the primary metric,
+label padding and prediction records. Heads, the trainer, evaluation and prediction ask the task
+object; none of them branches on the task's name.
+
+Task names are the store's (featstore.extraction.corpus): a head trains on a store of its task.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from featstore.extraction.corpus import REGRESSION, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION
+
+from .metrics import classification_metrics, regression_metrics, tagging_metrics
+
+IGNORE_INDEX = -100  # label padding: positions cross-entropy skips (featstore.collate_features pads with it)
+
+
+class Task(ABC):
+    name: ClassVar[str]
+    primary_metric: ClassVar[str]  # early stopping and "best" compare this metric (higher is better)
+    per_word: ClassVar[bool]  # outputs one prediction per word (else one per sequence)
+    labeled_by_name: ClassVar[bool] = True  # labels are class ids with names
+
+    def num_outputs(self, label_names: Sequence[str] | None) -> int:
+        return len(label_names or ())
+
+    def check_labels(self, label_names: Sequence[str] | None) -> None:
+        if self.labeled_by_name and not label_names:
+            raise ValueError("classification heads need label names")
+
+    def shape_output(self, output: torch.Tensor) -> torch.Tensor:
+        """The head's raw output as this task's prediction tensor."""
+        return output
+
+    def num_words(self, labels: torch.Tensor) -> int | None:
+        """How many words the labels of a batch cover (per-word tasks), so outputs line up with them."""
+        return None
+
+    @abstractmethod
+    def loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def rows(self, output: torch.Tensor, labels: torch.Tensor) -> Iterator[tuple[Any, Any]]:
+        """(gold, predicted) per sequence of a batch, labels padding removed."""
+
+    @abstractmethod
+    def metrics(self, gold: list[Any], predicted: list[Any], label_names: Sequence[str] | None) -> dict[str, float]:
+        ...
+
+    @abstractmethod
+    def record(self, output: torch.Tensor, label_names: Sequence[str] | None) -> dict[str, Any]:
+        """The prediction of one input as JSON-able fields."""
+
+
+class TokenClassification(Task):
+    name = TOKEN_CLASSIFICATION
+    primary_metric = "f1"
+    per_word = True
+
+    def num_words(self, labels: torch.Tensor) -> int | None:
+        return labels.shape[1]
+
+    def loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(output.reshape(-1, output.shape[-1]), labels.reshape(-1),
+                                           ignore_index=IGNORE_INDEX)
+
+    def rows(self, output: torch.Tensor, labels: torch.Tensor) -> Iterator[tuple[Any, Any]]:
+        for row_output, row_labels in zip(output, labels):
+            keep = row_labels != IGNORE_INDEX
+            yield row_labels[keep].tolist(), row_output[keep].argmax(-1).tolist()
+
+    def metrics(self, gold: list[Any], predicted: list[Any], label_names: Sequence[str] | None) -> dict[str, float]:
+        names = list(label_names or ())
+        return tagging_metrics([[names[i] for i in row] for row in gold],
+                               [[names[i] for i in row] for row in predicted])
+
+    def record(self, output: torch.Tensor, label_names: Sequence[str] | None) -> dict[str, Any]:
+        probabilities = output.softmax(-1)
+        names = list(label_names or ())
+        return {"tags": [names[i] for i in probabilities.argmax(-1).tolist()],
+                "scores": [round(p, 6) for p in probabilities.max(-1).values.tolist()]}
+
+
+class SequenceClassification(Task):
+    name = SEQUENCE_CLASSIFICATION
+    primary_metric = "accuracy"
+    per_word = False
+
+    def loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(output, labels)
+
+    def rows(self, output: torch.Tensor, labels: torch.Tensor) -> Iterator[tuple[Any, Any]]:
+        for row_output, label in zip(output, labels):
+            yield int(label), int(row_output.argmax())
+
+    def metrics(self, gold: list[Any], predicted: list[Any], label_names: Sequence[str] | None) -> dict[str, float]:
+        return classification_metrics(np.array(gold), np.array(predicted), self.num_outputs(label_names))
+
+    def record(self, output: torch.Tensor, label_names: Sequence[str] | None) -> dict[str, Any]:
+        probabilities = output.softmax(-1).tolist()
+        names = list(label_names or ())
+        return {"label": names[int(np.argmax(probabilities))], "probabilities": dict(zip(names, probabilities))}
+
+
+class Regression(Task):
+    name = REGRESSION
+    primary_metric = "pearson"
+    per_word = False
+    labeled_by_name = False
+
+    def num_outputs(self, label_names: Sequence[str] | None) -> int:
+        return 1
+
+    def shape_output(self, output: torch.Tensor) -> torch.Tensor:
+        return output.squeeze(-1)
+
+    def loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return nn.functional.mse_loss(output, labels.float())
+
+    def rows(self, output: torch.Tensor, labels: torch.Tensor) -> Iterator[tuple[Any, Any]]:
+        for value, target in zip(output, labels):
+            yield float(target), float(value)
+
+    def metrics(self, gold: list[Any], predicted: list[Any], label_names: Sequence[str] | None) -> dict[str, float]:
+        return regression_metrics(np.array(gold), np.array(predicted))
+
+    def record(self, output: torch.Tensor, label_names: Sequence[str] | None) -> dict[str, Any]:
+        return {"value": float(output)}
+
+
+TASKS: dict[str, Task] = {task.name: task for task in (TokenClassification(), SequenceClassification(), Regression())}
