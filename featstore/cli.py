@@ -26,8 +26,8 @@ def _add_extract_arguments(parser: argparse.ArgumentParser) -> None:
 
 def spec_from_args(args: argparse.Namespace) -> ExtractSpec:
     values = given_values(args, ExtractSpec)
-    if args.storage_options:
-        values["storage_options"] = args.storage_options
+    if args.storage_options_list:  # the global -S KEY=VALUE options
+        values["storage_options"] = dict(args.storage_options_list)
     if args.spec:
         return ExtractSpec.from_file(args.spec, **values)
     return ExtractSpec.from_dict(values, where="featstore extract")
@@ -201,7 +201,7 @@ def _service_command(args: argparse.Namespace) -> int:
             print(f"{job['id']}  {job['status']:<9}  {done:>13}  {job['created_at']}  {job['store'] or '-'}")
         return 0
     if args.command == "submit":
-        spec = given_values(args, ExtractSpec)
+        spec = given_values(args, ExtractSpec, submit_only=True)
         job = client.submit(spec)
         print(f"job {job['id']} {'(same as an active identical job) ' if job['coalesced'] else ''}{job['status']}",
               file=sys.stderr)

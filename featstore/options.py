@@ -200,9 +200,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, submit_only: bool 
                             required=submit_only and settings.required_to_submit, **common)
 
 
-def given_values(args: argparse.Namespace, cls: type) -> dict[str, Any]:
-    """The flat values of the options that were given on the command line."""
-    return {item.name: getattr(args, item.name) for item in option_fields(cls) if hasattr(args, item.name)}
+def given_values(args: argparse.Namespace, cls: type, submit_only: bool = False) -> dict[str, Any]:
+    """The flat values of the options whose flags (those `add_arguments` made) were given on the command line."""
+    return {item.name: getattr(args, item.name) for item in option_fields(cls)
+            if item.option.flag and (item.option.submit or not submit_only) and hasattr(args, item.name)}
 
 
 def parse_layers(text: str) -> list[int] | None:

@@ -3,7 +3,7 @@ import json
 import datasets
 import pytest
 
-from featstore.errors import FeatstoreError
+from featstore.errors import CorpusError
 from featstore.extraction.corpus import (
     BUNDLED_CORPUS,
     REGRESSION,
@@ -54,7 +54,7 @@ def test_class_label_names_come_from_dataset_features(tmp_path):
     datasets.DatasetDict({"train": data, "validation": data}).save_to_disk(str(tmp_path / "dd"))
     corpus = load_corpus(CorpusSpec(path=str(tmp_path / "dd"), split="validation"))
     assert corpus.label_names == ["O", "B-PER"] and corpus.examples[0].label == (1,)
-    with pytest.raises(FeatstoreError, match="choose one with --split"):
+    with pytest.raises(CorpusError, match="choose one with --split"):
         load_corpus(str(tmp_path / "dd"))
 
 
@@ -76,11 +76,11 @@ def test_bundled_corpus_loads():
 def test_bad_corpora_give_clear_errors(tmp_path, content, suffix, spec, message):
     path = tmp_path / f"bad{suffix}"
     path.write_text(content)
-    with pytest.raises(FeatstoreError, match=message) as error:
+    with pytest.raises(CorpusError, match=message) as error:
         load_corpus(CorpusSpec(path=str(path), **spec))
     assert str(path) in str(error.value) or "row" in str(error.value)
 
 
 def test_missing_corpus_path():
-    with pytest.raises(FeatstoreError, match="does not exist"):
+    with pytest.raises(CorpusError, match="does not exist"):
         load_corpus("/nonexistent/corpus.conll")

@@ -7,8 +7,9 @@ import shutil
 import numpy as np
 import pytest
 
-from featstore import ExtractConfig, FeatstoreError, extract, open_store, verify_store
+from featstore import ExtractConfig, extract, open_store, verify_store
 from featstore.cli import main
+from featstore.errors import StoreFormatError
 from featstore.extraction.corpus import CorpusSpec
 from featstore.store import format as fmt
 from featstore.store.backends import open_backend
@@ -76,7 +77,7 @@ def test_store_format_too_new(capsys, tiny_models, conll_corpus, tmp_path):
     backend = open_backend(out, "r+")
     attrs = backend.get_attrs()
     backend.set_attrs({**attrs, "format_version": "2.0"})
-    with pytest.raises(FeatstoreError, match=r"newer than this featstore supports.*upgrade featstore"):
+    with pytest.raises(StoreFormatError, match=r"newer than this featstore supports.*upgrade featstore"):
         open_store(out)
     code, err = _run(capsys, "verify", out)
     assert code == 1 and "upgrade featstore" in err

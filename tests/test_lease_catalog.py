@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from featstore import Catalog, ExtractConfig, FeatstoreError, extract
+from featstore import Catalog, ExtractConfig, extract
 from featstore.cli import main
-from featstore.errors import LeaseHeldError
+from featstore.errors import LeaseHeldError, LeaseLostError
 from featstore.extraction.corpus import CorpusSpec
 from featstore.sharing.lease import Lease, lock_location, read_lease
 from featstore.sharing.location import resolve
@@ -57,7 +57,7 @@ def test_a_lease_taken_over_is_reported_lost(tmp_path):
     lease = Lease(target, "writer", ttl=0.3).acquire()
     _write_lease(target, pid=1, host="elsewhere")  # someone broke it while this process stalled
     time.sleep(0.5)
-    with pytest.raises(FeatstoreError, match="taken over by pid 1 on elsewhere"):
+    with pytest.raises(LeaseLostError, match="taken over by pid 1 on elsewhere"):
         lease.check()
     lease.release()
     assert lock_location(target).exists()  # not ours any more: left alone

@@ -74,6 +74,44 @@ def test_ray_extraction_equals_single_process_even_when_an_actor_dies(minilm_pat
 
 
 @pytest.mark.slow
+def test_a_killed_ray_driver_resumes_from_its_committed_blocks(minilm_path, tmp_path):
+    """Progress is committed per block during a Ray run, so killing the driver (and its local cluster) loses only
+    the blocks past the written prefix; the re-run resumes there and gives the single-process store."""
+    pytest.importorskip("ray")
+    from featstore.store import format as fmt
+    from featstore.store.backends import open_backend
+
+    corpus = write_conll(tmp_path / "c.conll", _random_sentences(1500, seed=21))
+    single = extract(ExtractConfig(out=str(tmp_path / "single.zarr"), model=minilm_path, block_tokens=512,
+                                   corpus=CorpusSpec(str(corpus)), progress=False)).path
+    total = open_store(single).num_sequences
+    out = tmp_path / "ray.zarr"
+    command = [sys.executable, "-m", "featstore.cli", "extract", "--engine", "ray", "--workers", "2", "--model",
+               minilm_path, "--corpus", str(corpus), "--out", str(out), "--block-tokens", "512", "--no-progress"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"}
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    committed, deadline = 0, time.monotonic() + 300
+    try:
+        while driver.poll() is None and time.monotonic() < deadline and not 0 < committed < total:
+            time.sleep(0.05)
+            if (out / "progress" / "zarr.json").exists():
+                backend = open_backend(str(out))
+                committed = int(backend.read(fmt.PROGRESS)[0])
+                backend.close()
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray processes it started: a crash
+        driver.wait()
+    assert 0 < committed < total, f"no mid-run progress was seen (committed {committed} of {total})"
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"resuming {out}" in resumed.stderr
+    assert verify_store(str(out)) == []
+    with open_store(single) as expected, open_store(str(out)) as actual:
+        assert np.array_equal(actual.backend.read("hidden_states"), expected.backend.read("hidden_states"))
+
+
+@pytest.mark.slow
 def test_the_service_runs_jobs_on_ray(tmp_path, tiny_models):
     pytest.importorskip("ray")
     service = Service(tmp_path, str(Path(tiny_models["bert"]).parent), extra_args=("--engine", "ray")).start()

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import s3fs
 
-from featstore import ExtractConfig, FeatstoreError, extract, open_store, verify_store
+from featstore import ExtractConfig, extract, open_store, verify_store
 from featstore.cli import main
-from featstore.errors import LeaseHeldError
+from featstore.errors import ConfigError, IncompleteStoreError, LeaseHeldError, StoreError
 from featstore.extraction.corpus import CorpusSpec
 from featstore.sharing.catalog import Catalog
 from featstore.sharing.lease import Lease, lock_location
@@ -61,7 +61,7 @@ def test_extract_to_s3_equals_local_extraction(s3_root, tiny_models, conll_corpu
         assert sorted(streamed) == list(range(len(expected)))
         assert np.array_equal(streamed[5], expected.sequence(5).hidden_states)
     # HDF5 needs in-place file updates: refused on object storage with what to do instead
-    with pytest.raises(FeatstoreError, match="extract locally and `featstore push`"):
+    with pytest.raises(StoreError, match="extract locally and `featstore push`"):
         _extract(tiny_models["bert"], conll_corpus, f"{s3_root}/stores/remote.h5", backend="hdf5")
 
 
@@ -108,7 +108,7 @@ def test_an_interrupted_copy_never_looks_complete(s3_root, tiny_models, conll_co
     with pytest.raises(OSError, match="network went away"):
         copy_store(local, target, progress=False)
     monkeypatch.undo()
-    with pytest.raises(FeatstoreError, match="incomplete"):
+    with pytest.raises(IncompleteStoreError, match="incomplete"):
         open_store(target)
     assert any("incomplete" in problem for problem in verify_store(target))
     garbage = Catalog(s3_root).garbage()
@@ -198,7 +198,7 @@ def test_half_written_store_is_refused_listed_and_collected(s3_root, tiny_models
     backend.set_attrs({**attrs, "status": fmt.STATUS_WRITING})
     backend.write(fmt.PROGRESS, 0, np.array([3, 60], np.int64))
     backend.close()
-    with pytest.raises(FeatstoreError, match=r"incomplete \(3 of 40 sequences committed\)"):
+    with pytest.raises(IncompleteStoreError, match=r"incomplete \(3 of 40 sequences committed\)"):
         open_store(store)
     assert open_store(store, allow_incomplete=True).num_sequences == 40  # the explicit debugging override
     assert main(["verify", store]) == 1
@@ -314,8 +314,8 @@ def test_reading_from_a_read_only_mount(tiny_models, conll_corpus, tmp_path):
 
 def test_storage_options_from_the_environment_are_validated(monkeypatch):
     monkeypatch.setenv("FEATSTORE_STORAGE_OPTIONS", "{not json")
-    with pytest.raises(FeatstoreError, match="FEATSTORE_STORAGE_OPTIONS is not valid JSON"):
+    with pytest.raises(ConfigError, match="FEATSTORE_STORAGE_OPTIONS is not valid JSON"):
         resolve("s3://bucket/x.zarr")
     monkeypatch.setenv("FEATSTORE_STORAGE_OPTIONS", '["a list"]')
-    with pytest.raises(FeatstoreError, match="must be a JSON object"):
+    with pytest.raises(ConfigError, match="must be a JSON object"):
         resolve("s3://bucket/x.zarr")

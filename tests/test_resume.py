@@ -9,8 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from featstore import FeatstoreError, open_store, verify_store
+from featstore import open_store, verify_store
 from featstore.cli import main
+from featstore.errors import IncompleteStoreError
 from featstore.store import format as fmt
 from featstore.store.backends import open_backend
 from tests.conftest import _random_sentences, write_conll
@@ -57,7 +58,7 @@ def test_resume_after_sigkill_gives_the_uninterrupted_store(tiny_models, tmp_pat
     committed, total = _progress(killed)
     assert 0 < committed < total, "the extraction finished before it could be killed; enlarge the corpus"
 
-    with pytest.raises(FeatstoreError, match="incomplete"):
+    with pytest.raises(IncompleteStoreError, match="incomplete"):
         open_store(killed)
     assert any("incomplete" in problem for problem in verify_store(killed))
 

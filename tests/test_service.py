@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from featstore import FeatstoreError, open_store, verify_store
+from featstore import open_store, verify_store
+from featstore.errors import IncompleteStoreError
 from tests.conftest import _random_sentences, write_conll
 
 pytestmark = pytest.mark.slow
@@ -142,7 +143,7 @@ def test_coalesce_cancel_and_concurrent_status_load(service, minilm_path):
     assert code == 200 and cancelling["id"] == first["id"]
     final = service.wait(first["id"])
     assert final["status"] == "cancelled"
-    with pytest.raises(FeatstoreError, match="incomplete"):
+    with pytest.raises(IncompleteStoreError, match="incomplete"):
         open_store(final["store"])
     code, error = service.request("POST", f"/v1/jobs/{first['id']}/cancel")
     assert code == 409 and "already cancelled" in error["detail"]
@@ -206,9 +207,15 @@ def test_the_client_commands(service, tiny_models, capsys):
 
     corpus = corpus_file(service, "c.conll", 10, seed=6)
     server = ["--server", f"http://127.0.0.1:{service.port}", "--token", TOKEN]
-    assert main(["submit", *server, "--corpus", corpus, "--model", tiny_models["bert"], "--follow"]) == 0
+    # Every extraction option the service accepts can be sent, e.g. the three `submit` once lacked.
+    assert main(["submit", *server, "--corpus", corpus, "--model", tiny_models["bert"], "--compute-dtype", "float32",
+                 "--stride", "4", "--max-length", "16", "--max-batch-tokens", "256", "--follow"]) == 0
     job = json.loads(capsys.readouterr().out)
     assert job["status"] == "succeeded" and verify_store(job["store"]) == []
+    assert (job["spec"]["compute_dtype"], job["spec"]["stride"], job["spec"]["max_batch_tokens"]) == ("float32", 4, 256)
+    with open_store(job["store"]) as store:
+        extraction = store.manifest.extraction
+        assert (extraction.compute_dtype, extraction.stride, extraction.max_batch_tokens) == ("float32", 4, 256)
     assert main(["jobs", *server]) == 0
     assert job["id"] in capsys.readouterr().out
     assert main(["job", job["id"], *server[:2], "--token", "wrong"]) == 2

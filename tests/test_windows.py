@@ -3,7 +3,7 @@ import itertools
 import numpy as np
 import pytest
 
-from featstore.errors import FeatstoreError
+from featstore.errors import ConfigError, CorpusError
 from featstore.extraction.windows import plan_windows, word_units
 
 
@@ -47,10 +47,10 @@ def test_truncate_keeps_only_the_first_window():
 
 
 def test_word_longer_than_a_window_is_a_clear_error():
-    with pytest.raises(FeatstoreError, match="single word of 9 subword tokens"):
+    with pytest.raises(CorpusError, match="single word of 9 subword tokens"):
         plan_windows(_word_ids([2, 9, 1]), budget=8, stride=2)
 
 
 def test_stride_must_leave_progress():
-    with pytest.raises(FeatstoreError, match="stride"):
+    with pytest.raises(ConfigError, match="stride"):
         plan_windows(list(range(20)), budget=8, stride=8)

@@ -27,8 +27,7 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(Path(args.tree).resolve()))
     logging.disable(logging.INFO)
-    from featstore import ExtractConfig, extract, open_store
-    from featstore.extraction.corpus import CorpusSpec
+    from featstore import CorpusSpec, ExtractConfig, extract, open_store  # names both layouts export
 
     out = Path(tempfile.mkdtemp(prefix="ab-extract-")) / "s.zarr"
     result = extract(ExtractConfig(out=str(out), corpus=CorpusSpec(args.corpus), progress=False))
