@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, TypeVar
 
 from featstore.store.manifest import EncoderInfo, ExtractionInfo
 
@@ -11,6 +11,7 @@ from .tasks import TASKS, Task
 
 HEAD_TYPES = ("adapter", "linear", "scalar_mix", "mlp", "fusion")
 SINGLE_LAYER_HEADS = ("linear", "mlp")
+IdentityT = TypeVar("IdentityT")
 
 
 @dataclass
@@ -25,7 +26,7 @@ class EncoderIdentity:
 
     @classmethod
     def of(cls, encoder: EncoderInfo) -> EncoderIdentity:
-        return cls(**{item.name: getattr(encoder, item.name) for item in fields(cls)})
+        return _project(cls, encoder)
 
 
 @dataclass
@@ -38,7 +39,7 @@ class ExtractionIdentity:
 
     @classmethod
     def of(cls, extraction: ExtractionInfo) -> ExtractionIdentity:
-        return cls(**{item.name: getattr(extraction, item.name) for item in fields(cls)})
+        return _project(cls, extraction)
 
 
 @dataclass
@@ -99,6 +100,11 @@ class HeadConfig:
         values["encoder"] = _known(EncoderIdentity, encoder)
         values["extraction"] = _known(ExtractionIdentity, extraction)
         return cls(**values)
+
+
+def _project(cls: type[IdentityT], source: Any) -> IdentityT:
+    """The fields of `cls` taken from a manifest section of the same field names."""
+    return cls(**{item.name: getattr(source, item.name) for item in fields(cls)})
 
 
 def _known(cls: type, values: dict[str, Any]) -> Any:

@@ -319,3 +319,19 @@ def test_featstore_never_imports_heads():
             names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else (
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
             assert not any(name == "heads" or name.startswith("heads.") for name in names), path
+
+
+# --- heads: configs of the first head format still load -----------------------------------------------------
+def test_a_first_format_head_config_loads_with_its_extraction_settings():
+    from heads.config import HeadConfig
+
+    old = {"format": "featstore-head/1", "head_type": "linear", "task": "token-classification", "hidden_size": 8,
+           "layers": [2], "label_names": ["O", "B-X"], "some_future_key": 1,
+           "encoder": {"name_or_path": "m", "weights_sha256": "ab", "tokenizer_sha256": "cd", "hidden_size": 8,
+                       "num_hidden_states": 3, "max_length": 64, "stride": 16, "storage_dtype": "float16"}}
+    config = HeadConfig.from_dict(old)
+    assert config.encoder.weights_sha256 == "ab" and config.encoder.num_hidden_states == 3
+    assert (config.extraction.max_length, config.extraction.stride, config.extraction.storage_dtype) == (
+        64, 16, "float16")
+    assert HeadConfig.from_dict(config.to_dict()) == config
+    assert config.task_def.primary_metric == "f1" and config.num_outputs == 2
