@@ -16,10 +16,9 @@ import torch
 from torch import nn
 
 from featstore.extraction.corpus import REGRESSION, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION
+from featstore.store.dataset import LABEL_PADDING
 
 from .metrics import classification_metrics, regression_metrics, tagging_metrics
-
-IGNORE_INDEX = -100  # label padding: positions cross-entropy skips (featstore.collate_features pads with it)
 
 
 class Task(ABC):
@@ -69,11 +68,11 @@ class TokenClassification(Task):
 
     def loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return nn.functional.cross_entropy(output.reshape(-1, output.shape[-1]), labels.reshape(-1),
-                                           ignore_index=IGNORE_INDEX)
+                                           ignore_index=LABEL_PADDING)
 
     def rows(self, output: torch.Tensor, labels: torch.Tensor) -> Iterator[tuple[Any, Any]]:
         for row_output, row_labels in zip(output, labels):
-            keep = row_labels != IGNORE_INDEX
+            keep = row_labels != LABEL_PADDING
             yield row_labels[keep].tolist(), row_output[keep].argmax(-1).tolist()
 
     def metrics(self, gold: list[Any], predicted: list[Any], label_names: Sequence[str] | None) -> dict[str, float]:

@@ -14,6 +14,8 @@ import torch
 
 from .reader import SequenceFeatures, Store
 
+LABEL_PADDING = -100  # word labels of padded positions (PyTorch's cross-entropy ignore_index default)
+
 
 class FeatureDataset(torch.utils.data.Dataset):
     """Map-style PyTorch dataset over a store, indexed by corpus row; pair with `collate_features`."""
@@ -29,7 +31,7 @@ class FeatureDataset(torch.utils.data.Dataset):
 
 
 def collate_features(items: Sequence[SequenceFeatures]) -> dict[str, Any]:
-    """Pad a batch: hidden (B, T, L, H) float32, mask (B, T) bool, labels (B, W) with -100 or (B,),
+    """Pad a batch: hidden (B, T, L, H) float32, mask (B, T) bool, labels (B, W) padded with LABEL_PADDING or (B,),
     word_ids (B, T) with -1 on padding (token-level items only), index (B,) corpus rows."""
     width = max(len(item.hidden_states) for item in items)
     first = items[0].hidden_states
@@ -52,7 +54,7 @@ def collate_features(items: Sequence[SequenceFeatures]) -> dict[str, Any]:
             batch["labels"] = torch.tensor(np.stack([item.labels for item in items]))
         else:
             words = max(item.num_words for item in items)
-            labels = torch.full((len(items), words), -100, dtype=torch.long)
+            labels = torch.full((len(items), words), LABEL_PADDING, dtype=torch.long)
             for row, item in enumerate(items):
                 labels[row, : len(item.labels)] = torch.from_numpy(item.labels.astype(np.int64))
             batch["labels"] = labels
