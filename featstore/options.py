@@ -121,8 +121,8 @@ def from_flat(cls: type[T], values: dict[str, Any], where: str = "options") -> T
         if value is None:
             continue
         item = by_name[name]
-        if not _fits(value, item.hint):
-            raise ConfigError(f"{where}: {name} = {value!r} is not a valid {_type_name(item.hint)}")
+        if not fits_type(value, item.hint):
+            raise ConfigError(f"{where}: {name} = {value!r} is not a valid {type_name(item.hint)}")
         node = tree
         for attribute in item.path[:-1]:
             node = node.setdefault(attribute, {})
@@ -139,21 +139,33 @@ def _build(cls: type[T], tree: dict[str, Any]) -> T:
     return cls(**kwargs)
 
 
-def _fits(value: Any, hint: Any) -> bool:
-    if typing.get_origin(hint) is list:
+def fits_type(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a (simple) type hint: str, int, float, bool, X | None, list[X], dict[...]."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return any(fits_type(value, option) for option in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is Any:
+        return True
+    if origin is list:
         (item,) = typing.get_args(hint)
-        return isinstance(value, list) and all(_fits(element, item) for element in value)
-    if typing.get_origin(hint) is dict or hint is dict:
+        return isinstance(value, list) and all(fits_type(element, item) for element in value)
+    if origin is dict or hint is dict:
         return isinstance(value, dict)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is bool:
+        return isinstance(value, bool)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
     return isinstance(value, hint)
 
 
-def _type_name(hint: Any) -> str:
-    return getattr(hint, "__name__", str(hint)) if typing.get_origin(hint) is None else str(hint)
+def type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is None and hasattr(hint, "__name__"):
+        return hint.__name__
+    return str(hint).replace("typing.", "").replace("NoneType", "None")
 
 
 def check_values(config: Any) -> None:

@@ -92,14 +92,10 @@ class HeadConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> HeadConfig:
         """Tolerates unknown keys; reads the first format's layout (extraction settings inside `encoder`)."""
-        known = {item.name for item in fields(cls)}
-        values = {key: value for key, value in values.items() if key in known}
         encoder = dict(values.get("encoder") or {})
-        extraction = {**{key: encoder.pop(key) for key in ("max_length", "stride", "storage_dtype") if key in encoder},
-                      **(values.get("extraction") or {})}
-        values["encoder"] = _known(EncoderIdentity, encoder)
-        values["extraction"] = _known(ExtractionIdentity, extraction)
-        return cls(**values)
+        moved = {item.name: encoder.pop(item.name) for item in fields(ExtractionIdentity) if item.name in encoder}
+        return _known(cls, {**values, "encoder": _known(EncoderIdentity, encoder),
+                            "extraction": _known(ExtractionIdentity, {**moved, **(values.get("extraction") or {})})})
 
 
 def _project(cls: type[IdentityT], source: Any) -> IdentityT:

@@ -52,13 +52,12 @@ class ExtractResult:
     encode_seconds: float = 0.0
 
 
-
 def extract(spec: ExtractSpec, on_progress: Callable[[ExtractProgress], None] | None = None) -> ExtractResult:
     """Run (or resume, or reuse) an extraction; returns once the store is complete. `on_progress` is called
     once the target is known, after every batch, and at the end."""
     spec.validate()
     if spec.out is not None and spec.catalog is None:
-        _refuse_foreign_target(resolve(spec.out, spec.storage_options), spec)  # before anything heavy is loaded
+        _refuse_foreign_target(resolve(spec.out, spec.storage_options))  # before anything heavy is loaded
     corpus = load_corpus(spec.corpus)
     encoder = FrozenEncoder.load(spec.model, spec.device, spec.dtype, spec.compute_dtype)
     plan = ExtractionPlan.build(spec, corpus, encoder)
@@ -141,12 +140,14 @@ def _target(spec: ExtractSpec, plan: ExtractionPlan) -> tuple[Location, bool]:
     return location, False
 
 
-def _refuse_foreign_target(location: Location, spec: ExtractSpec) -> None:
-    """Something that is not a featstore store is never replaced, --overwrite or not."""
-    if not location.exists() or detect_backend(location) is not None:
-        return
-    if location.isdir() and not location.fs.ls(location.path):
-        return  # an empty directory is fine to write into
+def _refuse_foreign_target(location: Location) -> str | None:
+    """The backend of the store at `location` (None: nothing there, or an empty directory); something that is
+    not a featstore store is never replaced, --overwrite or not."""
+    if not location.exists():
+        return None
+    backend = detect_backend(location)
+    if backend is not None or (location.isdir() and not location.fs.ls(location.path)):
+        return backend  # a store, or an empty directory (fine to write into)
     raise StoreConflictError(f"{location.url} exists and is not a featstore store; choose another --out or "
                              "remove it")
 
@@ -155,8 +156,7 @@ def _open_or_create(location: Location, plan: ExtractionPlan) -> StoreBackend:
     """Create the store, or reopen one with the same fingerprint to resume; refuse anything else."""
     spec = plan.spec
     if location.exists():
-        _refuse_foreign_target(location, spec)
-        if detect_backend(location) is not None:
+        if _refuse_foreign_target(location) is not None:
             backend = open_backend(location, "r+")
             try:
                 old = backend.get_manifest()

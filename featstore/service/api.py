@@ -59,10 +59,11 @@ def _request_field(item: OptionField) -> tuple[Any, Any]:
     """A request-model field from a spec option: its type (choices as a Literal), default, bounds and help."""
     settings = item.option
     annotation: Any = Literal[settings.choices] if settings.choices else item.hint  # type: ignore[valid-type]
+    constraints: dict[str, Any] = {"description": settings.help}
     if typing.get_origin(item.hint) is list:
         (element,) = typing.get_args(item.hint)
         annotation = list[Annotated[element, Field(max_length=MAX_STRING)] if element is str else element]
-    constraints: dict[str, Any] = {"description": settings.help}
+        constraints["max_length"] = MAX_LIST
     if settings.minimum is not None:
         constraints["ge"] = settings.minimum
     if settings.maximum is not None:
@@ -72,8 +73,6 @@ def _request_field(item: OptionField) -> tuple[Any, Any]:
     if item.hint is str:
         constraints["max_length"] = MAX_STRING
         constraints["min_length"] = 1 if settings.required_to_submit else 0
-    if typing.get_origin(item.hint) is list:
-        constraints["max_length"] = MAX_LIST
     if settings.required_to_submit:
         return annotation, Field(..., **constraints)
     if item.optional:

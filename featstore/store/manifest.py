@@ -10,38 +10,15 @@ tolerates unknown keys), so rewriting a store's attributes never drops them.
 
 from __future__ import annotations
 
-import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, ClassVar, TypeVar, Union
+from typing import Any, ClassVar, TypeVar
 
 from ..errors import StoreFormatError
+from ..options import fits_type, type_name
 from . import format as fmt
 
 SectionT = TypeVar("SectionT", bound="Section")
-
-
-def _matches(value: Any, hint: Any) -> bool:
-    """Whether a JSON value fits a (simple) type hint: str, int, float, bool, X | None, list[X], dict[...]."""
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        return any(_matches(value, option) for option in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is Any:
-        return True
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        return isinstance(value, list) and all(_matches(element, item) for element in value)
-    if origin is dict or hint is dict:
-        return isinstance(value, dict)
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, hint)
 
 
 @dataclass
@@ -71,9 +48,9 @@ class Section:
             nested = _section_type(hint)
             if nested is not None and value is not None:
                 value = nested.from_dict(value, where)
-            elif not _matches(value, hint):
+            elif not fits_type(value, hint):
                 raise StoreFormatError(f"{where}: the store's metadata has {name}.{item.name} = {value!r:.80}, "
-                                       f"not a valid {_describe(hint)}; the store is damaged")
+                                       f"not a valid {type_name(hint)}; the store is damaged")
             kwargs[item.name] = value
         kwargs["extra"] = {key: value for key, value in values.items() if key not in known}
         return cls(**kwargs)
@@ -93,10 +70,6 @@ def _section_type(hint: Any) -> type[Section] | None:
         if isinstance(option, type) and issubclass(option, Section):
             return option
     return None
-
-
-def _describe(hint: Any) -> str:
-    return str(hint).replace("typing.", "").replace("NoneType", "None")
 
 
 @dataclass
