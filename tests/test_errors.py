@@ -120,7 +120,7 @@ def test_info_on_something_that_is_not_a_store(capsys, tmp_path):
 def test_verify_reports_non_finite_hidden_states_even_when_checksummed(tiny_models, conll_corpus, tmp_path, name,
                                                                         backend):
     """A NaN the encoder produced is recorded in the checksums; verify must still flag it."""
-    from featstore.store.integrity import compute_checksums
+    from featstore.store.integrity import record_integrity
 
     out = extract(ExtractConfig(out=str(tmp_path / name), model=tiny_models["bert"], backend=backend,
                                 block_tokens=64, corpus=CorpusSpec(str(conll_corpus)), progress=False)).path
@@ -129,7 +129,7 @@ def test_verify_reports_non_finite_hidden_states_even_when_checksummed(tiny_mode
     rows[0, 0, 0] = np.nan
     store.write(fmt.HIDDEN_STATES, 70, rows)
     manifest = store.get_manifest()
-    manifest.integrity = compute_checksums(store, manifest.layout.block_tokens)
+    manifest.integrity = record_integrity(store, manifest, {}, {})
     store.set_manifest(manifest)
     store.close()
     assert verify_store(out) == ["hidden_states tokens 64..128 hold NaN or infinite values"]

@@ -170,10 +170,16 @@ def test_explicit_truncation_is_recorded_and_keeps_labels_aligned(tiny_models, c
 
 
 def test_checksums_taken_while_writing_equal_checksums_of_the_stored_bytes(stores):
-    """The writer hashes blocks from memory; a read-back of every block must give the same digests."""
+    """The writer hashes blocks and chunks from memory; a read-back of every one must give the same values."""
+    from featstore.store.chunks import piece_checksums
     from featstore.store.integrity import compute_checksums
 
     for path in stores.values():
         with open_store(path) as store:
             recorded = store.manifest.integrity
-            assert compute_checksums(store.backend, recorded.block_rows) == recorded
+            assert compute_checksums(store.backend, recorded.block_rows).arrays == recorded.arrays
+            rows, sums = recorded.chunks.chunk_rows, store.backend.read(fmt.HIDDEN_CHECKSUMS)
+            assert len(sums) == -(-store.num_tokens // rows) > 1
+            for chunk in range(len(sums)):
+                stored = store.backend.read(fmt.HIDDEN_STATES, chunk * rows, (chunk + 1) * rows)
+                assert (piece_checksums(stored, recorded.chunks.per_layer) == sums[chunk]).all()

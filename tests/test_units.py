@@ -21,10 +21,11 @@ from featstore.errors import ConfigError, IncompleteStoreError, StoreFormatError
 from featstore.extraction.corpus import CorpusSpec, load_corpus
 from featstore.extraction.encoder import FrozenEncoder
 from featstore.extraction.plan import ExtractionPlan
-from featstore.extraction.writer import BlockWriter, ProgressLedger
+from featstore.extraction.writer import BlockWriter, ProgressLedger, Written
 from featstore.options import option_fields
 from featstore.store import format as fmt
 from featstore.store.backends import open_backend
+from featstore.store.chunks import piece_checksums
 from featstore.store.integrity import digest_rows
 from featstore.store.manifest import FINGERPRINT_FIELDS, StoreManifest
 
@@ -33,6 +34,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 class MemoryBackend:
     """Just enough of a StoreBackend for the writer and the ledger: arrays in memory, writes recorded."""
+
+    checksum_per_layer = False
 
     def __init__(self, rows: int, width: int = 3) -> None:
         self.arrays = {fmt.HIDDEN_STATES: np.zeros((rows, width), np.float16), fmt.PROGRESS: np.zeros(2, np.int64)}
@@ -51,8 +54,7 @@ def test_block_writer_writes_whole_blocks_and_hashes_them_from_memory():
     backend, block, start, stop = MemoryBackend(47), 10, 5, 47
     data = np.random.default_rng(0).standard_normal((stop - start, 3)).astype(np.float16)
     reported = []
-    writer = BlockWriter(backend, block, start, stop, 47, lambda first, end, digests: reported.append(
-        (first, end, digests)))
+    writer = BlockWriter(backend, block, 5, start, stop, 47, reported.append)
     for piece in np.split(data, [7, 9, 21, 22, 36]):  # uneven appends, some smaller than a block
         writer.append(piece)
     writer.finish()
@@ -61,18 +63,23 @@ def test_block_writer_writes_whole_blocks_and_hashes_them_from_memory():
     assert all(first % block == 0 for first, _ in writes[1:]) and all(end % block == 0 for _, end in writes[:-1])
     assert all(a[1] == b[0] for a, b in itertools.pairwise(writes))  # contiguous, nothing written twice
     assert np.array_equal(backend.arrays[fmt.HIDDEN_STATES][start:], data)
-    digests = {index: digest for *_, found in reported for index, digest in found.items()}
+    digests = {index: digest for written in reported for index, digest in written.block_digests.items()}
     assert sorted(digests) == [1, 2, 3, 4]  # block 0 is only partly this writer's; block 4 is the short last one
     for index, digest in digests.items():
         assert digest == digest_rows(backend.arrays[fmt.HIDDEN_STATES][index * block: (index + 1) * block])
-    assert [(first, end) for first, end, _ in reported] == writes
+    sums = {index: value for written in reported for index, value in written.chunk_checksums.items()}
+    assert sorted(sums) == list(range(1, 10))  # chunks of 5 rows: chunk 0 holds rows before `start`
+    for index, value in sums.items():
+        assert value.tolist() == piece_checksums(backend.arrays[fmt.HIDDEN_STATES][index * 5: index * 5 + 5],
+                                                 False).tolist()
+    assert [(written.first, written.end) for written in reported] == writes
 
 
 def test_block_writer_refuses_rows_past_its_range():
-    writer = BlockWriter(MemoryBackend(20), 8, 0, 10, 20, lambda *_: None)
+    writer = BlockWriter(MemoryBackend(20), 8, 4, 0, 10, 20, lambda *_: None)
     with pytest.raises(Exception, match="internal error"):
         writer.append(np.zeros((11, 3), np.float16))
-    short = BlockWriter(MemoryBackend(20), 8, 0, 10, 20, lambda *_: None)
+    short = BlockWriter(MemoryBackend(20), 8, 4, 0, 10, 20, lambda *_: None)
     short.append(np.zeros((4, 3), np.float16))
     with pytest.raises(Exception, match="expected 10"):
         short.finish()
@@ -89,15 +96,15 @@ def _ledger(start: int = 0, before_commit=lambda: None):
 
 def test_ledger_commits_the_last_batch_boundary_inside_the_written_prefix():
     backend, ledger = _ledger()
-    ledger.written(0, 10, {})  # batch 0 ends at row 11: not yet
+    ledger.written(Written(0, 10, {}, {}))  # batch 0 ends at row 11: not yet
     assert backend.arrays[fmt.PROGRESS].tolist() == [0, 0]
-    ledger.written(20, 27, {3: "d"})  # beyond a gap: recorded, not committed
+    ledger.written(Written(20, 27, {3: "d"}, {}))  # beyond a gap: recorded, not committed
     assert ledger.committed == 0 and ledger.digests == {3: "d"}
-    ledger.written(10, 15, {})  # prefix now 0..15: batch 0 (11) done, batch 1 ends at 20
+    ledger.written(Written(10, 15, {}, {}))  # prefix now 0..15: batch 0 (11) done, batch 1 ends at 20
     assert backend.arrays[fmt.PROGRESS].tolist() == [2, 11]
-    ledger.written(15, 20, {})  # the gap closes: everything is written
+    ledger.written(Written(15, 20, {}, {}))  # the gap closes: everything is written
     assert backend.arrays[fmt.PROGRESS].tolist() == [6, 27] and ledger.frontier == 27
-    ledger.written(0, 10, {})  # a retried share re-reports: no change
+    ledger.written(Written(0, 10, {}, {}))  # a retried share re-reports: no change
     assert backend.arrays[fmt.PROGRESS].tolist() == [6, 27]
 
 
@@ -105,7 +112,7 @@ def test_ledger_starts_at_the_resume_point_and_checks_the_lease_before_committin
     calls = []
     backend, ledger = _ledger(start=2, before_commit=lambda: calls.append("check"))
     assert ledger.frontier == 11
-    ledger.written(11, 20, {})
+    ledger.written(Written(11, 20, {}, {}))
     assert calls == ["check"] and backend.arrays[fmt.PROGRESS].tolist() == [4, 20]
 
     def lost():
@@ -113,7 +120,7 @@ def test_ledger_starts_at_the_resume_point_and_checks_the_lease_before_committin
 
     backend, ledger = _ledger(before_commit=lost)
     with pytest.raises(RuntimeError, match="lease lost"):
-        ledger.written(0, 27, {})
+        ledger.written(Written(0, 27, {}, {}))
     assert backend.arrays[fmt.PROGRESS].tolist() == [0, 0]  # nothing committed without the lease
 
 
@@ -261,10 +268,11 @@ def test_a_malformed_manifest_fails_at_open_naming_the_field(small_store, tmp_pa
 
 
 def test_unknown_keys_of_a_newer_minor_version_are_kept(small_store, tmp_path):
-    def add_keys(attrs):
+    def add_keys(attrs):  # as a newer writer would: its finalize digests the sections with their new keys
         attrs["format_version"] = "1.9"
         attrs["extraction"]["future_option"] = {"x": 1}
         attrs["future_section"] = [1, 2]
+        attrs["integrity"]["sections"] = StoreManifest.from_attrs(attrs, "newer").section_digests()
 
     newer = _edited_copy(small_store, tmp_path, add_keys)
     with open_store(newer) as store:

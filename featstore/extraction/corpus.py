@@ -23,12 +23,10 @@ from typing import Any
 from ..errors import ConfigError, CorpusError
 from ..options import option
 
-logger = logging.getLogger(__name__)
+# The task names are part of the store format (`corpus.task`).
+from ..store.format import REGRESSION, SEQUENCE_CLASSIFICATION, TASKS, TOKEN_CLASSIFICATION
 
-TOKEN_CLASSIFICATION = "token-classification"
-SEQUENCE_CLASSIFICATION = "sequence-classification"
-REGRESSION = "regression"
-TASKS = (TOKEN_CLASSIFICATION, SEQUENCE_CLASSIFICATION, REGRESSION)
+logger = logging.getLogger(__name__)
 
 CONLL_SUFFIXES = {".conll", ".conllu", ".txt", ".iob", ".bio"}
 DATASETS_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}

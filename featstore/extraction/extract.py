@@ -27,7 +27,7 @@ from ..sharing.lease import Lease
 from ..sharing.location import Location, resolve
 from ..store import format as fmt
 from ..store.backends import BACKENDS, StoreBackend, detect_backend, open_backend
-from ..store.integrity import compute_checksums
+from ..store.integrity import record_integrity
 from .corpus import load_corpus
 from .encoder import FrozenEncoder
 from .plan import ExtractionPlan, now
@@ -188,8 +188,9 @@ def fill_local(backend: StoreBackend, encoder: FrozenEncoder, plan: ExtractionPl
                ledger: ProgressLedger, report: Reporter) -> None:
     """This process computes the batches; a background thread writes them."""
     start = ledger.committed
-    writer = BackgroundWriter(BlockWriter(backend, plan.block_tokens, int(plan.token_offsets[start]),
-                                          plan.num_tokens, plan.num_tokens, ledger.written))
+    writer = BackgroundWriter(BlockWriter(backend, plan.block_tokens, plan.chunk_tokens,
+                                          int(plan.token_offsets[start]), plan.num_tokens, plan.num_tokens,
+                                          ledger.written))
     bar = tqdm(total=len(plan.sequences), initial=start, unit="seq", desc="extract", disable=not plan.spec.progress)
     started, tokens_done = time.perf_counter(), 0
     try:
@@ -224,9 +225,10 @@ def _finalize(backend: StoreBackend, lease: Lease, ledger: ProgressLedger) -> No
     if int(progress[0]) != counts.num_sequences or int(progress[1]) != counts.num_tokens:
         raise CorruptStoreError(f"internal error: finalize found progress {progress.tolist()} for "
                                f"{counts.num_sequences} sequences / {counts.num_tokens} tokens")
-    manifest.integrity = compute_checksums(backend, manifest.layout.block_tokens,
-                                           {fmt.HIDDEN_STATES: ledger.digests})
-    manifest.status = fmt.STATUS_COMPLETE
+    manifest.format_version = fmt.FORMAT_VERSION  # a store begun by an older featstore gets today's checks
     manifest.extraction.completed_at = now()
+    lease.check()
+    manifest.integrity = record_integrity(backend, manifest, ledger.digests, ledger.chunk_checksums)
+    manifest.status = fmt.STATUS_COMPLETE
     lease.check()
     backend.set_manifest(manifest)

@@ -79,6 +79,10 @@ class ExtractionPlan:
     def block_tokens(self) -> int:
         return self.manifest.layout.block_tokens
 
+    @property
+    def chunk_tokens(self) -> int:
+        return self.manifest.layout.chunk_tokens
+
     def batches(self, start: int = 0) -> list[range]:
         """Greedy batches of storage positions from `start`, each under the padded-token budget.
         Deterministic: from any batch boundary they repeat the batches a run from 0 makes."""
@@ -96,32 +100,31 @@ class ExtractionPlan:
         return batches
 
     def arrays(self) -> list[tuple[ArraySpec, np.ndarray | None]]:
-        """Every array to create with its content; the hidden states' content comes later, from an engine."""
-        block, num_tokens = self.block_tokens, self.num_tokens
-        sequences = self.sequences
+        """Every array to create with its content; the hidden states' content comes later, from an engine.
+        Shapes and dtypes come from the manifest (`StoreManifest.expected_arrays`), which readers check."""
+        block, sequences = self.block_tokens, self.sequences
         sequence_block = max(1, min(len(sequences) + 1, 1 << 16))
-
-        def token_array(name: str, values: list[np.ndarray], dtype: str) -> tuple[ArraySpec, np.ndarray]:
-            return ArraySpec(name, (num_tokens,), dtype, block), np.concatenate(values).astype(dtype)
-
-        def sequence_array(name: str, values: np.ndarray) -> tuple[ArraySpec, np.ndarray]:
-            return ArraySpec(name, values.shape, str(values.dtype), sequence_block), values
-
-        arrays = [
-            token_array(fmt.INPUT_IDS, [s.input_ids for s in sequences], "int32"),
-            token_array(fmt.WORD_IDS, [s.word_ids for s in sequences], "int32"),
-            token_array(fmt.TOKEN_WINDOW, [s.token_window for s in sequences], "int16"),
-            sequence_array(fmt.TOKEN_OFFSETS, self.token_offsets),
-            sequence_array(fmt.WORD_OFFSETS, self.word_offsets),
-            sequence_array(fmt.SEQUENCE_INDEX, self.order),
-        ]
+        contents = {
+            fmt.INPUT_IDS: np.concatenate([s.input_ids for s in sequences]),
+            fmt.WORD_IDS: np.concatenate([s.word_ids for s in sequences]),
+            fmt.TOKEN_WINDOW: np.concatenate([s.token_window for s in sequences]),
+            fmt.TOKEN_OFFSETS: self.token_offsets,
+            fmt.WORD_OFFSETS: self.word_offsets,
+            fmt.SEQUENCE_INDEX: self.order,
+            fmt.PROGRESS: np.zeros(2, np.int64),
+        }
         if self.labels is not None:
-            arrays.append(sequence_array(*self.labels))
-        arrays.append((ArraySpec(fmt.PROGRESS, (2,), "int64", 2), np.zeros(2, np.int64)))
-        hidden_shape = self.manifest.hidden_shape
-        storage = str(numpy_storage_dtype(self.manifest.extraction.storage_dtype))
-        chunk = min(self.manifest.layout.chunk_tokens, block)
-        arrays.append((ArraySpec(fmt.HIDDEN_STATES, hidden_shape, storage, block, (chunk, 1, hidden_shape[2])), None))
+            contents[self.labels[0]] = self.labels[1]
+        token_arrays = (fmt.INPUT_IDS, fmt.WORD_IDS, fmt.TOKEN_WINDOW)
+        arrays: list[tuple[ArraySpec, np.ndarray | None]] = []
+        for name, (shape, dtype) in self.manifest.expected_arrays().items():
+            if name == fmt.HIDDEN_STATES:
+                continue
+            rows = block if name in token_arrays else 2 if name == fmt.PROGRESS else sequence_block
+            arrays.append((ArraySpec(name, shape, dtype, rows), contents[name].astype(dtype)))
+        hidden_shape, storage = self.manifest.expected_arrays()[fmt.HIDDEN_STATES]
+        arrays.append((ArraySpec(fmt.HIDDEN_STATES, hidden_shape, storage, block,
+                                 (self.chunk_tokens, 1, hidden_shape[2])), None))
         return arrays
 
 

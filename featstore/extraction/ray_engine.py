@@ -66,6 +66,7 @@ class ShareJob:
     storage_options: dict[str, Any]
     layers: list[int]
     block_tokens: int
+    chunk_tokens: int
     max_batch_tokens: int
     total_rows: int
 
@@ -84,11 +85,9 @@ class ShareWriter:
         """Write the share, reporting each block written to the driver's queue; returns its row count."""
         backend = open_backend(resolve(job.store, job.storage_options), "r+")
 
-        def report(first: int, end: int, digests: dict[int, str]) -> None:
-            reports.put((first, end, digests))
-
         try:
-            writer = BlockWriter(backend, job.block_tokens, share.start, share.stop, job.total_rows, report)
+            writer = BlockWriter(backend, job.block_tokens, job.chunk_tokens, share.start, share.stop, job.total_rows,
+                                 reports.put)
             for batch_start, sequences in zip(share.batch_starts, share.batches):
                 hidden = self.encoder.forward(sequences, job.layers, job.max_batch_tokens).cpu().numpy()
                 first, last = max(share.start, batch_start), min(share.stop, batch_start + len(hidden))
@@ -140,13 +139,13 @@ def fill_with_ray(backend: StoreBackend, encoder: FrozenEncoder, plan: Extractio
                          plan.sequences)
     logger.info("ray: %d shares of %s over %d %s actors", len(shares), backend.path, count, device.upper())
     job = ShareJob(backend.path, backend.location.storage_options, plan.layers, plan.block_tokens,
-                   spec.max_batch_tokens, plan.num_tokens)
+                   plan.chunk_tokens, spec.max_batch_tokens, plan.num_tokens)
     pending = {actors[share.index % count].write.remote(job, share, reports): share for share in shares}
 
     def drain() -> None:
         while True:
             try:
-                ledger.written(*reports.get_nowait())
+                ledger.written(reports.get_nowait())
             except queue.Empty:  # ray.util.queue.Empty subclasses it
                 return
 

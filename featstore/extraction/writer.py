@@ -12,6 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,12 +20,24 @@ import numpy as np
 from ..errors import FeatstoreError
 from ..store import format as fmt
 from ..store.backends import StoreBackend
+from ..store.chunks import chunk_checksums
 from ..store.integrity import block_digests
 
 WRITE_QUEUE_DEPTH = 4
 
-# (first row, end row, digests of the blocks written whole) after each write.
-WrittenCallback = Callable[[int, int, dict[int, str]], None]
+
+@dataclass
+class Written:
+    """One write: rows first..end, with the digests of the blocks and the checksums of the chunks it covered
+    whole, taken from the data in memory (finalize reads back only what an interrupted run wrote)."""
+
+    first: int
+    end: int
+    block_digests: dict[int, str]
+    chunk_checksums: dict[int, np.ndarray]
+
+
+WrittenCallback = Callable[[Written], None]
 
 
 class BlockWriter:
@@ -36,9 +49,10 @@ class BlockWriter:
     interrupted run wrote.
     """
 
-    def __init__(self, backend: StoreBackend, block_tokens: int, start: int, stop: int, total_rows: int,
-                 on_written: WrittenCallback) -> None:
+    def __init__(self, backend: StoreBackend, block_tokens: int, chunk_tokens: int, start: int, stop: int,
+                 total_rows: int, on_written: WrittenCallback) -> None:
         self.backend, self.block_tokens, self.stop, self.total_rows = backend, block_tokens, stop, total_rows
+        self.chunk_tokens = chunk_tokens
         self.on_written = on_written
         self.storage_dtype = backend.dtype(fmt.HIDDEN_STATES)
         self.position = start  # first row not yet written
@@ -65,17 +79,20 @@ class BlockWriter:
         data = np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0]
         rows = np.asarray(data[:count], dtype=self.storage_dtype)
         self.backend.write(fmt.HIDDEN_STATES, self.position, rows)
-        digests = block_digests(self.position, rows, self.block_tokens, self.total_rows)
+        written = Written(self.position, self.position + count,
+                          block_digests(self.position, rows, self.block_tokens, self.total_rows),
+                          chunk_checksums(self.position, rows, self.chunk_tokens, self.total_rows,
+                                          self.backend.checksum_per_layer))
         rest = data[count:]
         self.pending = [rest] if len(rest) else []
         self.pending_rows = len(rest)
-        first, self.position = self.position, self.position + count
-        self.on_written(first, self.position, digests)
+        self.position = written.end
+        self.on_written(written)
 
 
 class ProgressLedger:
     """Records which rows are written (in any order) and commits the `progress` array: the last batch
-    boundary inside the contiguous written prefix. Collects the writers' block digests."""
+    boundary inside the contiguous written prefix. Collects the writers' block digests and chunk checksums."""
 
     def __init__(self, backend: StoreBackend, token_offsets: np.ndarray, batches: Sequence[range], start: int,
                  before_commit: Callable[[], None]) -> None:
@@ -85,11 +102,14 @@ class ProgressLedger:
         self.frontier = int(token_offsets[start])  # rows below it are all written
         self.written_ranges: dict[int, int] = {}  # start row -> end row, beyond the frontier
         self.digests: dict[int, str] = {}
+        self.chunk_checksums: dict[int, np.ndarray] = {}
         self.lock = threading.Lock()
 
-    def written(self, first: int, end: int, digests: dict[int, str]) -> None:
+    def written(self, written: Written) -> None:
+        first, end = written.first, written.end
         with self.lock:
-            self.digests.update(digests)
+            self.digests.update(written.block_digests)
+            self.chunk_checksums.update(written.chunk_checksums)
             if end <= self.frontier:
                 return  # a retried share re-reporting rows already counted
             self.written_ranges[first] = max(end, self.written_ranges.get(first, end))

@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 FORMAT_NAME = "featstore"
-FORMAT_VERSION = "1.1"
+FORMAT_VERSION = "1.2"
 ATTRS_KEY = "featstore"
 
 STATUS_WRITING = "writing"
@@ -28,6 +28,20 @@ SEQUENCE_INDEX = "sequence_index"  # (num_sequences,) int64: corpus row of each 
 WORD_LABELS = "word_labels"  # (num_words,) int32, token classification only
 LABELS = "labels"  # (num_sequences,) int64 (classification) or float32 (regression)
 PROGRESS = "progress"  # (2,) int64: committed sequences, committed tokens
+HIDDEN_CHECKSUMS = "hidden_checksums"  # (num_chunks, pieces) uint64 (1.2): xxh3-64 of each hidden-states piece
+
+# The dtype of every array but the hidden states (whose dtype follows the storage dtype); verify and the
+# reader refuse a store whose arrays say otherwise (same bytes under another dtype are garbage values).
+ARRAY_DTYPES = {INPUT_IDS: "int32", WORD_IDS: "int32", TOKEN_WINDOW: "int16", TOKEN_OFFSETS: "int64",
+                WORD_OFFSETS: "int64", SEQUENCE_INDEX: "int64", WORD_LABELS: "int32", PROGRESS: "int64",
+                HIDDEN_CHECKSUMS: "uint64"}
+# LABELS holds int64 class ids or float32 regression targets, by task.
+
+# `corpus.task`: what the labels are.
+TOKEN_CLASSIFICATION = "token-classification"  # one label per word (word_labels)
+SEQUENCE_CLASSIFICATION = "sequence-classification"  # one class id per sequence (labels, int64)
+REGRESSION = "regression"  # one target per sequence (labels, float32)
+TASKS = (TOKEN_CLASSIFICATION, SEQUENCE_CLASSIFICATION, REGRESSION)
 
 BACKEND_NAMES = ("zarr", "hdf5")  # a Zarr v3 group (a directory) or an HDF5 file
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")
@@ -44,3 +58,11 @@ def sha256_json(value: Any) -> str:
 
 def format_major(version: str) -> int:
     return int(str(version).split(".")[0])
+
+
+def format_tuple(version: str) -> tuple[int, ...]:
+    """"1.2" -> (1, 2), for comparing versions."""
+    return tuple(int(part) for part in str(version).split("."))
+
+
+INTEGRITY_SINCE = (1, 1)  # complete stores of this format version and later carry an `integrity` section

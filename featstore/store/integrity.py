@@ -1,4 +1,9 @@
-"""Per-block checksums, recorded at finalize and checked by `featstore verify` (docs/store-format.md).
+"""What finalize records and what is checked against it (docs/store-format.md, "Checksums").
+
+Per-block sha256 digests of every array, checked in full by `featstore verify` and for the
+small arrays by every reader at open; the arrays' dtypes and shapes and the attribute
+sections' digests, checked at open; and (through chunks.py) the per-chunk checksums that
+every hidden-states read is checked against.
 
 Every array is cut along axis 0 into blocks of `layout.block_tokens` rows, the extractor's
 write unit (for Zarr, one hidden-states shard object per block). A block's digest is the
@@ -14,10 +19,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .backends import StoreBackend
-from .manifest import Integrity
+from ..errors import CorruptStoreError
+from . import format as fmt
+from .backends import ArraySpec, StoreBackend
+from .chunks import ALGORITHM as CHUNK_ALGORITHM
+from .chunks import piece_checksums
+from .manifest import ChunkChecksums, Integrity, StoreManifest
 
 ALGORITHM = "sha256"
+CHECKSUM_ROWS_PER_OBJECT = 1 << 16  # rows of hidden_checksums per stored object
 
 
 def _blocks(backend: StoreBackend, name: str, block_rows: int) -> Iterator[tuple[int, int, int]]:
@@ -98,3 +108,98 @@ def checksum_problems(backend: StoreBackend, integrity: Integrity,
 def _where(backend: StoreBackend, name: str, index: int, start: int, stop: int) -> str:
     obj = backend.object_at(name, start)
     return f"{name} block {index} (rows {start}..{stop}" + (f", object {obj})" if obj else ")")
+
+
+def record_integrity(backend: StoreBackend, manifest: StoreManifest, block_digests: dict[int, str],
+                     chunk_sums: dict[int, np.ndarray]) -> Integrity:
+    """Everything finalize records (format 1.2): the `hidden_checksums` array (the writers' in-memory chunk
+    checksums, other chunks read back), every array's block digests, dtypes and shapes, and digests of the
+    attribute sections as they are now."""
+    chunks = ChunkChecksums(algorithm=CHUNK_ALGORITHM, chunk_rows=manifest.layout.chunk_tokens,
+                            per_layer=backend.checksum_per_layer)
+    total = manifest.counts.num_tokens
+    pieces = len(manifest.extraction.layers) if chunks.per_layer else 1
+    sums = np.empty((-(-total // chunks.chunk_rows), pieces), dtype=np.uint64)
+    for chunk in range(len(sums)):
+        if chunk in chunk_sums:
+            sums[chunk] = chunk_sums[chunk]
+        else:  # written by an earlier, interrupted run
+            start = chunk * chunks.chunk_rows
+            rows = backend.read(fmt.HIDDEN_STATES, start, min(start + chunks.chunk_rows, total))
+            sums[chunk] = piece_checksums(rows, chunks.per_layer)
+    if fmt.HIDDEN_CHECKSUMS in backend.array_names():  # a finalize that was interrupted after writing it
+        backend.write(fmt.HIDDEN_CHECKSUMS, 0, sums)
+    else:
+        backend.create_array(ArraySpec(fmt.HIDDEN_CHECKSUMS, sums.shape, str(sums.dtype),
+                                       max(1, min(len(sums), CHECKSUM_ROWS_PER_OBJECT))), sums)
+    integrity = compute_checksums(backend, manifest.layout.block_tokens, {fmt.HIDDEN_STATES: block_digests})
+    integrity.array_types = {name: {"dtype": str(backend.dtype(name)), "shape": list(backend.shape(name))}
+                             for name in backend.array_names()}
+    integrity.chunks = chunks
+    integrity.sections = manifest.section_digests()
+    return integrity
+
+
+def metadata_problems(backend: StoreBackend, manifest: StoreManifest) -> list[str]:
+    """What gives the bytes their meaning, checked without reading data: every array has the dtype and shape
+    its attributes imply (and finalize recorded), the attribute sections are those finalize recorded, and a
+    complete store carries its integrity data."""
+    problems = []
+    present = set(backend.array_names())
+    integrity = manifest.integrity
+    if manifest.complete and integrity is None and fmt.format_tuple(manifest.format_version) >= fmt.INTEGRITY_SINCE:
+        problems.append(f"the store is complete (format {manifest.format_version}) but its integrity section is "
+                        "missing: its content cannot be checked")
+    if integrity is not None and integrity.chunks is None and fmt.HIDDEN_CHECKSUMS in present:
+        problems.append(f"the store holds {fmt.HIDDEN_CHECKSUMS} but its integrity section does not describe them")
+    for name, (shape, dtype) in manifest.expected_arrays().items():
+        if name not in present:
+            if manifest.complete:  # an incomplete copy may not hold every array yet
+                problems.append(f"array {name} is missing")
+            continue
+        if backend.dtype(name) != np.dtype(dtype):
+            problems.append(f"array {name} has data type {backend.dtype(name)}, but the store's attributes "
+                            f"say {dtype}")
+        if backend.shape(name) != shape:
+            problems.append(f"array {name} has shape {backend.shape(name)}, expected {shape}")
+    inputs, extraction = manifest.fingerprint_inputs, manifest.extraction
+    if inputs.fingerprint() != manifest.fingerprint:
+        problems.append("fingerprint does not match the recorded fingerprint inputs")
+    for name in ("layers", "storage_dtype", "compute_dtype", "max_length", "stride", "truncation"):
+        if getattr(inputs, name) != getattr(extraction, name):
+            problems.append(f"extraction.{name} ({getattr(extraction, name)!r}) differs from the fingerprinted "
+                            f"value ({getattr(inputs, name)!r})")
+    if integrity is not None and integrity.array_types is not None:
+        for name, recorded in integrity.array_types.items():
+            if name not in present:
+                continue  # named above, or by the checksums
+            actual = {"dtype": str(backend.dtype(name)), "shape": list(backend.shape(name))}
+            if actual != recorded:
+                problems.append(f"array {name} is {actual['dtype']} {tuple(actual['shape'])} but was finalized as "
+                                f"{recorded.get('dtype')} {tuple(recorded.get('shape', ()))}")
+        problems += [f"array {name} was added after the store was finalized"
+                     for name in sorted(present - set(integrity.array_types))]
+    if integrity is not None and integrity.sections is not None:
+        now = manifest.section_digests()
+        recorded = integrity.sections
+        changed = sorted(key for key in set(now) | set(recorded) if now.get(key) != recorded.get(key))
+        if changed:
+            problems.append(f"the store's metadata changed after it was finalized (sections: {', '.join(changed)}); "
+                            "label names, layers or dtypes may no longer describe the data")
+    return list(dict.fromkeys(problems))
+
+
+def check_rows(path: str, integrity: Integrity, name: str, rows: np.ndarray) -> None:
+    """Check a whole array read into memory against its recorded block digests; raise naming the block."""
+    recorded = integrity.arrays.get(name)
+    if recorded is None:
+        raise CorruptStoreError(f"{path}: array {name} has no recorded checksums")
+    block_rows = integrity.block_rows
+    blocks = -(-len(rows) // block_rows) if len(rows) else 0
+    if blocks != len(recorded):
+        raise CorruptStoreError(f"{path}: array {name} has {blocks} blocks but {len(recorded)} recorded checksums")
+    for index, expected in enumerate(recorded):
+        if digest_rows(rows[index * block_rows: (index + 1) * block_rows]) != expected:
+            raise CorruptStoreError(f"{path}: array {name} block {index} (rows {index * block_rows}.."
+                                    f"{min((index + 1) * block_rows, len(rows))}) does not match its checksum: the "
+                                    f"store is damaged; run `featstore verify {path}` for a full report")

@@ -185,13 +185,29 @@ class Counts(Section):
 
 
 @dataclass
+class ChunkChecksums(Section):
+    """How `hidden_checksums` checks every hidden-states read (format 1.2; docs/store-format.md)."""
+
+    KEY: ClassVar[str] = "integrity.chunks"
+    algorithm: str  # "xxh3_64"
+    chunk_rows: int  # tokens per checked chunk (= layout.chunk_tokens)
+    per_layer: bool  # one checksum per chunk and layer (Zarr), or per chunk over all layers (HDF5)
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass
 class Integrity(Section):
-    """Per-block checksums (format 1.1), recorded at finalize."""
+    """What finalize records so that nothing changed afterwards is used: per-block digests of every array
+    (1.1); the dtype and shape of every array, digests of the attribute sections, and the per-chunk
+    checksums that readers check (1.2)."""
 
     KEY: ClassVar[str] = "integrity"
     algorithm: str
     block_rows: int
     arrays: dict[str, list[str]]
+    array_types: dict[str, Any] | None = None  # name -> {"dtype": str, "shape": [int, ...]}
+    sections: dict[str, str] | None = None  # attribute section -> sha256 of its canonical JSON
+    chunks: ChunkChecksums | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
@@ -234,3 +250,36 @@ class StoreManifest(Section):
     @property
     def hidden_shape(self) -> tuple[int, int, int]:
         return self.counts.num_tokens, len(self.extraction.layers), self.encoder.hidden_size
+
+    def label_array(self) -> tuple[str, str] | None:
+        """(name, dtype) of the labels array of a labeled store, by task."""
+        if not self.corpus.labeled:
+            return None
+        if self.corpus.task == fmt.TOKEN_CLASSIFICATION:
+            return fmt.WORD_LABELS, fmt.ARRAY_DTYPES[fmt.WORD_LABELS]
+        return fmt.LABELS, "float32" if self.corpus.task == fmt.REGRESSION else "int64"
+
+    def expected_arrays(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """(shape, dtype) of every array a store with these attributes holds; `hidden_checksums` only once
+        finalize has described it."""
+        n_seq, n_tok = self.counts.num_sequences, self.counts.num_tokens
+        arrays = {fmt.HIDDEN_STATES: (self.hidden_shape, fmt.NUMPY_STORAGE_DTYPE[self.extraction.storage_dtype]),
+                  fmt.INPUT_IDS: ((n_tok,), ""), fmt.WORD_IDS: ((n_tok,), ""), fmt.TOKEN_WINDOW: ((n_tok,), ""),
+                  fmt.TOKEN_OFFSETS: ((n_seq + 1,), ""), fmt.WORD_OFFSETS: ((n_seq + 1,), ""),
+                  fmt.SEQUENCE_INDEX: ((n_seq,), ""), fmt.PROGRESS: ((2,), "")}
+        labels = self.label_array()
+        if labels is not None:
+            name, dtype = labels
+            arrays[name] = ((self.counts.num_words if name == fmt.WORD_LABELS else n_seq,), dtype)
+        chunks = self.integrity.chunks if self.integrity is not None else None
+        if chunks is not None:
+            pieces = len(self.extraction.layers) if chunks.per_layer else 1
+            arrays[fmt.HIDDEN_CHECKSUMS] = ((-(-n_tok // chunks.chunk_rows), pieces), "")
+        return {name: (shape, dtype or fmt.ARRAY_DTYPES[name]) for name, (shape, dtype) in arrays.items()}
+
+    def section_digests(self) -> dict[str, str]:
+        """sha256 of every attribute section but `status` (a copy in progress says "writing") and `integrity`
+        (which holds these digests): label names, layers, dtypes... cannot change unnoticed after finalize."""
+        attrs = self.to_dict()
+        return {key: fmt.sha256_json(value) for key, value in sorted(attrs.items())
+                if key not in ("status", Integrity.KEY)}

@@ -22,6 +22,9 @@ from ..errors import ConfigError, CorruptStoreError, IncompleteStoreError
 from ..sharing.location import Location, resolve
 from . import format as fmt
 from .backends import StoreBackend, open_backend
+from .chunks import ChunkVerifier
+from .integrity import check_rows, metadata_problems
+from .manifest import StoreManifest
 
 if TYPE_CHECKING:
     from .dataset import FeatureDataset
@@ -59,20 +62,41 @@ class Store:
             raise IncompleteStoreError(f"{backend.path} is incomplete ({state}); re-run the `featstore extract` or "
                                        "copy that was writing it to finish it, or pass allow_incomplete=True to "
                                        "inspect it")
-        self.token_offsets = backend.read(fmt.TOKEN_OFFSETS)
-        self.word_offsets = backend.read(fmt.WORD_OFFSETS)
+        # Nothing is used before it is checked: the metadata that gives the bytes their meaning first, then
+        # every array read whole here against its block digests; hidden-state reads chunk by chunk.
+        problems = metadata_problems(backend, self.manifest)
+        if problems:
+            raise CorruptStoreError(f"{backend.path} is damaged: {'; '.join(problems)}. Nothing from it was used; "
+                                    f"run `featstore verify {backend.path}` for a full report")
+        integrity = self.manifest.integrity if self.manifest.complete else None
+        self._verifier: ChunkVerifier | None = None
+        if integrity is None or integrity.chunks is None:
+            _warn_unchecked(backend.path, self.manifest)
+
+        def read_checked(name: str) -> np.ndarray:
+            rows = backend.read(name)
+            if integrity is not None:
+                check_rows(backend.path, integrity, name, rows)
+            return rows
+
+        self.token_offsets = read_checked(fmt.TOKEN_OFFSETS)
+        self.word_offsets = read_checked(fmt.WORD_OFFSETS)
         # Python-int copies: indexing them is much cheaper than numpy scalars in the per-sequence path.
         self._token_bounds = self.token_offsets.tolist()
         self._word_bounds = self.word_offsets.tolist()
-        self.sequence_index = backend.read(fmt.SEQUENCE_INDEX)
+        self.sequence_index = read_checked(fmt.SEQUENCE_INDEX)
         self._rows = self.sequence_index.tolist()
         self.position_of_row = np.empty_like(self.sequence_index)
         self.position_of_row[self.sequence_index] = np.arange(len(self.sequence_index))
-        self.input_ids = backend.read(fmt.INPUT_IDS)
-        self.word_ids = backend.read(fmt.WORD_IDS)
+        self.input_ids = read_checked(fmt.INPUT_IDS)
+        self.word_ids = read_checked(fmt.WORD_IDS)
         names = backend.array_names()
-        self.word_labels = backend.read(fmt.WORD_LABELS) if fmt.WORD_LABELS in names else None
-        self.sequence_labels = backend.read(fmt.LABELS) if fmt.LABELS in names else None
+        self.word_labels = read_checked(fmt.WORD_LABELS) if fmt.WORD_LABELS in names else None
+        self.sequence_labels = read_checked(fmt.LABELS) if fmt.LABELS in names else None
+        if integrity is not None and integrity.chunks is not None:
+            self._verifier = ChunkVerifier(backend.path, integrity.chunks, read_checked(fmt.HIDDEN_CHECKSUMS),
+                                           self.num_tokens,
+                                           lambda row: backend.object_at(fmt.HIDDEN_STATES, row))
 
     # --- description -------------------------------------------------------------------------------
     @property
@@ -160,8 +184,24 @@ class Store:
             raise IndexError(f"row {row} out of range for a store of {self.num_sequences} sequences")
         position = int(self.position_of_row[row])
         start, stop = int(self.token_offsets[position]), int(self.token_offsets[position + 1])
-        hidden = self.backend.read(fmt.HIDDEN_STATES, start, stop, self.layer_columns(layers))
+        hidden = self.read_hidden(start, stop, self.layer_columns(layers))
         return self._features(position, self.decode(hidden), pooling)
+
+    def read_hidden(self, start: int, stop: int, columns: slice | list[int] = slice(None)) -> np.ndarray:
+        """Stored hidden states of tokens start..stop (stored layer positions `columns`), as stored (see
+        `decode`); checked against the store's chunk checksums before they are returned."""
+        verifier = self._verifier
+        if verifier is None:
+            return self.backend.read(fmt.HIDDEN_STATES, start, stop, columns)
+        first, last = verifier.widen(start, stop)
+        positions = list(range(len(self.layers)))
+        # Checksums over whole rows need whole rows (HDF5 reads them anyway); per-layer ones only those read.
+        read_columns = (positions[columns] if isinstance(columns, slice) else list(columns)) if verifier.per_layer \
+            else positions
+        raw = self.backend.read(fmt.HIDDEN_STATES, first, last, compact_columns(read_columns))
+        verifier.check(raw, first, read_columns)
+        raw = raw[start - first: stop - first]
+        return raw if verifier.per_layer else raw[:, columns]
 
     def __getitem__(self, row: int) -> SequenceFeatures:
         return self.sequence(row)
@@ -208,7 +248,7 @@ class Store:
         bounds = self._token_bounds
 
         def read(span: range) -> np.ndarray:
-            return self.decode(self.backend.read(fmt.HIDDEN_STATES, bounds[span.start], bounds[span.stop], columns))
+            return self.decode(self.read_hidden(bounds[span.start], bounds[span.stop], columns))
 
         # Read the next span on a thread while the caller works through this one (reads release the GIL).
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="featstore-prefetch") as pool:
@@ -240,6 +280,22 @@ class Store:
         from .dataset import FeatureDataset
 
         return FeatureDataset(self, layers, pooling)
+
+
+_warned_unchecked: set[str] = set()
+
+
+def _warn_unchecked(path: str, manifest: StoreManifest) -> None:
+    """Once per store and process: reads from a store without chunk checksums cannot be checked."""
+    if path in _warned_unchecked:
+        return
+    _warned_unchecked.add(path)
+    if not manifest.complete:
+        reason = "it is not complete (checksums are recorded when it is finalized)"
+    else:
+        reason = f"it was written in store format {manifest.format_version}, before checked reads (1.2)"
+    logger.warning("%s: hidden-state reads are not checked against checksums: %s. `featstore verify` checks it in "
+                   "full; re-extracting it with this version gives it per-chunk checks", path, reason)
 
 
 def decode_hidden(raw: np.ndarray, storage_dtype: str) -> np.ndarray:

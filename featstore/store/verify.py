@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,9 @@ from ..errors import FeatstoreError
 from ..sharing.location import Location, resolve
 from . import format as fmt
 from .backends import StoreBackend, open_backend
-from .integrity import checksum_problems
-from .manifest import CorpusInfo
+from .chunks import ChunkVerifier
+from .integrity import checksum_problems, metadata_problems
+from .manifest import CorpusInfo, StoreManifest
 from .reader import Store, decode_hidden
 
 REQUIRED_ARRAYS = (fmt.HIDDEN_STATES, fmt.INPUT_IDS, fmt.WORD_IDS, fmt.TOKEN_WINDOW, fmt.TOKEN_OFFSETS,
@@ -59,31 +61,28 @@ def _problems(backend: StoreBackend, deep: bool, expect_complete: bool) -> list[
     missing = [name for name in REQUIRED_ARRAYS if name not in names]
     if missing:
         return [*problems, f"arrays missing: {', '.join(missing)}"]
-    if manifest.fingerprint_inputs.fingerprint() != manifest.fingerprint:
-        problems.append("fingerprint does not match the recorded fingerprint inputs")
-
-    expected = {fmt.HIDDEN_STATES: manifest.hidden_shape, fmt.INPUT_IDS: (n_tok,), fmt.WORD_IDS: (n_tok,),
-                fmt.TOKEN_WINDOW: (n_tok,), fmt.TOKEN_OFFSETS: (n_seq + 1,), fmt.WORD_OFFSETS: (n_seq + 1,),
-                fmt.SEQUENCE_INDEX: (n_seq,)}
-    for name, shape in expected.items():
-        if backend.shape(name) != shape:
-            problems.append(f"array {name} has shape {backend.shape(name)}, expected {shape}")
-    if problems:
-        return problems
-    checksummed = deep and manifest.integrity is not None
+    problems += metadata_problems(backend, manifest)
+    expected = manifest.expected_arrays()
+    if any(backend.shape(name) != shape for name, (shape, _) in expected.items() if name in names):
+        return problems  # the data checks below index by these shapes
+    integrity = manifest.integrity
+    checksummed = deep and integrity is not None
     nonfinite: list[str] = []
     if checksummed:
         storage_dtype = manifest.extraction.storage_dtype
+        chunk_check = _chunk_checker(backend, manifest, problems)
 
-        def check_finite(name: str, start: int, stop: int, rows: np.ndarray) -> None:
-            if name != fmt.HIDDEN_STATES or nonfinite:
+        def inspect(name: str, start: int, stop: int, rows: np.ndarray) -> None:
+            if name != fmt.HIDDEN_STATES:
                 return
-            if not np.isfinite(decode_hidden(rows, storage_dtype)).all():
+            if chunk_check is not None:
+                chunk_check(start, rows)
+            if not nonfinite and not np.isfinite(decode_hidden(rows, storage_dtype)).all():
                 nonfinite.append(f"hidden_states tokens {start}..{stop} hold NaN or infinite values")
 
-        # First: the most specific finding (which block is damaged) before what the damage breaks. The finiteness
-        # check rides on the same read of every block.
-        problems += checksum_problems(backend, manifest.integrity, inspect=check_finite)
+        # First: the most specific finding (which block is damaged) before what the damage breaks. The chunk
+        # checksums and the finiteness check ride on the same read of every block.
+        problems += checksum_problems(backend, integrity, inspect=inspect)
 
     token_offsets, word_offsets = backend.read(fmt.TOKEN_OFFSETS), backend.read(fmt.WORD_OFFSETS)
     if token_offsets[0] != 0 or token_offsets[-1] != n_tok or np.any(np.diff(token_offsets) <= 0):
@@ -111,6 +110,22 @@ def _problems(backend: StoreBackend, deep: bool, expect_complete: bool) -> list[
     return list(dict.fromkeys(problems))
 
 
+def _chunk_checker(backend: StoreBackend, manifest: StoreManifest, problems: list[str]
+                   ) -> Callable[[int, np.ndarray], None] | None:
+    """A check of each hidden-states block read against the chunk checksums readers use (None: none recorded)."""
+    chunks = manifest.integrity.chunks if manifest.integrity is not None else None
+    if chunks is None or fmt.HIDDEN_CHECKSUMS not in backend.array_names():
+        return None
+    verifier = ChunkVerifier(backend.path, chunks, backend.read(fmt.HIDDEN_CHECKSUMS), manifest.counts.num_tokens,
+                             lambda row: backend.object_at(fmt.HIDDEN_STATES, row))
+
+    def check(start: int, rows: np.ndarray) -> None:
+        problems.extend(f"{where} does not match its chunk checksum"
+                        for where in verifier.mismatches(rows, start, None))
+
+    return check
+
+
 def _alignment_problems(word_ids: np.ndarray, token_offsets: np.ndarray, word_offsets: np.ndarray) -> list[str]:
     words_per_sequence = np.diff(word_offsets)
     highest = np.maximum.reduceat(word_ids, token_offsets[:-1])
@@ -136,6 +151,8 @@ def _label_problems(backend: StoreBackend, corpus: CorpusInfo, names: list[str],
         return ["the corpus is labeled but the store holds no labels array"]
     if len(labels) != expected:
         return [f"{len(labels)} labels stored, expected {expected}"]
+    if labels.dtype.kind == "f" and not np.isfinite(labels).all():
+        return [f"label of stored row {int(np.nonzero(~np.isfinite(labels))[0][0])} is NaN or infinite"]
     if label_names is not None and len(labels) and (labels.min() < 0 or labels.max() >= len(label_names)):
         return [f"labels outside 0..{len(label_names) - 1}"]
     return []

@@ -26,6 +26,9 @@ class ArraySpec:
 
 class StoreBackend(ABC):
     name: str
+    # The unit of the hidden states' chunk checksums (store/chunks.py): a chunk's piece of one layer where that
+    # piece is contiguous in storage (and read alone), else a chunk's whole rows.
+    checksum_per_layer: bool
 
     def __init__(self, location: Location) -> None:
         self.location = location

@@ -27,6 +27,7 @@ HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 class HDF5Backend(StoreBackend):
     name = "hdf5"
+    checksum_per_layer = False  # token-major contiguous rows: a chunk's rows are one byte range
 
     def __init__(self, location: Location, handle: h5py.File) -> None:
         super().__init__(location)

@@ -13,10 +13,12 @@ import json
 import os
 from typing import Any
 
+import google_crc32c
 import numpy as np
 import zarr
 from zarr.core.sync import sync
 
+from ...errors import CorruptStoreError
 from ...sharing.location import Location
 from ..format import ATTRS_KEY
 from .base import ArraySpec, StoreBackend
@@ -108,8 +110,13 @@ class ShardReader:
         last = min(stop, (shard + 1) * self.shard_tokens) - start
         out[:, first:last] = 0  # the array's fill value
 
-    def _parse_index(self, raw: bytes) -> np.ndarray:
-        return np.frombuffer(raw, dtype="<u8").reshape(self.chunks_per_shard, self.shape[1], 2)
+    def _parse_index(self, raw: bytes, location: Location) -> np.ndarray:
+        """The shard index from its bytes and trailing crc32c, which is checked (as zarr-python does)."""
+        index, crc = raw[:-4], int.from_bytes(raw[-4:], "little")
+        if len(raw) != self.index_bytes + 4 or google_crc32c.value(bytes(index)) != crc:
+            raise CorruptStoreError(f"{location.url}: the shard index does not match its crc32c; the shard is "
+                                    "damaged")
+        return np.frombuffer(index, dtype="<u8").reshape(self.chunks_per_shard, self.shape[1], 2)
 
     def _read_local_shard(self, shard: int, location: Location, start: int, stop: int, layers: list[int],
                           out: np.ndarray) -> None:
@@ -120,7 +127,7 @@ class ShardReader:
             return
         try:
             size = os.fstat(fd).st_size
-            index = self._parse_index(os.pread(fd, self.index_bytes, size - self.index_bytes - 4))
+            index = self._parse_index(os.pread(fd, self.index_bytes + 4, size - self.index_bytes - 4), location)
             for target, position in self._pieces(shard, index, start, stop, layers, out):
                 if os.preadv(fd, [memoryview(target).cast("B")], position) != target.nbytes:
                     raise OSError(f"{location.url}: short read; the shard is truncated")
@@ -132,8 +139,8 @@ class ShardReader:
         if shard not in self._indexes:
             try:
                 size = int(location.fs.size(location.path))
-                raw = location.read_bytes(size - self.index_bytes - 4, size - 4)
-                self._indexes[shard] = self._parse_index(raw)
+                raw = location.read_bytes(size - self.index_bytes - 4, size)
+                self._indexes[shard] = self._parse_index(raw, location)
             except FileNotFoundError:
                 self._indexes[shard] = None
         index = self._indexes[shard]
@@ -162,6 +169,7 @@ class ShardReader:
 
 class ZarrBackend(StoreBackend):
     name = "zarr"
+    checksum_per_layer = True  # an inner chunk holds one layer: the piece a layer-subset read fetches
 
     def __init__(self, location: Location, group: zarr.Group) -> None:
         super().__init__(location)
