@@ -75,7 +75,7 @@ def test_gc_finds_stale_leases_partial_copies_and_abandoned_stores(tiny_models, 
     _write_lease(resolve(str(root / "b" / "busy.h5")), pid=os.getpid())  # a copy in progress
 
     found = {entry.location.name: why for entry, why in Catalog(root).garbage()}
-    assert found == {"gone.zarr": "stale lease with no store", "copy.h5.partial": "unfinished copy, nobody copying"}
+    assert found == {"gone.zarr": "stale lease with no store", "copy.h5.partial": "unfinished copy, nobody writing it"}
     assert main(["gc", str(root), "--delete"]) == 0
     capsys.readouterr()
     assert not lock_location(resolve(str(root / "a" / "gone.zarr"))).exists()

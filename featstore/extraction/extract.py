@@ -13,6 +13,7 @@ through `ProgressLedger`.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,11 +23,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, CorruptStoreError, StoreConflictError, StoreFormatError
-from ..sharing.catalog import Catalog
+from ..sharing.catalog import REPLACEMENT_SUFFIX, RETIRED_SUFFIX, Catalog, check_store_location
 from ..sharing.lease import Lease
 from ..sharing.location import Location, resolve
 from ..store import format as fmt
-from ..store.backends import BACKENDS, StoreBackend, detect_backend, open_backend
+from ..store.backends import BACKENDS, StoreBackend, detect_backend, open_backend, read_manifest
 from ..store.integrity import record_integrity
 from .corpus import load_corpus
 from .encoder import FrozenEncoder
@@ -56,8 +57,11 @@ def extract(spec: ExtractSpec, on_progress: Callable[[ExtractProgress], None] | 
     """Run (or resume, or reuse) an extraction; returns once the store is complete. `on_progress` is called
     once the target is known, after every batch, and at the end."""
     spec.validate()
-    if spec.out is not None and spec.catalog is None:
-        _refuse_foreign_target(resolve(spec.out, spec.storage_options))  # before anything heavy is loaded
+    if spec.out is not None:  # refuse a bad target before anything heavy loads
+        out = resolve(spec.out, spec.storage_options)
+        check_store_location(out)
+        if spec.catalog is None:
+            _existing(out)
     corpus = load_corpus(spec.corpus)
     encoder = FrozenEncoder.load(spec.model, spec.device, spec.dtype, spec.compute_dtype)
     plan = ExtractionPlan.build(spec, corpus, encoder)
@@ -78,35 +82,46 @@ def extract(spec: ExtractSpec, on_progress: Callable[[ExtractProgress], None] | 
         raise ConfigError(f"cannot write to {location.url}: permission denied ({error}); use credentials or a "
                           "location that allow writing") from None
     try:
-        backend = _open_or_create(location, plan)
+        backend, building = _open_or_create(location, plan)
         try:
             if backend.get_manifest().complete:
-                logger.info("%s is already complete (fingerprint %s); nothing to do", location.url,
-                            plan.fingerprint[:12])
-                result.already_complete = True
-                report("complete", total)
-                return result
-            start = result.resumed_from = int(backend.read(fmt.PROGRESS)[0])
-            batches = plan.batches(start)
-            ledger = ProgressLedger(backend, plan.token_offsets, batches, start, lease.check)
-            started = time.perf_counter()
-            report("extracting", start)
-            if spec.engine == "ray":
-                from .ray_engine import fill_with_ray
-
-                fill_with_ray(backend, encoder, plan, batches, ledger, report)
+                if building is None:
+                    logger.info("%s is already complete (fingerprint %s); nothing to do", location.url,
+                                plan.fingerprint[:12])
+                    result.already_complete = True
+                    report("complete", total)
+                    return result
             else:
-                fill_local(backend, encoder, plan, batches, ledger, report)
-            _finalize(backend, lease, ledger)
-            result.encode_seconds = time.perf_counter() - started
-            report("complete", total)
+                _fill(backend, encoder, plan, lease, result, report)
         finally:
             backend.close()
+        if building is not None:
+            lease.check()
+            _swap_in(building, location)
+        report("complete", total)
     finally:
         lease.release()
     logger.info("extraction complete: %s (%d tokens in %.1f s)", location.url, plan.num_tokens,
                 result.encode_seconds)
     return result
+
+
+def _fill(backend: StoreBackend, encoder: FrozenEncoder, plan: ExtractionPlan, lease: Lease,
+          result: ExtractResult, report: Reporter) -> None:
+    """Compute and write the hidden states from the committed progress on, then finalize."""
+    start = result.resumed_from = int(backend.read(fmt.PROGRESS)[0])
+    batches = plan.batches(start)
+    ledger = ProgressLedger(backend, plan.token_offsets, batches, start, lease.check)
+    started = time.perf_counter()
+    report("extracting", start)
+    if plan.spec.engine == "ray":
+        from .ray_engine import fill_with_ray
+
+        fill_with_ray(backend, encoder, plan, batches, ledger, report)
+    else:
+        fill_local(backend, encoder, plan, batches, ledger, report)
+    _finalize(backend, lease, ledger)
+    result.encode_seconds = time.perf_counter() - started
 
 
 def _reporter(on_progress: Callable[[ExtractProgress], None] | None, path: str, plan: ExtractionPlan) -> Reporter:
@@ -140,48 +155,96 @@ def _target(spec: ExtractSpec, plan: ExtractionPlan) -> tuple[Location, bool]:
     return location, False
 
 
-def _refuse_foreign_target(location: Location) -> str | None:
-    """The backend of the store at `location` (None: nothing there, or an empty directory); something that is
-    not a featstore store is never replaced, --overwrite or not."""
-    if not location.exists():
-        return None
+ABSENT, SHELL, STORE = "absent", "shell", "store"
+
+
+def _existing(location: Location) -> str:
+    """What is at `location`: nothing (or an empty directory), an empty shell that a killed writer left before
+    writing any attributes (started over, --overwrite or not), or a store. Anything else is never replaced."""
+    if not location.exists() or (location.isdir() and not location.fs.ls(location.path)):
+        return ABSENT
+    if location.isfile() and int(location.fs.size(location.path)) == 0:
+        return SHELL  # killed before the HDF5 library wrote its superblock
     backend = detect_backend(location)
-    if backend is not None or (location.isdir() and not location.fs.ls(location.path)):
-        return backend  # a store, or an empty directory (fine to write into)
-    raise StoreConflictError(f"{location.url} exists and is not a featstore store; choose another --out or "
-                             "remove it")
+    if backend is None:
+        raise StoreConflictError(f"{location.url} exists and is not a featstore store; choose another --out or "
+                                 "remove it")
+    try:
+        opened = BACKENDS[backend].open(location, "r")
+    except Exception as error:  # too damaged for its library to open: someone should look at it
+        raise StoreConflictError(f"{location.url} exists and cannot be opened ({type(error).__name__}: {error}); "
+                                 "choose another --out or remove it") from None
+    try:
+        return SHELL if opened.is_empty_shell() else STORE
+    finally:
+        opened.close()
 
 
-def _open_or_create(location: Location, plan: ExtractionPlan) -> StoreBackend:
-    """Create the store, or reopen one with the same fingerprint to resume; refuse anything else."""
+def _open_or_create(location: Location, plan: ExtractionPlan) -> tuple[StoreBackend, Location | None]:
+    """The store to write: a new one, or one with the same fingerprint to resume; refuse anything else. With
+    --overwrite of a local store the new store is built beside it (`NAME.replacement`) and swapped in when
+    complete; the second value is then where it is built."""
     spec = plan.spec
-    if location.exists():
-        if _refuse_foreign_target(location) is not None:
-            backend = open_backend(location, "r+")
-            try:
-                old = backend.get_manifest()
-            except StoreFormatError:
-                backend.close()
-                raise StoreConflictError(f"{location.url} exists and is not a readable featstore store; choose "
-                                         "another --out or remove it") from None
-            if old.fingerprint == plan.fingerprint and not spec.overwrite:
-                if not old.complete:
-                    logger.info("resuming %s from sequence %d of %d", location.url,
-                                int(backend.read(fmt.PROGRESS)[0]), len(plan.sequences))
-                return backend
-            backend.close()
-            if not spec.overwrite:
-                differing = old.fingerprint_inputs.differing(plan.manifest.fingerprint_inputs)
-                raise StoreConflictError(f"{location.url} already holds a store made with different arguments "
-                                         f"(differs in: {', '.join(differing) or 'format'}); use another --out, "
-                                         "or --overwrite to replace it")
-            logger.warning("--overwrite: replacing %s", location.url)
+    state = _existing(location)
+    if state == SHELL:
+        logger.warning("%s holds an empty store that a killed extraction left (no attributes, no data); "
+                       "starting over", location.url)
         location.remove(recursive=True)
-    backend = BACKENDS[spec.backend].create(location)
+    if state != STORE:
+        return _create(location, plan), None
+    try:
+        old = read_manifest(location)
+    except StoreFormatError:
+        raise StoreConflictError(f"{location.url} exists and is not a readable featstore store; choose "
+                                 "another --out or remove it") from None
+    if old.fingerprint == plan.fingerprint and not spec.overwrite:
+        backend = open_backend(location, "r+")
+        if not old.complete:
+            logger.info("resuming %s from sequence %d of %d", location.url, int(backend.read(fmt.PROGRESS)[0]),
+                        len(plan.sequences))
+        return backend, None
+    if not spec.overwrite:
+        differing = old.fingerprint_inputs.differing(plan.manifest.fingerprint_inputs)
+        raise StoreConflictError(f"{location.url} already holds a store made with different arguments "
+                                 f"(differs in: {', '.join(differing) or 'format'}); use another --out, "
+                                 "or --overwrite to replace it")
+    if not location.is_local:
+        # Object storage has no rename: the old store is deleted first. A reader that still has it open gets
+        # checksum errors from then on, never other data (checked reads).
+        logger.warning("--overwrite: deleting %s to write its replacement in place", location.url)
+        location.remove(recursive=True)
+        return _create(location, plan), None
+    building = location.sibling(REPLACEMENT_SUFFIX)
+    logger.warning("--overwrite: building the replacement of %s at %s; it is swapped in when complete",
+                   location.url, building.url)
+    if _existing(building) == STORE and read_manifest(building).fingerprint == plan.fingerprint:
+        return open_backend(building, "r+"), building  # an interrupted --overwrite of this extraction
+    if building.exists():
+        building.remove(recursive=True)
+    return _create(building, plan), building
+
+
+def _create(location: Location, plan: ExtractionPlan) -> StoreBackend:
+    backend = BACKENDS[plan.spec.backend].create(location)
     for array, data in plan.arrays():
         backend.create_array(array, data)
     backend.set_manifest(plan.manifest)  # attributes last, saying "writing": the arrays are all there
     return backend
+
+
+def _swap_in(building: Location, target: Location) -> None:
+    """Put the finished replacement in the old store's place. An HDF5 file is replaced atomically and readers
+    that have the old file open keep reading the old bytes; a Zarr directory is moved aside first and deleted,
+    and a reader that still has it open gets checksum errors from its next read, never the new data."""
+    if target.isfile():
+        os.replace(building.path, target.path)
+        return
+    retired = target.sibling(RETIRED_SUFFIX)
+    if retired.exists():
+        retired.remove(recursive=True)
+    os.rename(target.path, retired.path)
+    os.rename(building.path, target.path)
+    retired.remove(recursive=True)
 
 
 def fill_local(backend: StoreBackend, encoder: FrozenEncoder, plan: ExtractionPlan, batches: list[range],

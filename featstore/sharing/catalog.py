@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import FeatstoreError, StoreFormatError
+from ..errors import ConfigError, FeatstoreError, StoreFormatError
 from ..store import format as fmt
-from ..store.backends import read_manifest
+from ..store.backends import detect_backend, read_manifest
 from ..store.manifest import StoreManifest
 from .lease import LEASE_SUFFIX, LeaseInfo, lock_location, read_lease
 from .location import Location, resolve
@@ -26,7 +26,33 @@ from .location import Location, resolve
 logger = logging.getLogger(__name__)
 
 HDF5_SUFFIXES = (".h5", ".hdf5")
-PARTIAL_SUFFIX = ".partial"
+PARTIAL_SUFFIX = ".partial"  # an HDF5 copy in progress (featstore push/pull)
+REPLACEMENT_SUFFIX = ".replacement"  # a store that `extract --overwrite` builds beside the one it replaces
+# Side objects of a store: protected by the store's lease, never listed as stores of their own.
+SIDE_SUFFIXES = {PARTIAL_SUFFIX: "partial-copy", REPLACEMENT_SUFFIX: "replacement"}
+SIDE_DESCRIPTIONS = {"partial-copy": "copy", "replacement": "replacement store (extract --overwrite)"}
+RETIRED_SUFFIX = ".replaced"  # an old store moved aside for a moment while its replacement is swapped in
+# Names a store may not have: they belong to another store's lease or side objects.
+RESERVED_SUFFIXES = (LEASE_SUFFIX, *SIDE_SUFFIXES, RETIRED_SUFFIX)
+
+
+def check_store_location(location: Location) -> None:
+    """Refuse a store location whose name is reserved for another store's lease or side objects (writing
+    there would break that store), or that lies inside another store (invisible to `ls` and `gc`)."""
+    name = location.name
+    if not name or name in (".", ".."):
+        raise ConfigError(f"{location.url} is not a valid store location")
+    reserved = next((suffix for suffix in RESERVED_SUFFIXES if name.endswith(suffix)), None)
+    if reserved is not None:
+        raise ConfigError(f"a store name may not end in {reserved!r} ({location.url}): that name belongs to the "
+                          f"lease or side objects of the store {name[: -len(reserved)]!r}")
+    parent = location.parent()
+    while parent.path not in ("", "/") and parent.path != location.path:
+        if detect_backend(parent) is not None:
+            raise ConfigError(f"{location.url} lies inside the store {parent.url}; choose a location outside it")
+        if parent.path == parent.parent().path:
+            break
+        parent = parent.parent()
 MAX_DEPTH = 8
 
 
@@ -35,7 +61,7 @@ class CatalogEntry:
     """A store under the root (or something that was meant to become one)."""
 
     location: Location
-    kind: str  # "zarr" | "hdf5" | "partial-copy" | "lock-only"
+    kind: str  # "zarr" | "hdf5" | "partial-copy" | "replacement" | "lock-only"
     manifest: StoreManifest | None
     lease: LeaseInfo | None
     size_bytes: int
@@ -44,7 +70,7 @@ class CatalogEntry:
     @property
     def status(self) -> str:
         if self.error is not None or self.manifest is None:
-            return "unreadable" if self.kind != "partial-copy" else "partial-copy"
+            return self.kind if self.kind in SIDE_SUFFIXES.values() else "unreadable"
         return self.manifest.status
 
     @property
@@ -84,7 +110,7 @@ class Catalog:
         known = {entry.location.path for entry in found}
         for lock in locks:
             target = lock.parent().child(lock.name[: -len(LEASE_SUFFIX)])
-            if target.path not in known and not target.sibling(PARTIAL_SUFFIX).exists():
+            if target.path not in known and not any(target.sibling(suffix).exists() for suffix in SIDE_SUFFIXES):
                 found.append(CatalogEntry(target, "lock-only", None, read_lease(target), 0,
                                           "a lease with no store next to it"))
         return sorted(found, key=lambda entry: entry.location.path)
@@ -99,16 +125,18 @@ class Catalog:
             return
         for name, item in sorted(names.items()):
             child = directory.child(name)
+            side = next((suffix for suffix in SIDE_SUFFIXES if name.endswith(suffix)), None)
             if name.endswith(LEASE_SUFFIX):
                 locks.append(child)
+            elif side is not None:  # protected by the lease of the store it belongs to
+                target = directory.child(name[: -len(side)])
+                found.append(CatalogEntry(child, SIDE_SUFFIXES[side], None, read_lease(target),
+                                          int(item.get("size") or 0),
+                                          f"an unfinished {SIDE_DESCRIPTIONS[SIDE_SUFFIXES[side]]}"))
             elif item["type"] == "directory":
                 self._walk(child, depth + 1, found, locks)
             elif name.endswith(HDF5_SUFFIXES):
                 found.append(self._entry(child, "hdf5"))
-            elif name.endswith(PARTIAL_SUFFIX):
-                target = directory.child(name[: -len(PARTIAL_SUFFIX)])
-                found.append(CatalogEntry(child, "partial-copy", None, read_lease(target), int(item.get("size") or 0),
-                                          "an unfinished copy"))
 
     def _entry(self, location: Location, kind: str) -> CatalogEntry:
         lease = read_lease(location)
@@ -153,8 +181,8 @@ class Catalog:
                 continue
             if entry.kind == "lock-only":
                 found.append((entry, "stale lease with no store"))
-            elif entry.kind == "partial-copy":
-                found.append((entry, "unfinished copy, nobody copying"))
+            elif entry.kind in SIDE_SUFFIXES.values():
+                found.append((entry, f"unfinished {SIDE_DESCRIPTIONS[entry.kind]}, nobody writing it"))
             elif entry.status == "unreadable":
                 found.append((entry, f"unreadable store: {entry.error}"))
             elif entry.status != fmt.STATUS_COMPLETE:

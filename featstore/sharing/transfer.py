@@ -22,7 +22,7 @@ from ..errors import CorruptStoreError, StoreConflictError, StoreFormatError
 from ..store import format as fmt
 from ..store.backends import detect_backend, read_manifest
 from ..store.verify import verify_store
-from .catalog import PARTIAL_SUFFIX
+from .catalog import PARTIAL_SUFFIX, check_store_location
 from .lease import Lease
 from .location import Location, resolve
 
@@ -44,6 +44,7 @@ def copy_store(source: str | Path | Location, destination: str | Path | Location
     if problems:
         raise CorruptStoreError(f"refusing to copy {src.url}: " + "; ".join(problems))
     dst = _destination(src, str(destination), storage_options)
+    check_store_location(dst)
     with Lease(dst, "featstore copy"):
         if _already_there(src, dst, overwrite):
             logger.info("%s already holds this store (same fingerprint, complete); nothing to copy", dst.url)

@@ -29,6 +29,8 @@ WORD_LABELS = "word_labels"  # (num_words,) int32, token classification only
 LABELS = "labels"  # (num_sequences,) int64 (classification) or float32 (regression)
 PROGRESS = "progress"  # (2,) int64: committed sequences, committed tokens
 HIDDEN_CHECKSUMS = "hidden_checksums"  # (num_chunks, pieces) uint64 (1.2): xxh3-64 of each hidden-states piece
+ARRAY_NAMES = (HIDDEN_STATES, INPUT_IDS, WORD_IDS, TOKEN_WINDOW, TOKEN_OFFSETS, WORD_OFFSETS, SEQUENCE_INDEX,
+               WORD_LABELS, LABELS, PROGRESS, HIDDEN_CHECKSUMS)
 
 # The dtype of every array but the hidden states (whose dtype follows the storage dtype); verify and the
 # reader refuse a store whose arrays say otherwise (same bytes under another dtype are garbage values).

@@ -89,6 +89,12 @@ class StoreBackend(ABC):
     def missing_blocks(self, name: str) -> list[int]:
         """Indices of write blocks of `name` that hold no data on disk."""
 
+    @abstractmethod
+    def is_empty_shell(self) -> bool:
+        """No attributes at all and no members but featstore arrays: what a writer killed between creating the
+        store and writing its attributes leaves (attributes are written right after the arrays, before any
+        hidden state), safe to start over."""
+
     def object_at(self, name: str, row: int) -> str | None:
         """The storage object holding row `row` of `name`, for messages (None: not stored in separate objects)."""
         return None

@@ -19,7 +19,7 @@ import numpy as np
 
 from ...errors import StoreError
 from ...sharing.location import Location
-from ..format import ATTRS_KEY
+from ..format import ARRAY_NAMES, ATTRS_KEY
 from .base import ArraySpec, StoreBackend
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -59,6 +59,9 @@ class HDF5Backend(StoreBackend):
     def get_attrs(self) -> dict[str, Any]:
         raw = self.handle.attrs.get(ATTRS_KEY)
         return json.loads(raw) if raw is not None else {}
+
+    def is_empty_shell(self) -> bool:
+        return not dict(self.handle.attrs) and set(self.handle.keys()) <= set(ARRAY_NAMES)
 
     def set_attrs(self, attrs: dict[str, Any]) -> None:
         self.handle.attrs[ATTRS_KEY] = json.dumps(attrs)

@@ -20,7 +20,7 @@ from zarr.core.sync import sync
 
 from ...errors import CorruptStoreError
 from ...sharing.location import Location
-from ..format import ATTRS_KEY
+from ..format import ARRAY_NAMES, ATTRS_KEY
 from .base import ArraySpec, StoreBackend
 
 RAW_BYTES_CODEC = {"name": "bytes", "configuration": {"endian": "little"}}
@@ -194,6 +194,9 @@ class ZarrBackend(StoreBackend):
 
     def get_attrs(self) -> dict[str, Any]:
         return dict(self.group.attrs.get(ATTRS_KEY, {}))
+
+    def is_empty_shell(self) -> bool:
+        return not dict(self.group.attrs) and set(self.group.keys()) <= set(ARRAY_NAMES)
 
     def set_attrs(self, attrs: dict[str, Any]) -> None:
         self.group.attrs[ATTRS_KEY] = attrs
