@@ -138,13 +138,21 @@ def _dispatch(args: argparse.Namespace) -> int:
     args.storage_options = dict(args.storage_options_list)
     if args.command == "extract":
         from .extraction.extract import extract
-        from .service.status import StatusFileWriter
+        from .service.status import StatusFileWriter, write_failure
 
         # SIGTERM (a cancelled service job) unwinds like Ctrl-C: the lease is released, committed work kept.
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-        on_progress = StatusFileWriter(args.status_file) if args.status_file else None
-        print(extract(spec_from_args(args), on_progress).path)
+        if not args.status_file:
+            print(extract(spec_from_args(args)).path)
+            return 0
+        try:
+            print(extract(spec_from_args(args), StatusFileWriter(args.status_file)).path)
+        except Exception as error:  # the service shows this to its client: never the inputs' content
+            public = error.public_message() if isinstance(error, FeatstoreError) else (
+                f"internal error ({type(error).__name__}); see the service's log of this job")
+            write_failure(args.status_file, public)
+            raise
         return 0
     if args.command == "info":
         if args.json:

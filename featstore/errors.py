@@ -8,13 +8,26 @@ so callers (the CLI, the service, a pipeline) can react to the kind without pars
 class FeatstoreError(Exception):
     """A problem with the user's input, model, corpus or store, explained in the message."""
 
+    def public_message(self) -> str:
+        """The message for someone who must not see the inputs' content (a service's API client)."""
+        return str(self)
+
 
 class ConfigError(FeatstoreError):
     """An option or specification value is invalid or inconsistent."""
 
 
 class CorpusError(FeatstoreError):
-    """A corpus cannot be read or does not hold valid examples."""
+    """A corpus cannot be read or does not hold valid examples. `where` (file and line, or row) says where
+    without quoting the corpus, since the message itself may."""
+
+    def __init__(self, message: str, where: str | None = None) -> None:
+        super().__init__(message)
+        self.where = where
+
+    def public_message(self) -> str:
+        return (f"the corpus was refused{f' at {self.where}' if self.where else ''}; the details may quote it, "
+                "so they are only in the service's log of this job")
 
 
 class ModelError(FeatstoreError):

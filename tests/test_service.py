@@ -122,7 +122,7 @@ def test_submit_extract_reuse_and_list(service, tiny_models):
     assert again["status"] == "succeeded" and again["reused"] and again["store"] == done["store"]
     code, jobs = service.request("GET", "/v1/jobs")
     assert code == 200 and [item["id"] for item in jobs] == [job["id"], again["id"]]
-    code, schema = service.request("GET", "/openapi.json", token=None)
+    code, schema = service.request("GET", "/openapi.json")
     assert code == 200 and {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel"} <= set(schema["paths"])
 
 
@@ -174,6 +174,8 @@ def test_authentication_confinement_and_validation(service, tiny_models, tmp_pat
     assert service.request("GET", "/v1/jobs", token="wrong")[0] == 401
     assert service.request("POST", "/v1/jobs", {"corpus": corpus}, token=None)[0] == 401
     assert service.request("GET", "/health", token=None)[0] == 200
+    for route in ("/openapi.json", "/docs", "/redoc"):  # the schema needs the token; the pages are off
+        assert service.request("GET", route, token=None)[0] in (401, 404), route
 
     outside = tmp_path / "outside.conll"
     shutil.copy(service.corpora / corpus, outside)
@@ -187,6 +189,9 @@ def test_authentication_confinement_and_validation(service, tiny_models, tmp_pat
         ({"corpus": corpus, "model": "../../models"}, 403, "outside the model roots"),
         ({"corpus": corpus, "out": "../escape.zarr"}, 400, "relative path inside the catalog"),
         ({"corpus": corpus, "out": "/abs.zarr"}, 400, "relative path inside the catalog"),
+        ({"corpus": corpus, "out": "a.zarr.lock"}, 400, "may not end in '.lock'"),
+        ({"corpus": corpus + "\u0000x"}, 400, "NUL bytes"),
+        ({"corpus": corpus, "out": "x\u0000.zarr"}, 400, "NUL bytes"),
     ):
         status, body = service.request("POST", "/v1/jobs", spec)
         assert (status, message in body["detail"]) == (code, True), (spec, status, body)
@@ -228,3 +233,37 @@ def test_refuses_a_public_address_without_a_token(tmp_path):
                              "0.0.0.0", "--corpus-root", str(tmp_path)], env=env, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 2 and "without a bearer token" in result.stderr
+
+
+def test_a_store_cannot_be_nested_inside_another_and_a_swapped_corpus_is_never_read(service, tiny_models,
+                                                                                   tmp_path):
+    corpus = corpus_file(service, "c.conll", 8, seed=6)
+    first = service.wait(service.submit(corpus=corpus, model=tiny_models["bert"], out="team/a.zarr")["id"])
+    assert first["status"] == "succeeded", first
+    status, body = service.request("POST", "/v1/jobs", {"corpus": corpus, "out": "team/a.zarr/inner.zarr"})
+    assert status == 400 and "lies inside the store" in body["detail"]
+
+    # accepted while it is a plain file under the corpus root, then swapped for a symlink to a secret outside
+    secret = tmp_path / "secret.conll"
+    secret.write_text("TOPSECRET O\nPASSWORD O\n")
+    swapped = corpus_file(service, "swapped.conll", 8, seed=7)
+    blocker = service.submit(corpus=corpus_file(service, "big.conll", 3000, seed=8), model=tiny_models["bert"],
+                             max_batch_tokens=64)  # keeps the worker busy while the swap happens
+    job = service.submit(corpus=swapped, model=tiny_models["bert"])
+    (service.corpora / swapped).unlink()
+    (service.corpora / swapped).symlink_to(secret)
+    done = service.wait(job["id"])
+    assert done["status"] == "failed" and "outside the service's roots" in done["error"], done
+    assert "TOPSECRET" not in json.dumps(done) and done["store"] is None
+    assert service.wait(blocker["id"])["status"] == "succeeded"
+
+
+def test_job_errors_never_quote_the_corpus(service, tiny_models):
+    (service.corpora / "bad.conll").write_text("Alice B-PER\nSECRETWORD O extra\n")
+    done = service.wait(service.submit(corpus="bad.conll", model=tiny_models["bert"])["id"])
+    assert done["status"] == "failed" and "the corpus was refused at" in done["error"] and "bad.conll:2" in \
+        done["error"]
+    assert "SECRETWORD" not in json.dumps(done)
+    (service.corpora / "binary.conll").write_bytes(b"caf\xe9 O\n")
+    done = service.wait(service.submit(corpus="binary.conll", model=tiny_models["bert"])["id"])
+    assert done["status"] == "failed" and "binary.conll:1" in done["error"]

@@ -15,7 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,36 +171,53 @@ def _read_conll(path: Path, spec: CorpusSpec) -> list[dict[str, Any]]:
             words.clear()
             tags.clear()
 
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            fields = line.split()
-            if not fields:
-                flush()
-                continue
-            if fields[0] == "-DOCSTART-":
-                flush()
-                continue
-            if n_columns is None:
-                n_columns = len(fields)
-            if len(fields) != n_columns:
-                raise CorpusError(f"{path}:{line_number}: expected {n_columns} columns like the first "
-                                     f"token line, found {len(fields)}: {line.rstrip()!r}")
-            try:
-                words.append(fields[spec.conll_token_column])
-                if n_columns > 1:
-                    tags.append(fields[spec.conll_tag_column])
-            except IndexError:
-                raise CorpusError(f"{path}:{line_number}: column index out of range for a line with "
-                                     f"{n_columns} columns; check --conll-token-column/--conll-tag-column"
-                                     ) from None
+    for line_number, line in _text_lines(path):
+        fields = line.split()
+        if not fields:
+            flush()
+            continue
+        if fields[0] == "-DOCSTART-":
+            flush()
+            continue
+        if n_columns is None:
+            n_columns = len(fields)
+        if len(fields) != n_columns:
+            raise CorpusError(f"{path}:{line_number}: expected {n_columns} columns like the first "
+                              f"token line, found {len(fields)}: {line.rstrip()!r}", f"{path}:{line_number}")
+        try:
+            words.append(fields[spec.conll_token_column])
+            if n_columns > 1:
+                tags.append(fields[spec.conll_tag_column])
+        except IndexError:
+            raise CorpusError(f"{path}:{line_number}: column index out of range for a line with "
+                              f"{n_columns} columns; check --conll-token-column/--conll-tag-column",
+                              f"{path}:{line_number}") from None
     flush()
     return rows
+
+
+def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file; binary or undecodable content is refused naming the line."""
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            if b"\0" in raw:
+                raise CorpusError(f"{path}:{line_number}: holds a NUL byte: this is a binary file, not a text "
+                                  "corpus", f"{path}:{line_number}")
+            try:
+                yield line_number, raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise CorpusError(f"{path}:{line_number}: not valid UTF-8 (byte {error.start + 1} of the line: "
+                                  f"{error.reason}); featstore reads text corpora as UTF-8: convert the file, e.g. "
+                                  "`iconv -f latin1 -t utf-8`", f"{path}:{line_number}") from None
 
 
 def _read_with_datasets(path: Path, fmt: str, spec: CorpusSpec) -> tuple[list[dict[str, Any]], list[str], Any]:
     import datasets
 
     datasets.disable_progress_bars()
+    if fmt in ("json", "csv"):
+        for _ in _text_lines(path):  # a clear error naming the line, before the parser's own
+            pass
     try:
         if fmt == "disk":
             loaded = datasets.load_from_disk(str(path))
@@ -318,9 +336,14 @@ def _encode_labels(task: str, raw_labels: list[Any] | None, label_feature: Any, 
         return spec.label_names, [None] * len(inputs)
     if task == REGRESSION:
         try:
-            return None, [float(value) for value in raw_labels]
+            targets = [float(value) for value in raw_labels]
         except (TypeError, ValueError):
             raise CorpusError(f"corpus {source!r}: regression labels must be numbers") from None
+        bad = next((row for row, value in enumerate(targets) if not math.isfinite(value)), None)
+        if bad is not None:
+            raise CorpusError(f"corpus {source!r} row {bad}: regression label {targets[bad]} is not a finite "
+                              "number; fix or drop that row", f"row {bad}")
+        return None, targets
 
     per_row = [value if isinstance(value, list) else [value] for value in raw_labels]
     if task == TOKEN_CLASSIFICATION:

@@ -3,7 +3,8 @@
 One process owns the accelerators: it queues extraction jobs (persistently, see jobs.py),
 runs one at a time per GPU (or one on CPU), and puts finished stores in the catalog. The
 API only validates, queues and reports; all paths a request names are confined to the
-configured roots, and every route but /health needs the bearer token when one is set.
+configured roots (checked again when a job reads them, see confine.py), and every route but
+/health, the schema included, needs the bearer token when one is set.
 """
 
 # No `from __future__ import annotations`: FastAPI resolves the route signatures at run time, and the
@@ -30,7 +31,9 @@ from ..extraction.corpus import BUNDLED_CORPUS
 from ..extraction.models import PACKAGED_MINILM_ALIASES
 from ..extraction.spec import ExtractSpec
 from ..options import OptionField, option_fields
-from .jobs import QUEUED, RUNNING, JobQueue, Worker
+from ..sharing.catalog import check_store_location
+from ..sharing.location import resolve
+from .jobs import QUEUED, RUNNING, InputRoots, JobQueue, Worker
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +123,14 @@ def load_token(token_file: str | None) -> str | None:
     return os.environ.get(TOKEN_ENV) or None
 
 
+def _has_control_characters(value: Any) -> bool:
+    if isinstance(value, str):
+        return any(ord(character) < 32 or ord(character) == 127 for character in value)
+    if isinstance(value, list):
+        return any(_has_control_characters(item) for item in value)
+    return False
+
+
 def _inside(path: Path, roots: list[Path]) -> bool:
     return any(path == root or root in path.parents for root in roots)
 
@@ -168,7 +179,15 @@ class Confinement:
         if ".." in requested.split("/") or not STORE_NAME.match(requested):
             raise HTTPException(status.HTTP_400_BAD_REQUEST, f"out {requested!r} must be a relative path inside "
                                 "the catalog (letters, digits, '._-', '/'; no '..')")
-        return catalog.rstrip("/") + "/" + requested
+        out = catalog.rstrip("/") + "/" + requested
+        try:  # not a lease or side-object name of another store, not inside another store
+            check_store_location(resolve(out))
+        except ConfigError as error:
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, str(error)) from None
+        return out
+
+    def roots(self) -> InputRoots:
+        return InputRoots([*self.corpus_roots, self.bundled], self.model_roots)
 
 
 def create_app(config: ServiceConfig) -> FastAPI:
@@ -192,7 +211,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         else:
             devices = [None] * (count or 1)
         for device in devices:
-            workers.append(Worker(queue, config.catalog, state_dir, device, stop, engine))
+            workers.append(Worker(queue, config.catalog, state_dir, device, stop, engine, confinement.roots()))
             workers[-1].start()
 
     def stop_workers() -> None:
@@ -207,7 +226,10 @@ def create_app(config: ServiceConfig) -> FastAPI:
         yield
         stop_workers()
 
-    app = FastAPI(title="featstore extraction service", version="1", lifespan=lifespan,
+    # The schema is served under the token like every route but /health; the interactive pages are off
+    # (a browser page cannot send the token when it fetches the schema).
+    app = FastAPI(title="featstore extraction service", version="1", lifespan=lifespan, docs_url=None,
+                  redoc_url=None, openapi_url=None,
                   description="Submit corpora for extraction by a frozen encoder; finished stores land in the "
                   "catalog.")
     bearer = HTTPBearer(auto_error=False)
@@ -237,9 +259,17 @@ def create_app(config: ServiceConfig) -> FastAPI:
     def health() -> dict[str, Any]:
         return {"status": "ok", "workers": len(workers)}
 
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(authorize)])
+    def schema() -> dict[str, Any]:
+        return app.openapi()
+
     @app.post("/v1/jobs", status_code=status.HTTP_202_ACCEPTED, dependencies=[Depends(authorize)])
     def submit(request: JobRequest) -> JobView:
         spec = request.model_dump()
+        bad = sorted(name for name, value in spec.items() if _has_control_characters(value))
+        if bad:
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, f"{', '.join(bad)}: NUL bytes and other control "
+                                "characters are not accepted in paths or names")
         spec["corpus"] = confinement.corpus(request.corpus)
         spec["model"] = confinement.model(request.model)
         spec["out"] = confinement.out(request.out, config.catalog)

@@ -10,11 +10,11 @@ reports progress through the status file (status.py).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -26,8 +26,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
 from ..extraction.spec import ExtractSpec
 from ..store.format import canonical_json
+from .confine import copy_confined
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +177,14 @@ class JobQueue:
             self.db.close()
 
 
+@dataclass(frozen=True)
+class InputRoots:
+    """Where a job's inputs may be read from (resolved directories)."""
+
+    corpus: list[Path]
+    model: list[Path]
+
+
 def job_extract_spec(spec: dict[str, Any], catalog: str, engine: dict[str, Any]) -> ExtractSpec:
     """The full extraction spec a job runs: the client's (validated, confined) options plus what the service
     decides: its catalog, its engine, no progress bar, and waiting for a writer of the same store."""
@@ -193,10 +203,11 @@ class Worker(threading.Thread):
     actors take the cluster's GPUs)."""
 
     def __init__(self, queue: JobQueue, catalog: str, state_dir: Path, device: int | None, stop: threading.Event,
-                 engine: dict[str, Any] | None = None) -> None:
+                 engine: dict[str, Any] | None = None, roots: InputRoots | None = None) -> None:
         super().__init__(name=f"featstore-worker-{'cpu' if device is None else device}", daemon=True)
         self.queue, self.catalog, self.state_dir, self.device, self.stop = queue, catalog, state_dir, device, stop
         self.engine = engine or {}
+        self.roots = roots
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -221,7 +232,36 @@ class Worker(threading.Thread):
         logger.info("job %s: starting on %s", job.id, "cpu" if self.device is None else f"cuda:{self.device}")
         spec_file = self.state_dir / "specs" / f"{job.id}.json"
         spec_file.parent.mkdir(parents=True, exist_ok=True)
-        job_extract_spec(job.spec, self.catalog, self.engine).save(spec_file)
+        inputs = self.state_dir / "inputs" / job.id
+        try:
+            spec = self._confined_inputs(job.spec, inputs)
+        except (ConfigError, OSError) as error:
+            shutil.rmtree(inputs, ignore_errors=True)
+            logger.warning("job %s: refused its inputs: %s", job.id, error)
+            self.queue.update(job.id, status=FAILED, finished_at=_now(),
+                              error="an input lies outside the service's roots or cannot be read; nothing was read")
+            return
+        try:
+            self._run_child(job, spec, spec_file, status_file, log_path, env)
+        finally:
+            shutil.rmtree(inputs, ignore_errors=True)
+
+    def _confined_inputs(self, spec: dict[str, Any], inputs: Path) -> dict[str, Any]:
+        """The job's spec reading private copies of its corpus and local model, made through descriptors
+        checked to lie under the roots at the moment they are read (confine.py)."""
+        if self.roots is None:
+            return spec
+        spec = dict(spec)
+        corpus = Path(spec["corpus"])
+        spec["corpus"] = str(copy_confined(corpus, self.roots.corpus, inputs / "corpus" / corpus.name))
+        model = spec.get("model")
+        if model and Path(model).is_absolute():
+            spec["model"] = str(copy_confined(model, self.roots.model, inputs / "model" / Path(model).name))
+        return spec
+
+    def _run_child(self, job: Job, spec: dict[str, Any], spec_file: Path, status_file: Path, log_path: Path,
+                   env: dict[str, str]) -> None:
+        job_extract_spec(spec, self.catalog, self.engine).save(spec_file)
         with log_path.open("ab") as log:
             command = extract_command(spec_file, status_file)
             child = subprocess.Popen(command, env=env, stdout=log,
@@ -238,21 +278,26 @@ class Worker(threading.Thread):
                     logger.info("job %s: cancelled", job.id)
                     return
                 time.sleep(POLL_SECONDS)
-        self._report(job.id, status_file)
+        status = self._report(job.id, status_file)
         final = self.queue.get(job.id)
         if child.returncode == 0 and final is not None and final.store:
             self.queue.update(job.id, status=SUCCEEDED, finished_at=_now())
             logger.info("job %s: succeeded -> %s", job.id, final.store)
         else:
-            self.queue.update(job.id, status=FAILED, finished_at=_now(), error=_last_error(log_path))
-            logger.warning("job %s: failed (exit %s)", job.id, child.returncode)
+            # The client sees the child's own safe summary, never its log (which may quote the corpus).
+            error = (status or {}).get("error") or (f"the extraction exited with code {child.returncode}; see the "
+                                                    f"service's log of job {job.id}")
+            self.queue.update(job.id, status=FAILED, finished_at=_now(), error=error)
+            logger.warning("job %s: failed (exit %s), log %s", job.id, child.returncode, log_path)
 
-    def _report(self, job_id: str, status_file: Path) -> None:
+    def _report(self, job_id: str, status_file: Path) -> dict[str, Any] | None:
         try:
             status = json.loads(status_file.read_text())
         except (FileNotFoundError, ValueError):
-            return
-        self.queue.update(job_id, progress=status, store=status["path"], reused=status["state"] == "reused")
+            return None
+        if "path" in status:
+            self.queue.update(job_id, progress=status, store=status["path"], reused=status["state"] == "reused")
+        return status
 
     @staticmethod
     def _terminate(child: subprocess.Popen) -> None:
@@ -262,11 +307,3 @@ class Worker(threading.Thread):
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
-
-
-def _last_error(log_path: Path) -> str:
-    with contextlib.suppress(OSError):
-        lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
-        errors = [line for line in lines if "error" in line.lower()]
-        return (errors or lines or ["no output"])[-1][-2000:]
-    return "no output"

@@ -15,9 +15,22 @@ STATUS_WRITE_INTERVAL = 0.5
 
 def write_status(path: str | Path, progress: ExtractProgress) -> None:
     """Replace the status file atomically (the worker may read it at any moment)."""
+    _replace(Path(path), asdict(progress))
+
+
+def write_failure(path: str | Path, message: str) -> None:
+    """Record why the job failed (a message safe to show an API client) in the status file."""
     path = Path(path)
+    try:
+        status = json.loads(path.read_text())
+    except (OSError, ValueError):
+        status = {}
+    _replace(path, {**status, "state": "failed", "error": message})
+
+
+def _replace(path: Path, status: dict) -> None:
     temporary = path.with_suffix(f".{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(asdict(progress)))
+    temporary.write_text(json.dumps(status))
     os.replace(temporary, path)
 
 
