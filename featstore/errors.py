@@ -66,5 +66,13 @@ class IncompatibleHeadError(FeatstoreError):
     """A head is used with features it was not trained on (encoder, layers, task, labels)."""
 
 
+class HeadFormatError(FeatstoreError):
+    """A saved head is missing files, malformed, truncated or does not match its recorded weights digest."""
+
+
+class TrainingError(FeatstoreError):
+    """Training cannot go on (for example the loss stopped being a finite number)."""
+
+
 class ServiceError(FeatstoreError):
     """The extraction service refused a request or cannot be reached."""

@@ -6,15 +6,19 @@ give it per-layer hidden states (B, T, L, H) of the head's layers, a token mask 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load, save
 from torch import nn
 
-from featstore.errors import IncompatibleHeadError, StoreFormatError
+from featstore.errors import HeadFormatError, IncompatibleHeadError
+from featstore.store.reader import Store
 
 from .config import EncoderIdentity, HeadConfig
 from .layers import SequencePooling, pool_words
@@ -26,6 +30,13 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 HEAD_FORMAT = "featstore-head/2"  # /2: extraction settings in their own section
 READABLE_HEAD_FORMATS = ("featstore-head/1", HEAD_FORMAT)
+WEIGHTS_DIGEST_KEY = "weights_sha256"  # in config.json: sha256 of model.safetensors
+
+
+def _write_whole(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
 
 
 class Head(nn.Module):
@@ -70,25 +81,54 @@ class Head(nn.Module):
 
     # --- persistence -------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:
+        """Weights (safetensors) and config.json, which records the weights' sha256; both written whole and
+        then renamed into place, config last, so a reader never pairs a config with other weights."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": HEAD_FORMAT})
-        (directory / CONFIG_NAME).write_text(json.dumps({"format": HEAD_FORMAT, **self.config.to_dict()},
-                                                        indent=2))
+        weights = save(state, metadata={"format": HEAD_FORMAT})
+        config = {"format": HEAD_FORMAT, WEIGHTS_DIGEST_KEY: hashlib.sha256(weights).hexdigest(),
+                  **self.config.to_dict()}
+        _write_whole(directory / WEIGHTS_NAME, weights)
+        _write_whole(directory / CONFIG_NAME, json.dumps(config, indent=2).encode())
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> Head:
+        """A saved head, checked: config well-formed, weights matching their digest, every tensor in place."""
         directory = Path(directory)
-        config_path = directory / CONFIG_NAME
-        if not config_path.is_file() or not (directory / WEIGHTS_NAME).is_file():
-            raise StoreFormatError(f"{directory} is not a saved head (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-        values = json.loads(config_path.read_text())
-        if values.get("format") not in READABLE_HEAD_FORMATS:
-            raise StoreFormatError(f"{config_path} is not a featstore head config (format {values.get('format')!r})")
-        head = cls(HeadConfig.from_dict(values))
-        head.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
+        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        if not config_path.is_file() or not weights_path.is_file():
+            raise HeadFormatError(f"{directory} is not a saved head (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+        try:
+            values = json.loads(config_path.read_text())
+        except (ValueError, UnicodeDecodeError) as error:
+            raise HeadFormatError(f"{config_path} is not valid JSON ({error}); the head is damaged or truncated") \
+                from None
+        if not isinstance(values, dict) or values.get("format") not in READABLE_HEAD_FORMATS:
+            raise HeadFormatError(f"{config_path} is not a featstore head config (format "
+                                  f"{values.get('format') if isinstance(values, dict) else None!r})")
+        weights = weights_path.read_bytes()
+        recorded = values.get(WEIGHTS_DIGEST_KEY)
+        if recorded is None:
+            logger.warning("%s records no weights digest (saved by an older featstore): its weights cannot be "
+                           "checked", config_path)
+        elif hashlib.sha256(weights).hexdigest() != recorded:
+            raise HeadFormatError(f"{weights_path} does not match the sha256 recorded in {config_path}: the weights "
+                                  "are damaged or were replaced; save the head again")
+        try:
+            head = cls(HeadConfig.from_dict(values))
+            head.load_state_dict(load(weights))
+        except (ValueError, TypeError, KeyError, RuntimeError, SafetensorError) as error:
+            raise HeadFormatError(f"{directory} holds a malformed head: {type(error).__name__}: {error}") from None
         return head.eval()
+
+
+def check_store(config: HeadConfig, store: Store, where: str) -> None:
+    """Refuse a store the head cannot be trained or evaluated on (task, encoder, layers), before any epoch."""
+    if store.task != config.task:
+        raise IncompatibleHeadError(f"head '{config.name}' is a {config.task} head but {where} holds a {store.task} "
+                                    "corpus; use a store of the same task")
+    check_compatible(config, EncoderIdentity.of(store.manifest.encoder), store.layers, where)
 
 
 def check_compatible(config: HeadConfig, identity: EncoderIdentity, available_layers: list[int], where: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -21,11 +22,11 @@ import torch
 from tqdm.auto import tqdm
 
 from featstore import Store, collate_features, open_store
-from featstore.errors import ConfigError, IncompatibleHeadError
+from featstore.errors import ConfigError, IncompatibleHeadError, TrainingError
 from featstore.store.reader import SequenceFeatures, compact_columns
 
 from .config import SINGLE_LAYER_HEADS, EncoderIdentity, ExtractionIdentity, HeadConfig
-from .head import Head, check_compatible
+from .head import Head, check_store
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +149,8 @@ def evaluate_heads(heads: list[Head], store: Store, batch_size: int = 64, device
     """Metrics of each head on a store, in one pass over it; also returns predictions per corpus row."""
     if not store.labeled:
         raise ConfigError(f"store {store.path} holds no labels; it cannot be used for evaluation")
+    for head in heads:
+        check_store(head.config, store, f"store {store.path}")
     layers = sorted({layer for head in heads for layer in head.config.layers})
     columns = [_columns(head.config.layers, layers) for head in heads]
     mappings = [_label_map(head.config.label_names, store) for head in heads]
@@ -189,10 +192,9 @@ class Trainer:
         names = [head.name for head in head_configs]
         if len(set(names)) != len(names):
             raise ConfigError(f"head names must be unique, got {names}; give each head a 'name'")
-        if self.eval_store is not None:
+        if self.eval_store is not None:  # checked now, not after the first epoch
             for head in head_configs:
-                check_compatible(head, EncoderIdentity.of(self.eval_store.manifest.encoder), self.eval_store.layers,
-                                 f"eval store {config.eval_store}")
+                check_store(head, self.eval_store, f"eval store {config.eval_store}")
         self.layers = sorted({layer for head in head_configs for layer in head.layers})
         self.steps_per_epoch = -(-len(self.store) // config.batch_size)
         self.runs = [self._new_run(spec, head_config) for spec, head_config in zip(config.heads, head_configs)]
@@ -249,9 +251,13 @@ class Trainer:
             run.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             run.optimizer.step()
-        loss = loss.detach()
         run.scheduler.step()
-        return loss.item()
+        value = loss.item()
+        if not math.isfinite(value):  # never train on (or save) a head from here: say so and stop
+            raise TrainingError(f"head '{run.name}': the training loss became {value}; its weights are no longer "
+                                "usable. The head saved last (if any) is kept. Check the store (`featstore verify`) "
+                                "and lower the learning rate")
+        return value
 
     def _end_epoch(self, epoch: int, active: list[HeadRun], seconds: float) -> None:
         self._log({"event": "epoch", "epoch": epoch + 1, "seconds": seconds, "heads": [run.name for run in active]})

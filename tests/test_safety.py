@@ -274,3 +274,92 @@ def test_reserved_and_nested_store_locations_are_refused(sound_stores, tiny_mode
     _copy(sound_stores["zarr"], tmp_path / "inner.zarr")
     with pytest.raises(Exception, match=message):
         _extract(tiny_models, conll_corpus, tmp_path / out)
+
+
+# --- bad input ---------------------------------------------------------------------------------------------
+def test_non_finite_regression_labels_are_refused_naming_the_row(tiny_models, tmp_path):
+    from featstore.errors import CorpusError
+
+    corpus = tmp_path / "r.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": f"row {i}", "label": value})
+                                for i, value in enumerate([1.0, 2.5, float("nan"), 3.0])))
+    with pytest.raises(CorpusError, match="row 2: regression label nan is not a finite number"):
+        extract(ExtractConfig(out=str(tmp_path / "r.zarr"), model=tiny_models["bert"],
+                              corpus=CorpusSpec(str(corpus)), progress=False))
+    assert not (tmp_path / "r.zarr").exists()
+
+
+@pytest.mark.parametrize("content,finding", [
+    (b"Alice B-PER\ncaf\xe9 O\n", "c.conll:2: not valid UTF-8"),
+    (b"Alice B-PER\n\x00\x01\x02 O\n", "c.conll:2: holds a NUL byte"),
+])
+def test_undecodable_corpora_are_refused_naming_file_and_line(tiny_models, tmp_path, content, finding):
+    from featstore.errors import CorpusError
+
+    corpus = tmp_path / "c.conll"
+    corpus.write_bytes(content)
+    with pytest.raises(CorpusError, match=finding):
+        extract(ExtractConfig(out=str(tmp_path / "c.zarr"), model=tiny_models["bert"],
+                              corpus=CorpusSpec(str(corpus)), progress=False))
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_bytes(b'{"text": "fine", "label": "a"}\n{"text": "caf\xe9", "label": "b"}\n')
+    with pytest.raises(CorpusError, match=r"c\.jsonl:2: not valid UTF-8"):
+        extract(ExtractConfig(out=str(tmp_path / "j.zarr"), model=tiny_models["bert"],
+                              corpus=CorpusSpec(str(jsonl)), progress=False))
+
+
+@pytest.fixture(scope="module")
+def trained_head(sound_stores, tmp_path_factory) -> str:
+    from heads import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("head") / "head"
+    train(TrainConfig(store=sound_stores["zarr"], out=str(out), heads=[{"type": "linear", "layers": [2]}],
+                      epochs=1, progress=False))
+    return str(out)
+
+
+def test_a_head_refuses_a_store_of_another_task_before_training(trained_head, sound_stores, tiny_models,
+                                                                tmp_path, capsys):
+    from featstore.errors import IncompatibleHeadError
+    from heads import TrainConfig, train
+    from heads.cli import main as heads_main
+
+    corpus = tmp_path / "s.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": f"some words {i}", "label": "ab"[i % 2]}) for i in range(12)))
+    sequence_store = extract(ExtractConfig(out=str(tmp_path / "seq.zarr"), model=tiny_models["bert"],
+                                           corpus=CorpusSpec(str(corpus)), progress=False)).path
+    assert heads_main(["evaluate", "--head", trained_head, "--store", sequence_store]) == 2
+    assert "is a token-classification head but store" in capsys.readouterr().err
+    with pytest.raises(IncompatibleHeadError, match="sequence-classification corpus"):
+        train(TrainConfig(store=sound_stores["zarr"], eval_store=sequence_store, out=str(tmp_path / "never"),
+                          heads=[{"type": "linear", "layers": [2]}], epochs=1, progress=False))
+    assert not (tmp_path / "never").exists()  # refused before the first epoch
+
+
+@pytest.mark.parametrize("damage,finding", [
+    (lambda head: _flip_byte(head / "model.safetensors", (head / "model.safetensors").stat().st_size - 3),
+     "does not match the sha256 recorded"),
+    (lambda head: (head / "config.json").write_text((head / "config.json").read_text()[:40]), "not valid JSON"),
+    (lambda head: (head / "model.safetensors").write_bytes((head / "model.safetensors").read_bytes()[:50]),
+     "does not match the sha256 recorded"),
+    (lambda head: (head / "config.json").write_text(json.dumps({**json.loads((head / "config.json").read_text()),
+                                                                "layers": "two"})), "malformed head"),
+])
+def test_damaged_heads_are_refused_at_load(trained_head, tmp_path, damage, finding):
+    from featstore.errors import HeadFormatError
+    from heads import Head
+
+    head = Path(_copy(trained_head, tmp_path / "head"))
+    damage(head)
+    with pytest.raises(HeadFormatError, match=finding):
+        Head.from_pretrained(head)
+
+
+def test_training_on_a_damaged_store_exits_with_an_error(sound_stores, tmp_path, capsys):
+    from heads.cli import main as heads_main
+
+    damaged = _copy(sound_stores["hdf5"], tmp_path / "s.h5")
+    _flip_byte(*_hidden_data_offset(damaged))
+    code = heads_main(["train", "--store", damaged, "--out", str(tmp_path / "head"), "--head", "linear",
+                       "--layers", "2", "--epochs", "1", "--no-progress"])
+    assert code == 2 and "does not match its checksum" in capsys.readouterr().err
