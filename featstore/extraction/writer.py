@@ -49,10 +49,10 @@ class BlockWriter:
     interrupted run wrote.
     """
 
-    def __init__(self, backend: StoreBackend, block_tokens: int, chunk_tokens: int, start: int, stop: int,
+    def __init__(self, backend: StoreBackend, block_tokens: int, check_rows: int, start: int, stop: int,
                  total_rows: int, on_written: WrittenCallback) -> None:
         self.backend, self.block_tokens, self.stop, self.total_rows = backend, block_tokens, stop, total_rows
-        self.chunk_tokens = chunk_tokens
+        self.check_rows = check_rows  # tokens per checked chunk (store/chunks.py)
         self.on_written = on_written
         self.storage_dtype = backend.dtype(fmt.HIDDEN_STATES)
         self.position = start  # first row not yet written
@@ -81,7 +81,7 @@ class BlockWriter:
         self.backend.write(fmt.HIDDEN_STATES, self.position, rows)
         written = Written(self.position, self.position + count,
                           block_digests(self.position, rows, self.block_tokens, self.total_rows),
-                          chunk_checksums(self.position, rows, self.chunk_tokens, self.total_rows,
+                          chunk_checksums(self.position, rows, self.check_rows, self.total_rows,
                                           self.backend.checksum_per_layer))
         rest = data[count:]
         self.pending = [rest] if len(rest) else []

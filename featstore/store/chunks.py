@@ -1,10 +1,12 @@
 """Checked reads: a fast checksum per chunk of hidden states, verified on every read (format 1.2).
 
-The hidden states are cut along tokens into chunks of `chunk_rows` tokens (the layout's
-inner chunk). Each chunk has one xxh3-64 checksum per layer where the backend stores a layer
-of a chunk as one contiguous piece (Zarr: the inner chunk), or one over all its layers where
-a chunk's rows are contiguous (HDF5, read whole rows): the unit is what the backend reads in
-one piece, so checking never needs an extra copy or read. The writers take the checksums from
+The hidden states are cut along tokens into checked chunks of `chunk_rows` tokens (their own
+unit, smaller than the layout's storage chunk so that reading one sequence reads little more
+than it). Each chunk has one xxh3-64 checksum per layer where the backend keeps a layer's rows
+contiguous (Zarr: an inner chunk holds one layer), or one over all layers where whole rows are
+contiguous (HDF5): either way a checked piece is one contiguous run of bytes in the buffer a
+read fills, so checking needs no copy. Pieces are about `CHECK_PIECE_BYTES`: small enough for
+random access, large enough that the per-piece cost stays small next to the hashing. The writers take the checksums from
 the data in memory; finalize stores them in `hidden_checksums`. A reader widens every read to
 whole chunks and checks each piece before any value is used, so a missing object, a flipped
 byte or a replaced store raises an error instead of returning zeros or other numbers.
@@ -25,9 +27,25 @@ import xxhash
 
 from ..errors import CorruptStoreError
 from . import format as fmt
-from .manifest import ChunkChecksums
+from .manifest import ChunkChecksums, StoreManifest
 
 ALGORITHM = "xxh3_64"
+CHECK_PIECE_BYTES = 128 * 1024
+MIN_CHUNK_ROWS = 16
+
+
+def chunk_rows_for(manifest: StoreManifest, per_layer: bool) -> int:
+    """Tokens per checked chunk: a power of two giving pieces of about CHECK_PIECE_BYTES (at least 16 tokens),
+    and no more than a write block, so that a damaged chunk names few storage objects."""
+    itemsize = np.dtype(fmt.NUMPY_STORAGE_DTYPE[manifest.extraction.storage_dtype]).itemsize
+    row_bytes = manifest.encoder.hidden_size * itemsize * (1 if per_layer else len(manifest.extraction.layers))
+    rows = min(max(MIN_CHUNK_ROWS, CHECK_PIECE_BYTES // row_bytes), manifest.layout.block_tokens)
+    return 1 << (rows.bit_length() - 1)
+
+
+def _hash(piece: np.ndarray) -> int:
+    data = np.ascontiguousarray(piece, dtype=piece.dtype.newbyteorder("<"))  # no copy when already contiguous
+    return xxhash.xxh3_64_intdigest(memoryview(data).cast("B"))
 
 
 def piece_checksums(rows: np.ndarray, per_layer: bool) -> np.ndarray:
@@ -35,11 +53,6 @@ def piece_checksums(rows: np.ndarray, per_layer: bool) -> np.ndarray:
     if not per_layer:
         return np.array([_hash(rows)], dtype=np.uint64)
     return np.array([_hash(rows[:, layer]) for layer in range(rows.shape[1])], dtype=np.uint64)
-
-
-def _hash(piece: np.ndarray) -> int:
-    data = np.ascontiguousarray(piece, dtype=piece.dtype.newbyteorder("<"))  # no copy when already contiguous
-    return xxhash.xxh3_64_intdigest(memoryview(data).cast("B"))
 
 
 def chunk_checksums(start: int, rows: np.ndarray, chunk_rows: int, total_rows: int, per_layer: bool
@@ -58,11 +71,11 @@ class ChunkVerifier:
     """Checks hidden-states reads of one store against its recorded chunk checksums."""
 
     def __init__(self, path: str, info: ChunkChecksums, sums: np.ndarray, total_rows: int,
-                 object_at: Callable[[int], str | None]) -> None:
+                 objects_in: Callable[[int, int], list[str]]) -> None:
         if info.algorithm != ALGORITHM:
             raise CorruptStoreError(f"{path}: unknown chunk checksum algorithm {info.algorithm!r}")
         self.path, self.chunk_rows, self.per_layer = path, info.chunk_rows, info.per_layer
-        self.sums, self.total_rows, self.object_at = sums, total_rows, object_at
+        self.sums, self.total_rows, self.objects_in = sums.tolist(), total_rows, objects_in  # Python ints: fast compare
 
     def widen(self, start: int, stop: int) -> tuple[int, int]:
         """The whole chunks that cover rows start..stop."""
@@ -72,17 +85,26 @@ class ChunkVerifier:
     def mismatches(self, raw: np.ndarray, first: int, columns: list[int] | None) -> list[str]:
         """Where `raw`, rows first..first+len(raw) (whole chunks) of the stored layers `columns` (None: all
         layers, required when checksums cover whole rows), differs from the checksums."""
-        found = []
-        for offset in range(0, len(raw), self.chunk_rows):
-            chunk = (first + offset) // self.chunk_rows
-            rows = raw[offset: offset + self.chunk_rows]
-            if self.per_layer:
-                layers = range(rows.shape[1]) if columns is None else columns
-                found += [self._where(chunk, f", stored layer {layer}") for slot, layer in enumerate(layers)
-                          if _hash(rows[:, slot]) != int(self.sums[chunk, layer])]
-            elif _hash(rows) != int(self.sums[chunk, 0]):
-                found.append(self._where(chunk, ""))
+        found: list[str] = []
+        first_chunk, rows = first // self.chunk_rows, len(raw)
+        if not rows:
+            return found
+        if self.per_layer:
+            # Each layer's rows as one run of bytes: the Zarr direct reader fills a layer-major buffer (raw is
+            # its transposed view), so this is a view; other paths (token-major) pay one copy per layer.
+            layer_major = raw.transpose(1, 0, 2)
+            for slot, layer in enumerate(range(raw.shape[1]) if columns is None else columns):
+                found += self._check_run(_bytes(layer_major[slot]), rows, first_chunk, layer)
+        else:
+            found += self._check_run(_bytes(raw), rows, first_chunk, 0)
         return found
+
+    def _check_run(self, data: memoryview, rows: int, first_chunk: int, piece: int) -> list[str]:
+        step = len(data) // rows * self.chunk_rows if rows else 0
+        sums = self.sums
+        return [self._where(first_chunk + index, f", stored layer {piece}" if self.per_layer else "")
+                for index, offset in enumerate(range(0, len(data), step))
+                if xxhash.xxh3_64_intdigest(data[offset: offset + step]) != sums[first_chunk + index][piece]]
 
     def check(self, raw: np.ndarray, first: int, columns: list[int] | None) -> None:
         """Raise at the first mismatch (see `mismatches`)."""
@@ -97,6 +119,11 @@ class ChunkVerifier:
     def _where(self, chunk: int, which: str) -> str:
         start = chunk * self.chunk_rows
         stop = min(start + self.chunk_rows, self.total_rows)
-        where = self.object_at(start)
+        objects = self.objects_in(start, stop)
         return (f"{fmt.HIDDEN_STATES} chunk {chunk} (tokens {start}..{stop}{which}"
-                + (f", object {where}" if where else "") + ")")
+                + (f", {'object' if len(objects) == 1 else 'objects'} {', '.join(objects)}" if objects else "") + ")")
+
+
+def _bytes(array: np.ndarray) -> memoryview:
+    """The array's bytes in C order, little-endian (a view when it already is)."""
+    return memoryview(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))).cast("B")

@@ -23,7 +23,7 @@ from ..errors import CorruptStoreError
 from . import format as fmt
 from .backends import ArraySpec, StoreBackend
 from .chunks import ALGORITHM as CHUNK_ALGORITHM
-from .chunks import piece_checksums
+from .chunks import chunk_rows_for, piece_checksums
 from .manifest import ChunkChecksums, Integrity, StoreManifest
 
 ALGORITHM = "sha256"
@@ -115,7 +115,7 @@ def record_integrity(backend: StoreBackend, manifest: StoreManifest, block_diges
     """Everything finalize records (format 1.2): the `hidden_checksums` array (the writers' in-memory chunk
     checksums, other chunks read back), every array's block digests, dtypes and shapes, and digests of the
     attribute sections as they are now."""
-    chunks = ChunkChecksums(algorithm=CHUNK_ALGORITHM, chunk_rows=manifest.layout.chunk_tokens,
+    chunks = ChunkChecksums(algorithm=CHUNK_ALGORITHM, chunk_rows=chunk_rows_for(manifest, backend.checksum_per_layer),
                             per_layer=backend.checksum_per_layer)
     total = manifest.counts.num_tokens
     pieces = len(manifest.extraction.layers) if chunks.per_layer else 1

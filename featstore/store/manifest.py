@@ -190,7 +190,7 @@ class ChunkChecksums(Section):
 
     KEY: ClassVar[str] = "integrity.chunks"
     algorithm: str  # "xxh3_64"
-    chunk_rows: int  # tokens per checked chunk (= layout.chunk_tokens)
+    chunk_rows: int  # tokens per checked chunk (its own unit, see store/chunks.py)
     per_layer: bool  # one checksum per chunk and layer (Zarr), or per chunk over all layers (HDF5)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 

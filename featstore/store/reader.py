@@ -96,7 +96,7 @@ class Store:
         if integrity is not None and integrity.chunks is not None:
             self._verifier = ChunkVerifier(backend.path, integrity.chunks, read_checked(fmt.HIDDEN_CHECKSUMS),
                                            self.num_tokens,
-                                           lambda row: backend.object_at(fmt.HIDDEN_STATES, row))
+                                           lambda start, stop: backend.objects_in(fmt.HIDDEN_STATES, start, stop))
 
     # --- description -------------------------------------------------------------------------------
     @property

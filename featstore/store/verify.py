@@ -112,16 +112,30 @@ def _problems(backend: StoreBackend, deep: bool, expect_complete: bool) -> list[
 
 def _chunk_checker(backend: StoreBackend, manifest: StoreManifest, problems: list[str]
                    ) -> Callable[[int, np.ndarray], None] | None:
-    """A check of each hidden-states block read against the chunk checksums readers use (None: none recorded)."""
+    """A check of the hidden states against the chunk checksums readers use, fed the blocks in order as the
+    block digests are checked (None: none recorded). Checked chunks need not align with blocks: rows of a
+    chunk that straddles two blocks wait for the next block."""
     chunks = manifest.integrity.chunks if manifest.integrity is not None else None
     if chunks is None or fmt.HIDDEN_CHECKSUMS not in backend.array_names():
         return None
     verifier = ChunkVerifier(backend.path, chunks, backend.read(fmt.HIDDEN_CHECKSUMS), manifest.counts.num_tokens,
-                             lambda row: backend.object_at(fmt.HIDDEN_STATES, row))
+                             lambda start, stop: backend.objects_in(fmt.HIDDEN_STATES, start, stop))
+    rows_per_chunk, total = chunks.chunk_rows, manifest.counts.num_tokens
+    pending: list[np.ndarray] = []
+    pending_start = 0  # first row of `pending`, always a chunk boundary
 
     def check(start: int, rows: np.ndarray) -> None:
+        nonlocal pending, pending_start
+        if not pending or pending_start + sum(map(len, pending)) != start:  # a gap (an unreadable block)
+            skip = -start % rows_per_chunk
+            pending, pending_start, rows = [], start + skip, rows[skip:]
+        pending.append(rows)
+        held = np.concatenate(pending) if len(pending) > 1 else pending[0]
+        end = pending_start + len(held)
+        whole = len(held) if end == total else len(held) // rows_per_chunk * rows_per_chunk
         problems.extend(f"{where} does not match its chunk checksum"
-                        for where in verifier.mismatches(rows, start, None))
+                        for where in verifier.mismatches(held[:whole], pending_start, None))
+        pending, pending_start = [held[whole:]] if whole < len(held) else [], pending_start + whole
 
     return check
 

@@ -99,5 +99,9 @@ class StoreBackend(ABC):
         """The storage object holding row `row` of `name`, for messages (None: not stored in separate objects)."""
         return None
 
+    def objects_in(self, name: str, start: int, stop: int) -> list[str]:
+        """The storage objects holding rows start..stop of `name`, for messages (empty: one file)."""
+        return []
+
     def close(self) -> None:  # noqa: B027 - optional hook
         pass

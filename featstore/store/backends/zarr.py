@@ -258,6 +258,11 @@ class ZarrBackend(StoreBackend):
         store = self.group.store
         return [index for index in range(n_blocks) if not sync(store.exists(self.object_at(name, index * block)))]
 
+    def objects_in(self, name: str, start: int, stop: int) -> list[str]:
+        array = self._array(name)
+        block = (array.shards or array.chunks)[0]
+        return [self.object_at(name, index * block) for index in range(start // block, -(-stop // block))]
+
     def object_at(self, name: str, row: int) -> str:
         array = self._array(name)
         tail = "/".join("0" for _ in array.shape[1:])
