@@ -30,7 +30,7 @@ from . import format as fmt
 from .manifest import ChunkChecksums, StoreManifest
 
 ALGORITHM = "xxh3_64"
-CHECK_PIECE_BYTES = 128 * 1024
+CHECK_PIECE_BYTES = 32 * 1024
 MIN_CHUNK_ROWS = 16
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +33,19 @@ logger = logging.getLogger(__name__)
 
 POOLINGS = ("first", "mean")
 DEFAULT_SPAN_BYTES = 64 * 2**20
+
+
+@dataclass
+class _RawRead:
+    """Hidden states read for rows start..stop: `raw` holds rows first.. (widened to checked chunks) of the
+    stored layers `read_columns` (None: as asked, unchecked); `columns` is what the caller asked for."""
+
+    raw: np.ndarray
+    first: int
+    start: int
+    stop: int
+    columns: slice | list[int]
+    read_columns: list[int] | None
 
 
 @dataclass
@@ -190,18 +203,30 @@ class Store:
     def read_hidden(self, start: int, stop: int, columns: slice | list[int] = slice(None)) -> np.ndarray:
         """Stored hidden states of tokens start..stop (stored layer positions `columns`), as stored (see
         `decode`); checked against the store's chunk checksums before they are returned."""
+        return self._checked(self._read_raw(start, stop, columns))
+
+    def _read_raw(self, start: int, stop: int, columns: slice | list[int]) -> _RawRead:
+        """The read half of `read_hidden`: whole checked chunks (and whole rows where checksums cover them)."""
         verifier = self._verifier
         if verifier is None:
-            return self.backend.read(fmt.HIDDEN_STATES, start, stop, columns)
+            return _RawRead(self.backend.read(fmt.HIDDEN_STATES, start, stop, columns), start, start, stop, columns,
+                            None)
         first, last = verifier.widen(start, stop)
         positions = list(range(len(self.layers)))
         # Checksums over whole rows need whole rows (HDF5 reads them anyway); per-layer ones only those read.
         read_columns = (positions[columns] if isinstance(columns, slice) else list(columns)) if verifier.per_layer \
             else positions
         raw = self.backend.read(fmt.HIDDEN_STATES, first, last, compact_columns(read_columns))
-        verifier.check(raw, first, read_columns)
-        raw = raw[start - first: stop - first]
-        return raw if verifier.per_layer else raw[:, columns]
+        return _RawRead(raw, first, start, stop, columns, read_columns)
+
+    def _checked(self, read: _RawRead) -> np.ndarray:
+        """The check half of `read_hidden`: verify, then cut back to what was asked for."""
+        verifier = self._verifier
+        if verifier is None:
+            return read.raw
+        verifier.check(read.raw, read.first, read.read_columns)
+        raw = read.raw[read.start - read.first: read.stop - read.first]
+        return raw if verifier.per_layer else raw[:, read.columns]
 
     def __getitem__(self, row: int) -> SequenceFeatures:
         return self.sequence(row)
@@ -247,15 +272,22 @@ class Store:
         buffer: list[SequenceFeatures] = []
         bounds = self._token_bounds
 
-        def read(span: range) -> np.ndarray:
-            return self.decode(self.read_hidden(bounds[span.start], bounds[span.stop], columns))
-
-        # Read the next span on a thread while the caller works through this one (reads release the GIL).
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="featstore-prefetch") as pool:
-            pending = pool.submit(read, spans[0]) if spans else None
+        # A pipeline of threads (both stages release the GIL in their heavy parts): the next span is read while
+        # this one is checked, while the caller works through the one before.
+        with ThreadPoolExecutor(1, thread_name_prefix="featstore-read") as reader, \
+                ThreadPoolExecutor(1, thread_name_prefix="featstore-check") as checker:
+            reads: dict[int, Future[_RawRead]] = {}
+            checks: dict[int, Future[np.ndarray]] = {}
             for index, span in enumerate(spans):
-                block = pending.result()
-                pending = pool.submit(read, spans[index + 1]) if index + 1 < len(spans) else None
+                for ahead in range(index, min(index + 2, len(spans))):
+                    if ahead not in reads:
+                        reads[ahead] = reader.submit(self._read_raw, bounds[spans[ahead].start],
+                                                     bounds[spans[ahead].stop], columns)
+                    if ahead not in checks:
+                        checks[ahead] = checker.submit(lambda ahead=ahead: self.decode(self._checked(
+                            reads[ahead].result())))
+                block = checks.pop(index).result()
+                del reads[index]
                 yield from self._emit(span, block, pooling, shuffle, buffer, buffer_sequences, rng)
         for index in rng.permutation(len(buffer)):
             yield buffer[index]
