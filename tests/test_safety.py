@@ -136,13 +136,15 @@ def test_damaged_small_arrays_are_refused_at_open(sound_stores, tmp_path, backen
 def test_stores_from_before_checked_reads_still_read_with_one_warning(sound_stores, tmp_path, caplog):
     """A format 1.1 store (block digests, no chunk checksums) opens and reads; one warning per store."""
     old = _copy(sound_stores["zarr"], tmp_path / "old.zarr")
-    shutil.rmtree(Path(old) / fmt.HIDDEN_CHECKSUMS)
+    for array in (fmt.HIDDEN_CHECKSUMS, fmt.HIDDEN_SPAN_CHECKSUMS):
+        shutil.rmtree(Path(old) / array)
 
     def as_1_1(attrs):
         attrs["format_version"] = "1.1"
-        for key in ("array_types", "sections", "chunks"):
+        for key in ("array_types", "sections", "chunks", "span_chunks"):
             attrs["integrity"].pop(key)
-        attrs["integrity"]["arrays"].pop(fmt.HIDDEN_CHECKSUMS)
+        for array in (fmt.HIDDEN_CHECKSUMS, fmt.HIDDEN_SPAN_CHECKSUMS):
+            attrs["integrity"]["arrays"].pop(array)
 
     _edit_attrs(old, as_1_1)
     with caplog.at_level(logging.WARNING, logger="featstore"):

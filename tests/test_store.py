@@ -178,8 +178,11 @@ def test_checksums_taken_while_writing_equal_checksums_of_the_stored_bytes(store
         with open_store(path) as store:
             recorded = store.manifest.integrity
             assert compute_checksums(store.backend, recorded.block_rows).arrays == recorded.arrays
-            rows, sums = recorded.chunks.chunk_rows, store.backend.read(fmt.HIDDEN_CHECKSUMS)
-            assert len(sums) == -(-store.num_tokens // rows) > 1
-            for chunk in range(len(sums)):
-                stored = store.backend.read(fmt.HIDDEN_STATES, chunk * rows, (chunk + 1) * rows)
-                assert (piece_checksums(stored, recorded.chunks.per_layer) == sums[chunk]).all()
+            assert [level.array for level in recorded.chunk_levels] == [fmt.HIDDEN_CHECKSUMS,
+                                                                        fmt.HIDDEN_SPAN_CHECKSUMS]
+            for level in recorded.chunk_levels:
+                rows, sums = level.chunk_rows, store.backend.read(level.array)
+                assert len(sums) == -(-store.num_tokens // rows)
+                for chunk in range(len(sums)):
+                    stored = store.backend.read(fmt.HIDDEN_STATES, chunk * rows, (chunk + 1) * rows)
+                    assert (piece_checksums(stored, level.per_layer) == sums[chunk]).all()

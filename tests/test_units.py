@@ -54,7 +54,7 @@ def test_block_writer_writes_whole_blocks_and_hashes_them_from_memory():
     backend, block, start, stop = MemoryBackend(47), 10, 5, 47
     data = np.random.default_rng(0).standard_normal((stop - start, 3)).astype(np.float16)
     reported = []
-    writer = BlockWriter(backend, block, 5, start, stop, 47, reported.append)
+    writer = BlockWriter(backend, block, {"sums": 5}, start, stop, 47, reported.append)
     for piece in np.split(data, [7, 9, 21, 22, 36]):  # uneven appends, some smaller than a block
         writer.append(piece)
     writer.finish()
@@ -67,7 +67,7 @@ def test_block_writer_writes_whole_blocks_and_hashes_them_from_memory():
     assert sorted(digests) == [1, 2, 3, 4]  # block 0 is only partly this writer's; block 4 is the short last one
     for index, digest in digests.items():
         assert digest == digest_rows(backend.arrays[fmt.HIDDEN_STATES][index * block: (index + 1) * block])
-    sums = {index: value for written in reported for index, value in written.chunk_checksums.items()}
+    sums = {index: value for written in reported for index, value in written.chunk_checksums["sums"].items()}
     assert sorted(sums) == list(range(1, 10))  # chunks of 5 rows: chunk 0 holds rows before `start`
     for index, value in sums.items():
         assert value.tolist() == piece_checksums(backend.arrays[fmt.HIDDEN_STATES][index * 5: index * 5 + 5],
@@ -76,10 +76,10 @@ def test_block_writer_writes_whole_blocks_and_hashes_them_from_memory():
 
 
 def test_block_writer_refuses_rows_past_its_range():
-    writer = BlockWriter(MemoryBackend(20), 8, 4, 0, 10, 20, lambda *_: None)
+    writer = BlockWriter(MemoryBackend(20), 8, {}, 0, 10, 20, lambda *_: None)
     with pytest.raises(Exception, match="internal error"):
         writer.append(np.zeros((11, 3), np.float16))
-    short = BlockWriter(MemoryBackend(20), 8, 4, 0, 10, 20, lambda *_: None)
+    short = BlockWriter(MemoryBackend(20), 8, {}, 0, 10, 20, lambda *_: None)
     short.append(np.zeros((4, 3), np.float16))
     with pytest.raises(Exception, match="expected 10"):
         short.finish()

@@ -56,7 +56,7 @@ def main() -> None:
             extract(ExtractConfig(out=str(path), backend=backend, corpus=CorpusSpec(args.corpus), progress=False))
         os.sync()
         checked, unchecked = open_store(path), open_store(path)
-        unchecked._verifier = None  # the same reader without its checks
+        unchecked._verifier = unchecked._span_verifier = None  # the same reader without its checks
         measures = {"epoch all layers MB/s": lambda store, seed: epoch_mb_per_second(store, None, seed),
                     "epoch one layer MB/s": lambda store, seed: epoch_mb_per_second(store, [-1], seed),
                     "random access rows/s": rows_per_second}

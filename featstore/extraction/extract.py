@@ -251,7 +251,7 @@ def fill_local(backend: StoreBackend, encoder: FrozenEncoder, plan: ExtractionPl
                ledger: ProgressLedger, report: Reporter) -> None:
     """This process computes the batches; a background thread writes them."""
     start = ledger.committed
-    writer = BackgroundWriter(BlockWriter(backend, plan.block_tokens, plan.check_rows,
+    writer = BackgroundWriter(BlockWriter(backend, plan.block_tokens, plan.check_levels,
                                           int(plan.token_offsets[start]), plan.num_tokens, plan.num_tokens,
                                           ledger.written))
     bar = tqdm(total=len(plan.sequences), initial=start, unit="seq", desc="extract", disable=not plan.spec.progress)

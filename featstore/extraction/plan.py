@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import ConfigError
 from ..store import format as fmt
 from ..store.backends import BACKENDS, ArraySpec
-from ..store.chunks import chunk_rows_for
+from ..store.chunks import level_rows
 from ..store.manifest import (
     CorpusInfo,
     Counts,
@@ -85,9 +85,10 @@ class ExtractionPlan:
         return self.manifest.layout.chunk_tokens
 
     @property
-    def check_rows(self) -> int:
-        """Tokens per checked chunk of the hidden states (store/chunks.py), by the backend's checksum unit."""
-        return chunk_rows_for(self.manifest, BACKENDS[self.spec.backend].checksum_per_layer)
+    def check_levels(self) -> dict[str, int]:
+        """Checksum array -> tokens per checked chunk of the hidden states (store/chunks.py), by the backend's
+        checksum unit."""
+        return level_rows(self.manifest, BACKENDS[self.spec.backend].checksum_per_layer)
 
     def batches(self, start: int = 0) -> list[range]:
         """Greedy batches of storage positions from `start`, each under the padded-token budget.

@@ -66,7 +66,7 @@ class ShareJob:
     storage_options: dict[str, Any]
     layers: list[int]
     block_tokens: int
-    check_rows: int
+    check_levels: dict[str, int]
     max_batch_tokens: int
     total_rows: int
 
@@ -86,7 +86,7 @@ class ShareWriter:
         backend = open_backend(resolve(job.store, job.storage_options), "r+")
 
         try:
-            writer = BlockWriter(backend, job.block_tokens, job.check_rows, share.start, share.stop, job.total_rows,
+            writer = BlockWriter(backend, job.block_tokens, job.check_levels, share.start, share.stop, job.total_rows,
                                  reports.put)
             for batch_start, sequences in zip(share.batch_starts, share.batches):
                 hidden = self.encoder.forward(sequences, job.layers, job.max_batch_tokens).cpu().numpy()
@@ -139,7 +139,7 @@ def fill_with_ray(backend: StoreBackend, encoder: FrozenEncoder, plan: Extractio
                          plan.sequences)
     logger.info("ray: %d shares of %s over %d %s actors", len(shares), backend.path, count, device.upper())
     job = ShareJob(backend.path, backend.location.storage_options, plan.layers, plan.block_tokens,
-                   plan.check_rows, spec.max_batch_tokens, plan.num_tokens)
+                   plan.check_levels, spec.max_batch_tokens, plan.num_tokens)
     pending = {actors[share.index % count].write.remote(job, share, reports): share for share in shares}
 
     def drain() -> None:

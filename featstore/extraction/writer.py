@@ -34,7 +34,7 @@ class Written:
     first: int
     end: int
     block_digests: dict[int, str]
-    chunk_checksums: dict[int, np.ndarray]
+    chunk_checksums: dict[str, dict[int, np.ndarray]]  # checksum array -> chunk -> checksums
 
 
 WrittenCallback = Callable[[Written], None]
@@ -49,10 +49,10 @@ class BlockWriter:
     interrupted run wrote.
     """
 
-    def __init__(self, backend: StoreBackend, block_tokens: int, check_rows: int, start: int, stop: int,
-                 total_rows: int, on_written: WrittenCallback) -> None:
+    def __init__(self, backend: StoreBackend, block_tokens: int, check_levels: dict[str, int], start: int,
+                 stop: int, total_rows: int, on_written: WrittenCallback) -> None:
         self.backend, self.block_tokens, self.stop, self.total_rows = backend, block_tokens, stop, total_rows
-        self.check_rows = check_rows  # tokens per checked chunk (store/chunks.py)
+        self.check_levels = check_levels  # checksum array -> tokens per checked chunk (store/chunks.py)
         self.on_written = on_written
         self.storage_dtype = backend.dtype(fmt.HIDDEN_STATES)
         self.position = start  # first row not yet written
@@ -81,8 +81,9 @@ class BlockWriter:
         self.backend.write(fmt.HIDDEN_STATES, self.position, rows)
         written = Written(self.position, self.position + count,
                           block_digests(self.position, rows, self.block_tokens, self.total_rows),
-                          chunk_checksums(self.position, rows, self.check_rows, self.total_rows,
-                                          self.backend.checksum_per_layer))
+                          {array: chunk_checksums(self.position, rows, chunk_rows, self.total_rows,
+                                                  self.backend.checksum_per_layer)
+                           for array, chunk_rows in self.check_levels.items()})
         rest = data[count:]
         self.pending = [rest] if len(rest) else []
         self.pending_rows = len(rest)
@@ -102,14 +103,15 @@ class ProgressLedger:
         self.frontier = int(token_offsets[start])  # rows below it are all written
         self.written_ranges: dict[int, int] = {}  # start row -> end row, beyond the frontier
         self.digests: dict[int, str] = {}
-        self.chunk_checksums: dict[int, np.ndarray] = {}
+        self.chunk_checksums: dict[str, dict[int, np.ndarray]] = {}
         self.lock = threading.Lock()
 
     def written(self, written: Written) -> None:
         first, end = written.first, written.end
         with self.lock:
             self.digests.update(written.block_digests)
-            self.chunk_checksums.update(written.chunk_checksums)
+            for array, sums in written.chunk_checksums.items():
+                self.chunk_checksums.setdefault(array, {}).update(sums)
             if end <= self.frontier:
                 return  # a retried share re-reporting rows already counted
             self.written_ranges[first] = max(end, self.written_ranges.get(first, end))

@@ -30,17 +30,25 @@ from . import format as fmt
 from .manifest import ChunkChecksums, StoreManifest
 
 ALGORITHM = "xxh3_64"
-CHECK_PIECE_BYTES = 32 * 1024
+# Two levels over the same bytes: small pieces keep random access cheap (reading one sequence reads little
+# more than it), large ones keep streaming cheap (each piece costs a Python call and a GIL hand-over, which
+# at 32 KiB pieces cost a quarter of an epoch read's speed; measured in BENCHMARKS.md, "Checked reads").
+LEVEL_PIECE_BYTES = {fmt.HIDDEN_CHECKSUMS: 32 * 1024, fmt.HIDDEN_SPAN_CHECKSUMS: 1024 * 1024}
 MIN_CHUNK_ROWS = 16
 
 
-def chunk_rows_for(manifest: StoreManifest, per_layer: bool) -> int:
-    """Tokens per checked chunk: a power of two giving pieces of about CHECK_PIECE_BYTES (at least 16 tokens),
-    and no more than a write block, so that a damaged chunk names few storage objects."""
+def chunk_rows_for(manifest: StoreManifest, per_layer: bool, piece_bytes: int) -> int:
+    """Tokens per checked chunk: a power of two giving pieces of about `piece_bytes` (at least 16 tokens), and
+    no more than a write block, so that a damaged chunk names few storage objects."""
     itemsize = np.dtype(fmt.NUMPY_STORAGE_DTYPE[manifest.extraction.storage_dtype]).itemsize
     row_bytes = manifest.encoder.hidden_size * itemsize * (1 if per_layer else len(manifest.extraction.layers))
-    rows = min(max(MIN_CHUNK_ROWS, CHECK_PIECE_BYTES // row_bytes), manifest.layout.block_tokens)
+    rows = min(max(MIN_CHUNK_ROWS, piece_bytes // row_bytes), manifest.layout.block_tokens)
     return 1 << (rows.bit_length() - 1)
+
+
+def level_rows(manifest: StoreManifest, per_layer: bool) -> dict[str, int]:
+    """Checksum array name -> tokens per checked chunk, for each level."""
+    return {array: chunk_rows_for(manifest, per_layer, piece_bytes) for array, piece_bytes in LEVEL_PIECE_BYTES.items()}
 
 
 def _hash(piece: np.ndarray) -> int:

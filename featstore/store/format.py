@@ -28,15 +28,16 @@ SEQUENCE_INDEX = "sequence_index"  # (num_sequences,) int64: corpus row of each 
 WORD_LABELS = "word_labels"  # (num_words,) int32, token classification only
 LABELS = "labels"  # (num_sequences,) int64 (classification) or float32 (regression)
 PROGRESS = "progress"  # (2,) int64: committed sequences, committed tokens
-HIDDEN_CHECKSUMS = "hidden_checksums"  # (num_chunks, pieces) uint64 (1.2): xxh3-64 of each hidden-states piece
+HIDDEN_CHECKSUMS = "hidden_checksums"  # (chunks, pieces) uint64 (1.2): xxh3-64 of small hidden-states pieces
+HIDDEN_SPAN_CHECKSUMS = "hidden_span_checksums"  # (chunks, pieces) uint64 (1.2): the same over large pieces
 ARRAY_NAMES = (HIDDEN_STATES, INPUT_IDS, WORD_IDS, TOKEN_WINDOW, TOKEN_OFFSETS, WORD_OFFSETS, SEQUENCE_INDEX,
-               WORD_LABELS, LABELS, PROGRESS, HIDDEN_CHECKSUMS)
+               WORD_LABELS, LABELS, PROGRESS, HIDDEN_CHECKSUMS, HIDDEN_SPAN_CHECKSUMS)
 
 # The dtype of every array but the hidden states (whose dtype follows the storage dtype); verify and the
 # reader refuse a store whose arrays say otherwise (same bytes under another dtype are garbage values).
 ARRAY_DTYPES = {INPUT_IDS: "int32", WORD_IDS: "int32", TOKEN_WINDOW: "int16", TOKEN_OFFSETS: "int64",
                 WORD_OFFSETS: "int64", SEQUENCE_INDEX: "int64", WORD_LABELS: "int32", PROGRESS: "int64",
-                HIDDEN_CHECKSUMS: "uint64"}
+                HIDDEN_CHECKSUMS: "uint64", HIDDEN_SPAN_CHECKSUMS: "uint64"}
 # LABELS holds int64 class ids or float32 regression targets, by task.
 
 # `corpus.task`: what the labels are.

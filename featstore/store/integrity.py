@@ -23,7 +23,7 @@ from ..errors import CorruptStoreError
 from . import format as fmt
 from .backends import ArraySpec, StoreBackend
 from .chunks import ALGORITHM as CHUNK_ALGORITHM
-from .chunks import chunk_rows_for, piece_checksums
+from .chunks import level_rows, piece_checksums
 from .manifest import ChunkChecksums, Integrity, StoreManifest
 
 ALGORITHM = "sha256"
@@ -111,33 +111,40 @@ def _where(backend: StoreBackend, name: str, index: int, start: int, stop: int) 
 
 
 def record_integrity(backend: StoreBackend, manifest: StoreManifest, block_digests: dict[int, str],
-                     chunk_sums: dict[int, np.ndarray]) -> Integrity:
-    """Everything finalize records (format 1.2): the `hidden_checksums` array (the writers' in-memory chunk
-    checksums, other chunks read back), every array's block digests, dtypes and shapes, and digests of the
-    attribute sections as they are now."""
-    chunks = ChunkChecksums(algorithm=CHUNK_ALGORITHM, chunk_rows=chunk_rows_for(manifest, backend.checksum_per_layer),
-                            per_layer=backend.checksum_per_layer)
-    total = manifest.counts.num_tokens
-    pieces = len(manifest.extraction.layers) if chunks.per_layer else 1
-    sums = np.empty((-(-total // chunks.chunk_rows), pieces), dtype=np.uint64)
-    for chunk in range(len(sums)):
-        if chunk in chunk_sums:
-            sums[chunk] = chunk_sums[chunk]
-        else:  # written by an earlier, interrupted run
-            start = chunk * chunks.chunk_rows
-            rows = backend.read(fmt.HIDDEN_STATES, start, min(start + chunks.chunk_rows, total))
-            sums[chunk] = piece_checksums(rows, chunks.per_layer)
-    if fmt.HIDDEN_CHECKSUMS in backend.array_names():  # a finalize that was interrupted after writing it
-        backend.write(fmt.HIDDEN_CHECKSUMS, 0, sums)
-    else:
-        backend.create_array(ArraySpec(fmt.HIDDEN_CHECKSUMS, sums.shape, str(sums.dtype),
-                                       max(1, min(len(sums), CHECKSUM_ROWS_PER_OBJECT))), sums)
+                     chunk_sums: dict[str, dict[int, np.ndarray]]) -> Integrity:
+    """Everything finalize records (format 1.2): the chunk checksum arrays (from the writers' in-memory
+    checksums; chunks an interrupted run wrote are read back), every array's block digests, dtypes and shapes,
+    and digests of the attribute sections as they are now."""
+    levels = [_write_chunk_level(backend, manifest, array, rows, chunk_sums.get(array, {}))
+              for array, rows in level_rows(manifest, backend.checksum_per_layer).items()]
     integrity = compute_checksums(backend, manifest.layout.block_tokens, {fmt.HIDDEN_STATES: block_digests})
     integrity.array_types = {name: {"dtype": str(backend.dtype(name)), "shape": list(backend.shape(name))}
                              for name in backend.array_names()}
-    integrity.chunks = chunks
+    integrity.chunks, integrity.span_chunks = levels
     integrity.sections = manifest.section_digests()
     return integrity
+
+
+def _write_chunk_level(backend: StoreBackend, manifest: StoreManifest, array: str, chunk_rows: int,
+                       known: dict[int, np.ndarray]) -> ChunkChecksums:
+    level = ChunkChecksums(array=array, algorithm=CHUNK_ALGORITHM, chunk_rows=chunk_rows,
+                           per_layer=backend.checksum_per_layer)
+    total = manifest.counts.num_tokens
+    pieces = len(manifest.extraction.layers) if level.per_layer else 1
+    sums = np.empty((-(-total // chunk_rows), pieces), dtype=np.uint64)
+    for chunk in range(len(sums)):
+        if chunk in known:
+            sums[chunk] = known[chunk]
+        else:  # written by an earlier, interrupted run
+            start = chunk * chunk_rows
+            sums[chunk] = piece_checksums(backend.read(fmt.HIDDEN_STATES, start, min(start + chunk_rows, total)),
+                                          level.per_layer)
+    if array in backend.array_names():  # a finalize that was interrupted after writing it
+        backend.write(array, 0, sums)
+    else:
+        backend.create_array(ArraySpec(array, sums.shape, str(sums.dtype),
+                                       max(1, min(len(sums), CHECKSUM_ROWS_PER_OBJECT))), sums)
+    return level
 
 
 def metadata_problems(backend: StoreBackend, manifest: StoreManifest) -> list[str]:
@@ -150,8 +157,9 @@ def metadata_problems(backend: StoreBackend, manifest: StoreManifest) -> list[st
     if manifest.complete and integrity is None and fmt.format_tuple(manifest.format_version) >= fmt.INTEGRITY_SINCE:
         problems.append(f"the store is complete (format {manifest.format_version}) but its integrity section is "
                         "missing: its content cannot be checked")
-    if integrity is not None and integrity.chunks is None and fmt.HIDDEN_CHECKSUMS in present:
-        problems.append(f"the store holds {fmt.HIDDEN_CHECKSUMS} but its integrity section does not describe them")
+    described = {level.array for level in integrity.chunk_levels} if integrity is not None else set()
+    problems += [f"the store holds {array} but its integrity section does not describe them"
+                 for array in (fmt.HIDDEN_CHECKSUMS, fmt.HIDDEN_SPAN_CHECKSUMS) if array in present - described]
     for name, (shape, dtype) in manifest.expected_arrays().items():
         if name not in present:
             if manifest.complete:  # an incomplete copy may not hold every array yet

@@ -189,6 +189,7 @@ class ChunkChecksums(Section):
     """How `hidden_checksums` checks every hidden-states read (format 1.2; docs/store-format.md)."""
 
     KEY: ClassVar[str] = "integrity.chunks"
+    array: str  # the array holding the checksums
     algorithm: str  # "xxh3_64"
     chunk_rows: int  # tokens per checked chunk (its own unit, see store/chunks.py)
     per_layer: bool  # one checksum per chunk and layer (Zarr), or per chunk over all layers (HDF5)
@@ -207,8 +208,13 @@ class Integrity(Section):
     arrays: dict[str, list[str]]
     array_types: dict[str, Any] | None = None  # name -> {"dtype": str, "shape": [int, ...]}
     sections: dict[str, str] | None = None  # attribute section -> sha256 of its canonical JSON
-    chunks: ChunkChecksums | None = None
+    chunks: ChunkChecksums | None = None  # small chunks: what random access checks
+    span_chunks: ChunkChecksums | None = None  # large chunks: what streaming reads check
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def chunk_levels(self) -> list[ChunkChecksums]:
+        return [level for level in (self.chunks, self.span_chunks) if level is not None]
 
 
 @dataclass
@@ -260,8 +266,8 @@ class StoreManifest(Section):
         return fmt.LABELS, "float32" if self.corpus.task == fmt.REGRESSION else "int64"
 
     def expected_arrays(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        """(shape, dtype) of every array a store with these attributes holds; `hidden_checksums` only once
-        finalize has described it."""
+        """(shape, dtype) of every array a store with these attributes holds; the chunk checksums only once
+        finalize has described them."""
         n_seq, n_tok = self.counts.num_sequences, self.counts.num_tokens
         arrays = {fmt.HIDDEN_STATES: (self.hidden_shape, fmt.NUMPY_STORAGE_DTYPE[self.extraction.storage_dtype]),
                   fmt.INPUT_IDS: ((n_tok,), ""), fmt.WORD_IDS: ((n_tok,), ""), fmt.TOKEN_WINDOW: ((n_tok,), ""),
@@ -271,10 +277,9 @@ class StoreManifest(Section):
         if labels is not None:
             name, dtype = labels
             arrays[name] = ((self.counts.num_words if name == fmt.WORD_LABELS else n_seq,), dtype)
-        chunks = self.integrity.chunks if self.integrity is not None else None
-        if chunks is not None:
-            pieces = len(self.extraction.layers) if chunks.per_layer else 1
-            arrays[fmt.HIDDEN_CHECKSUMS] = ((-(-n_tok // chunks.chunk_rows), pieces), "")
+        for level in self.integrity.chunk_levels if self.integrity is not None else []:
+            pieces = len(self.extraction.layers) if level.per_layer else 1
+            arrays[level.array] = ((-(-n_tok // level.chunk_rows), pieces), "")
         return {name: (shape, dtype or fmt.ARRAY_DTYPES[name]) for name, (shape, dtype) in arrays.items()}
 
     def section_digests(self) -> dict[str, str]:

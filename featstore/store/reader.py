@@ -46,6 +46,7 @@ class _RawRead:
     stop: int
     columns: slice | list[int]
     read_columns: list[int] | None
+    verifier: ChunkVerifier | None
 
 
 @dataclass
@@ -82,8 +83,10 @@ class Store:
             raise CorruptStoreError(f"{backend.path} is damaged: {'; '.join(problems)}. Nothing from it was used; "
                                     f"run `featstore verify {backend.path}` for a full report")
         integrity = self.manifest.integrity if self.manifest.complete else None
+        # Small checked chunks for random access, large ones for streaming (store/chunks.py).
         self._verifier: ChunkVerifier | None = None
-        if integrity is None or integrity.chunks is None:
+        self._span_verifier: ChunkVerifier | None = None
+        if integrity is None or not integrity.chunk_levels:
             _warn_unchecked(backend.path, self.manifest)
 
         def read_checked(name: str) -> np.ndarray:
@@ -106,10 +109,11 @@ class Store:
         names = backend.array_names()
         self.word_labels = read_checked(fmt.WORD_LABELS) if fmt.WORD_LABELS in names else None
         self.sequence_labels = read_checked(fmt.LABELS) if fmt.LABELS in names else None
-        if integrity is not None and integrity.chunks is not None:
-            self._verifier = ChunkVerifier(backend.path, integrity.chunks, read_checked(fmt.HIDDEN_CHECKSUMS),
-                                           self.num_tokens,
-                                           lambda start, stop: backend.objects_in(fmt.HIDDEN_STATES, start, stop))
+        verifiers = [ChunkVerifier(backend.path, level, read_checked(level.array), self.num_tokens,
+                                   lambda start, stop: backend.objects_in(fmt.HIDDEN_STATES, start, stop))
+                     for level in (integrity.chunk_levels if integrity is not None else [])]
+        if verifiers:
+            self._verifier, self._span_verifier = verifiers[0], verifiers[-1]
 
     # --- description -------------------------------------------------------------------------------
     @property
@@ -203,25 +207,26 @@ class Store:
     def read_hidden(self, start: int, stop: int, columns: slice | list[int] = slice(None)) -> np.ndarray:
         """Stored hidden states of tokens start..stop (stored layer positions `columns`), as stored (see
         `decode`); checked against the store's chunk checksums before they are returned."""
-        return self._checked(self._read_raw(start, stop, columns))
+        return self._checked(self._read_raw(start, stop, columns, self._verifier))
 
-    def _read_raw(self, start: int, stop: int, columns: slice | list[int]) -> _RawRead:
+    def _read_raw(self, start: int, stop: int, columns: slice | list[int], verifier: ChunkVerifier | None
+                  ) -> _RawRead:
         """The read half of `read_hidden`: whole checked chunks (and whole rows where checksums cover them)."""
-        verifier = self._verifier
         if verifier is None:
             return _RawRead(self.backend.read(fmt.HIDDEN_STATES, start, stop, columns), start, start, stop, columns,
-                            None)
+                            None, None)
         first, last = verifier.widen(start, stop)
         positions = list(range(len(self.layers)))
         # Checksums over whole rows need whole rows (HDF5 reads them anyway); per-layer ones only those read.
         read_columns = (positions[columns] if isinstance(columns, slice) else list(columns)) if verifier.per_layer \
             else positions
         raw = self.backend.read(fmt.HIDDEN_STATES, first, last, compact_columns(read_columns))
-        return _RawRead(raw, first, start, stop, columns, read_columns)
+        return _RawRead(raw, first, start, stop, columns, read_columns, verifier)
 
-    def _checked(self, read: _RawRead) -> np.ndarray:
+    @staticmethod
+    def _checked(read: _RawRead) -> np.ndarray:
         """The check half of `read_hidden`: verify, then cut back to what was asked for."""
-        verifier = self._verifier
+        verifier = read.verifier
         if verifier is None:
             return read.raw
         verifier.check(read.raw, read.first, read.read_columns)
@@ -282,7 +287,7 @@ class Store:
                 for ahead in range(index, min(index + 2, len(spans))):
                     if ahead not in reads:
                         reads[ahead] = reader.submit(self._read_raw, bounds[spans[ahead].start],
-                                                     bounds[spans[ahead].stop], columns)
+                                                     bounds[spans[ahead].stop], columns, self._span_verifier)
                     if ahead not in checks:
                         checks[ahead] = checker.submit(lambda ahead=ahead: self.decode(self._checked(
                             reads[ahead].result())))

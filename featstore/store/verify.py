@@ -14,7 +14,7 @@ from . import format as fmt
 from .backends import StoreBackend, open_backend
 from .chunks import ChunkVerifier
 from .integrity import checksum_problems, metadata_problems
-from .manifest import CorpusInfo, StoreManifest
+from .manifest import ChunkChecksums, CorpusInfo, StoreManifest
 from .reader import Store, decode_hidden
 
 REQUIRED_ARRAYS = (fmt.HIDDEN_STATES, fmt.INPUT_IDS, fmt.WORD_IDS, fmt.TOKEN_WINDOW, fmt.TOKEN_OFFSETS,
@@ -112,15 +112,27 @@ def _problems(backend: StoreBackend, deep: bool, expect_complete: bool) -> list[
 
 def _chunk_checker(backend: StoreBackend, manifest: StoreManifest, problems: list[str]
                    ) -> Callable[[int, np.ndarray], None] | None:
-    """A check of the hidden states against the chunk checksums readers use, fed the blocks in order as the
-    block digests are checked (None: none recorded). Checked chunks need not align with blocks: rows of a
-    chunk that straddles two blocks wait for the next block."""
-    chunks = manifest.integrity.chunks if manifest.integrity is not None else None
-    if chunks is None or fmt.HIDDEN_CHECKSUMS not in backend.array_names():
+    """A check of the hidden states against every level of chunk checksums readers use, fed the blocks in order
+    as the block digests are checked (None: none recorded)."""
+    levels = manifest.integrity.chunk_levels if manifest.integrity is not None else []
+    present = backend.array_names()
+    checkers = [_level_checker(backend, manifest, level, problems) for level in levels if level.array in present]
+    if not checkers:
         return None
-    verifier = ChunkVerifier(backend.path, chunks, backend.read(fmt.HIDDEN_CHECKSUMS), manifest.counts.num_tokens,
+
+    def check(start: int, rows: np.ndarray) -> None:
+        for checker in checkers:
+            checker(start, rows)
+
+    return check
+
+
+def _level_checker(backend: StoreBackend, manifest: StoreManifest, level: ChunkChecksums, problems: list[str]
+                   ) -> Callable[[int, np.ndarray], None]:
+    """Checked chunks need not align with blocks: rows of a chunk that straddles two blocks wait for the next."""
+    verifier = ChunkVerifier(backend.path, level, backend.read(level.array), manifest.counts.num_tokens,
                              lambda start, stop: backend.objects_in(fmt.HIDDEN_STATES, start, stop))
-    rows_per_chunk, total = chunks.chunk_rows, manifest.counts.num_tokens
+    rows_per_chunk, total = level.chunk_rows, manifest.counts.num_tokens
     pending: list[np.ndarray] = []
     pending_start = 0  # first row of `pending`, always a chunk boundary
 
@@ -133,7 +145,7 @@ def _chunk_checker(backend: StoreBackend, manifest: StoreManifest, problems: lis
         held = np.concatenate(pending) if len(pending) > 1 else pending[0]
         end = pending_start + len(held)
         whole = len(held) if end == total else len(held) // rows_per_chunk * rows_per_chunk
-        problems.extend(f"{where} does not match its chunk checksum"
+        problems.extend(f"{where} does not match its chunk checksum ({level.array})"
                         for where in verifier.mismatches(held[:whole], pending_start, None))
         pending, pending_start = [held[whole:]] if whole < len(held) else [], pending_start + whole
 
