@@ -259,6 +259,12 @@ def test_an_interrupted_overwrite_leaves_the_old_store_and_resumes(tiny_models, 
     with open_store(target) as old:  # untouched while the replacement was being built
         assert old.layers == [0, 2]
     assert (tmp_path / "s.zarr.replacement").is_dir()
+    from featstore import Catalog
+
+    listed = {entry.location.name: entry.kind for entry in Catalog(tmp_path).entries()}
+    assert listed == {"s.zarr": "zarr", "s.zarr.replacement": "replacement"}  # a side object, not a store
+    assert [why for _, why in Catalog(tmp_path).garbage()] == [
+        "unfinished replacement store (extract --overwrite), nobody writing it"]
     result = _extract(tiny_models, conll_corpus, target, layers=[1, 2], overwrite=True)
     assert result.resumed_from == result.num_sequences  # everything was written: only finalize was left
     with open_store(target) as replaced:

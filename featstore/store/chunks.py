@@ -33,7 +33,7 @@ ALGORITHM = "xxh3_64"
 # Two levels over the same bytes: small pieces keep random access cheap (reading one sequence reads little
 # more than it), large ones keep streaming cheap (each piece costs a Python call and a GIL hand-over, which
 # at 32 KiB pieces cost a quarter of an epoch read's speed; measured in BENCHMARKS.md, "Checked reads").
-LEVEL_PIECE_BYTES = {fmt.HIDDEN_CHECKSUMS: 32 * 1024, fmt.HIDDEN_SPAN_CHECKSUMS: 1024 * 1024}
+LEVEL_PIECE_BYTES = {fmt.HIDDEN_CHECKSUMS: 32 * 1024, fmt.HIDDEN_SPAN_CHECKSUMS: 256 * 1024}
 MIN_CHUNK_ROWS = 16
 
 
