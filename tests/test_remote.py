@@ -188,8 +188,13 @@ def test_verify_names_a_flipped_byte_in_a_local_hdf5_store(tiny_models, conll_co
         value = handle.read(1)
         handle.seek(offset + 200 * row_bytes + 7)
         handle.write(bytes([value[0] ^ 0x01]))
-    assert verify_store(store) == ["hidden_states chunk 12 (tokens 192..208) does not match its chunk checksum",
-                                   "hidden_states block 1 (rows 128..256) does not match its checksum (corrupted)"]
+    problems = verify_store(store)
+    assert "hidden_states block 1 (rows 128..256) does not match its checksum (corrupted)" in problems
+    # the chunk checksums that readers use (both levels) name the same damaged rows
+    assert {problem.split(" (tokens ")[1].split(")")[0] for problem in problems if " chunk " in problem} == \
+        {"128..256"}
+    assert {problem.rsplit("(", 1)[1] for problem in problems if " chunk " in problem} == \
+        {"hidden_checksums)", "hidden_span_checksums)"}
 
 
 def test_half_written_store_is_refused_listed_and_collected(s3_root, tiny_models, conll_corpus, capsys):

@@ -192,6 +192,7 @@ def test_authentication_confinement_and_validation(service, tiny_models, tmp_pat
         ({"corpus": corpus, "out": "a.zarr.lock"}, 400, "may not end in '.lock'"),
         ({"corpus": corpus + "\u0000x"}, 400, "NUL bytes"),
         ({"corpus": corpus, "out": "x\u0000.zarr"}, 400, "NUL bytes"),
+        ({"corpus": "x" * 300 + ".conll"}, 400, "invalid path"),
     ):
         status, body = service.request("POST", "/v1/jobs", spec)
         assert (status, message in body["detail"]) == (code, True), (spec, status, body)

@@ -270,9 +270,13 @@ def create_app(config: ServiceConfig) -> FastAPI:
         if bad:
             raise HTTPException(status.HTTP_400_BAD_REQUEST, f"{', '.join(bad)}: NUL bytes and other control "
                                 "characters are not accepted in paths or names")
-        spec["corpus"] = confinement.corpus(request.corpus)
-        spec["model"] = confinement.model(request.model)
-        spec["out"] = confinement.out(request.out, config.catalog)
+        try:
+            spec["corpus"] = confinement.corpus(request.corpus)
+            spec["model"] = confinement.model(request.model)
+            spec["out"] = confinement.out(request.out, config.catalog)
+        except (OSError, ValueError) as error:  # a path the OS cannot even look at (too long, ...)
+            reason = error.strerror if isinstance(error, OSError) else str(error)
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, f"invalid path: {reason}") from None
         job, coalesced = queue.submit(spec)
         if coalesced:
             logger.info("request coalesced with active job %s", job.id)

@@ -52,8 +52,7 @@ def level_rows(manifest: StoreManifest, per_layer: bool) -> dict[str, int]:
 
 
 def _hash(piece: np.ndarray) -> int:
-    data = np.ascontiguousarray(piece, dtype=piece.dtype.newbyteorder("<"))  # no copy when already contiguous
-    return xxhash.xxh3_64_intdigest(memoryview(data).cast("B"))
+    return xxhash.xxh3_64_intdigest(_bytes(piece))
 
 
 def piece_checksums(rows: np.ndarray, per_layer: bool) -> np.ndarray:

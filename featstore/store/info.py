@@ -65,4 +65,9 @@ def _checksum_summary(integrity: Integrity | None) -> str:
     if integrity is None:
         return "none (written before format 1.1, or not finalized)"
     blocks = sum(len(digests) for digests in integrity.arrays.values())
-    return f"{integrity.algorithm} per {integrity.block_rows:,} rows, {blocks} blocks"
+    summary = f"{integrity.algorithm} per {integrity.block_rows:,} rows, {blocks} blocks"
+    if not integrity.chunk_levels:
+        return summary + "; reads unchecked (written before format 1.2)"
+    levels = " and ".join(f"{level.chunk_rows:,} tokens" + (" x layer" if level.per_layer else "")
+                          for level in integrity.chunk_levels)
+    return summary + f"; every read checked ({integrity.chunk_levels[0].algorithm} per {levels})"
