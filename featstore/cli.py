@@ -10,6 +10,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 
+from . import __version__
 from .errors import FeatstoreError
 from .extraction.spec import ExtractSpec
 from .options import add_arguments, given_values
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="featstore", description="Extract a frozen encoder's hidden states "
                                      "once into a chunked store, and read them back.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-S", "--storage-option", dest="storage_options_list", action="append", default=[],
                         type=parse_storage_option, metavar="KEY=VALUE",
                         help="fsspec storage option for remote locations (repeatable), e.g. "

@@ -6,14 +6,14 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from featstore import open_store
+import featstore
 from featstore.cli import run_cli
 from featstore.errors import ConfigError
-from featstore.options import parse_layers
+from featstore.options import add_arguments, given_values, parse_layers
 
 from .config import HEAD_TYPES
-from .head import Head
 from .predict import Predictor, read_inputs
 from .trainer import TrainConfig, evaluate_heads, train
 
@@ -21,57 +21,59 @@ from .trainer import TrainConfig, evaluate_heads, train
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="heads", description="Train heads on cached features; evaluate; "
                                      "predict with the live encoder.")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {featstore.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train_parser = commands.add_parser("train", help="train heads from stores (the encoder is never loaded)")
-    train_parser.add_argument("--store", required=True, help="training store")
-    train_parser.add_argument("--eval-store", help="evaluation store for early stopping and best checkpoints")
-    train_parser.add_argument("--out", required=True, help="output directory")
-    train_parser.add_argument("--head", choices=HEAD_TYPES, help="one head of this type (default adapter)")
-    train_parser.add_argument("--config", help="JSON file: {\"heads\": [{\"type\": ..., \"name\": ..., "
-                              "\"layers\": [...], ...}], plus any training option}")
-    train_parser.add_argument("--layers", type=parse_layers, help="layers the head reads (default: by type)")
-    train_parser.add_argument("--no-tailor", action="store_true", help="adapter without its tailor block")
-    train_parser.add_argument("--epochs", type=int)
-    train_parser.add_argument("--batch-size", type=int)
-    train_parser.add_argument("--lr", type=float)
-    train_parser.add_argument("--weight-decay", type=float)
-    train_parser.add_argument("--seed", type=int)
-    train_parser.add_argument("--patience", type=int, help="early-stopping patience in epochs")
-    train_parser.add_argument("--device")
-    train_parser.add_argument("--resume", action="store_true", help="continue from OUT/trainer_state.pt")
-    train_parser.add_argument("--no-progress", action="store_true")
+    add_arguments(train_parser, TrainConfig)
+    train_parser.add_argument("--head", choices=HEAD_TYPES, help="one head of this type (default: adapter)")
+    train_parser.add_argument("--layers", type=parse_layers, help="layers the head reads, e.g. 0,3,-1 or all "
+                              "(default: all for mixing heads, the last for linear/mlp)")
+    train_parser.add_argument("--no-tailor", action="store_true", help="an adapter without its tailor block")
+    train_parser.add_argument("--config", help="JSON file of training options with \"heads\": [{\"type\": ..., "
+                              "\"name\": ..., \"layers\": [...], ...}]; flags given beside it override it")
 
     evaluate = commands.add_parser("evaluate", help="metrics of a saved head on a store")
     evaluate.add_argument("--head", required=True, help="saved head directory")
     evaluate.add_argument("--store", required=True)
-    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--batch-size", type=int, default=64, help="sequences per forward pass (default: 64)")
+    evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
 
     predict = commands.add_parser("predict", help="predict with a head on the live encoder, JSONL out")
     predict.add_argument("--head", required=True)
     predict.add_argument("--model", help="encoder (default: the one the head was trained on)")
     predict.add_argument("--input", required=True, help="JSONL with words/text per line, or a text file")
     predict.add_argument("--output", help="write JSONL here instead of stdout")
-    predict.add_argument("--device")
+    predict.add_argument("--device", help="torch device for the encoder and the head (default: cuda if "
+                         "available, else cpu)")
     return parser
 
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
-    overrides = {"store": args.store, "eval_store": args.eval_store, "out": args.out, "epochs": args.epochs,
-                 "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
-                 "seed": args.seed, "patience": args.patience, "device": args.device,
-                 "resume": args.resume or None, "progress": False if args.no_progress else None}
+    given = given_values(args, TrainConfig)
     if args.config:
         if args.head or args.layers or args.no_tailor:
             raise ConfigError("--config lists the heads; do not combine it with --head/--layers/--no-tailor")
-        return TrainConfig.from_file(args.config, **overrides)
-    spec = {"type": args.head or "adapter"}
+        return TrainConfig.from_file(args.config, **given)
+    spec: dict[str, Any] = {"type": args.head or "adapter"}
     if args.layers is not None:
         spec["layers"] = args.layers
     if args.no_tailor:
         spec["enable_tailor"] = False
-    return TrainConfig(heads=[spec], **{key: value for key, value in overrides.items() if value is not None})
+    return TrainConfig.from_dict({**given, "heads": [spec]}, "heads train")
+
+
+def format_report(head: str, store: str, metrics: dict[str, Any]) -> str:
+    """The metrics as a small table: overall figures, then one row per entity type for tagging heads."""
+    overall = "  ".join(f"{name} {value:.4f}" for name, value in metrics.items() if isinstance(value, float))
+    lines = [f"head {head} on {store}", overall]
+    per_type = metrics.get("per_type")
+    if per_type:
+        lines += ["", f"{'type':<12}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}"]
+        lines += [f"{name:<12}{row['precision']:>10.4f}{row['recall']:>10.4f}{row['f1']:>10.4f}{row['support']:>9}"
+                  for name, row in sorted(per_type.items())]
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -83,10 +85,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(json.dumps(train(_train_config(args)), indent=2))
         return 0
     if args.command == "evaluate":
-        head = Head.from_pretrained(args.head)
-        with open_store(args.store) as store:
-            result = evaluate_heads([head], store, args.batch_size)[0]
-        print(json.dumps({"head": head.config.name, "store": args.store, **result["metrics"]}, indent=2))
+        result = evaluate_heads([args.head], args.store, args.batch_size)[0]
+        if args.json:
+            print(json.dumps({"head": result["head"], "store": args.store, **result["metrics"]}, indent=2))
+        else:
+            print(format_report(result["head"], args.store, result["metrics"]))
         return 0
     if args.command == "predict":
         records = Predictor(args.head, args.model, args.device).predict(read_inputs(args.input))

@@ -72,7 +72,7 @@ def run_demo(workdir: str = "featstore-demo") -> int:
     summary = train(TrainConfig(store=train_store, eval_store=dev_store, out=str(out), heads=[{"type": "adapter"}],
                                 epochs=8, batch_size=16, lr=3e-3, progress=False))
     print(f"\nadapter trained from the store: dev entity F1 {summary['adapter']['best']:.3f} "
-          f"(best epoch {summary['adapter']['best_epoch']}), saved to {out}")
+          f"(best epoch {summary['adapter']['saved_epoch']}), saved to {out}")
 
     sentence = "Clara Jensen flew from Oslo to Quito for Atlas Freight ."
     (prediction,) = Predictor(out).predict([sentence])

@@ -4,19 +4,26 @@ classification, Pearson/Spearman for regression (each task's primary metric is n
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 
-def tagging_metrics(gold: Sequence[Sequence[str]], predicted: Sequence[Sequence[str]]) -> dict[str, float]:
-    from seqeval.metrics import f1_score, precision_score, recall_score
+def tagging_metrics(gold: Sequence[Sequence[str]], predicted: Sequence[Sequence[str]]) -> dict[str, Any]:
+    """Entity-level micro precision/recall/F1, token accuracy, and `per_type`: precision/recall/F1/support
+    of each entity type (seqeval's report)."""
+    from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
 
     tokens = sum(len(tags) for tags in gold)
     correct = sum(g == p for tags, preds in zip(gold, predicted) for g, p in zip(tags, preds))
+    report = classification_report(gold, predicted, output_dict=True, zero_division=0)
+    per_type = {name: {"precision": float(row["precision"]), "recall": float(row["recall"]),
+                       "f1": float(row["f1-score"]), "support": int(row["support"])}
+                for name, row in report.items() if not name.endswith(" avg")}
     return {"f1": float(f1_score(gold, predicted, average="micro")),
             "precision": float(precision_score(gold, predicted, average="micro")),
             "recall": float(recall_score(gold, predicted, average="micro")),
-            "token_accuracy": correct / max(tokens, 1)}
+            "token_accuracy": correct / max(tokens, 1), "per_type": per_type}
 
 
 def classification_metrics(gold: np.ndarray, predicted: np.ndarray, num_labels: int) -> dict[str, float]:

@@ -11,9 +11,9 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from featstore import Store, collate_features, open_store
 from featstore.errors import ConfigError, IncompatibleHeadError, TrainingError
+from featstore.options import check_values, from_flat, option
 from featstore.store.reader import SequenceFeatures, compact_columns
 
 from .config import SINGLE_LAYER_HEADS, EncoderIdentity, ExtractionIdentity, HeadConfig
@@ -37,29 +38,53 @@ TRAINING_KEYS = ("lr", "weight_decay", "seed")
 
 @dataclass
 class TrainConfig:
-    """A training run. `heads` lists head specs: {"type": ..., "name": ..., "layers": [...], plus any
+    """A training run; every option is declared once here, and `heads train` derives its flags (help with
+    defaults) from it. `heads` lists head specs: {"type": ..., "name": ..., "layers": [...], plus any
     HeadConfig field and per-head "lr", "weight_decay", "seed"}."""
 
-    store: str
-    out: str
-    eval_store: str | None = None
-    heads: list[dict[str, Any]] = field(default_factory=lambda: [{"type": "adapter"}])
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.0  # AdamW; 0 is plain Adam, as in the reference recipe
-    warmup_ratio: float = 0.1  # one-cycle: warm up for this share of steps, then cosine decay
-    seed: int = 1
-    patience: int | None = 3  # epochs without eval improvement before a head stops; None: never
-    device: str = "cpu"
-    resume: bool = False
-    progress: bool = True
-    log_every: int = 50
+    store: str = option(help="training store (a path or URL)", metavar="STORE")
+    out: str = option(help="output directory: the head(s), metrics.jsonl and the resumable checkpoint",
+                      metavar="DIR")
+    eval_store: str | None = option(None, help="evaluation store: picks the best epoch and stops early",
+                                    default_text="none: the last epoch is saved", metavar="STORE")
+    heads: list[dict[str, Any]] = option(default_factory=lambda: [{"type": "adapter"}], flag=False,
+                                         help="head specs (set with --head or --config)")
+    epochs: int = option(10, minimum=1, help="passes over the training store")
+    batch_size: int = option(32, minimum=1, help="sequences per optimiser step")
+    lr: float = option(1e-3, minimum=0, help="peak learning rate of the one-cycle schedule (a head spec's own "
+                       "'lr' wins)")
+    weight_decay: float = option(0.0, minimum=0, help="AdamW weight decay (0: plain Adam, as in the reference "
+                                 "recipe)")
+    warmup_ratio: float = option(0.1, minimum=0, maximum=1, help="share of the steps spent warming up before "
+                                 "the cosine decay")
+    seed: int = option(1, help="seed of each head's initialisation, dropout and the shuffling")
+    patience: int | None = option(3, minimum=1, help="epochs without improvement on the eval store before a "
+                                  "head stops")
+    device: str = option("cpu", help="torch device the heads train on")
+    resume: bool = option(False, help="continue an interrupted run from OUT/trainer_state.pt")
+    progress: bool = option(True, help="no progress bars")  # the flag is --no-progress
+    log_every: int = option(50, minimum=1, help="steps between loss records in metrics.jsonl")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "training config") -> TrainConfig:
+        """From the flat JSON form (unknown keys refused, naming them); checks bounds and choices."""
+        missing = [name for name in ("store", "out") if values.get(name) is None]
+        if missing:
+            raise ConfigError(f"{where}: give {' and '.join('--' + name for name in missing)}")
+        config = from_flat(cls, values, where)
+        check_values(config)
+        return config
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
-        values = json.loads(Path(path).read_text())
-        return cls(**{**values, **{k: v for k, v in overrides.items() if v is not None}})
+        """A JSON file of options (with "heads"), `overrides` (flat names, None: not given) applied."""
+        try:
+            values = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"cannot read the training config {path}: {error}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"the training config {path} must be a JSON object of options")
+        return cls.from_dict({**values, **{k: v for k, v in overrides.items() if v is not None}}, str(path))
 
 
 @dataclass
@@ -143,10 +168,20 @@ def _remap(labels: torch.Tensor, mapping: np.ndarray | None) -> torch.Tensor:
     return torch.where(labels >= 0, table[labels.clamp(min=0)], labels)
 
 
+def evaluate_heads(heads: Sequence[Head | str | Path], store: Store | str | Path, batch_size: int = 64,
+                   device: str = "cpu", return_predictions: bool = False) -> list[dict[str, Any]]:
+    """Metrics of each head (a Head or a saved head's directory) on a store (open, or a path or URL), in one
+    pass over it: [{"head": name, "metrics": {...}}, ...], with "predictions" per corpus row when asked."""
+    loaded = [head if isinstance(head, Head) else Head.from_pretrained(head) for head in heads]
+    if isinstance(store, Store):
+        return _evaluate(loaded, store, batch_size, device, return_predictions)
+    with open_store(store) as opened:
+        return _evaluate(loaded, opened, batch_size, device, return_predictions)
+
+
 @torch.no_grad()
-def evaluate_heads(heads: list[Head], store: Store, batch_size: int = 64, device: str = "cpu"
-                   ) -> list[dict[str, Any]]:
-    """Metrics of each head on a store, in one pass over it; also returns predictions per corpus row."""
+def _evaluate(heads: list[Head], store: Store, batch_size: int, device: str, return_predictions: bool
+              ) -> list[dict[str, Any]]:
     if not store.labeled:
         raise ConfigError(f"store {store.path} holds no labels; it cannot be used for evaluation")
     for head in heads:
@@ -169,9 +204,13 @@ def evaluate_heads(heads: list[Head], store: Store, batch_size: int = 64, device
                 predictions[k][row] = predicted_row
                 gold.setdefault(row, gold_row)
     order = sorted(gold)
-    return [{"metrics": head.config.task_def.metrics([gold[row] for row in order], [predicted[row] for row in order],
-                                                     head.config.label_names),
-             "predictions": predicted} for head, predicted in zip(heads, predictions)]
+    results = []
+    for head, predicted in zip(heads, predictions):
+        metrics = head.config.task_def.metrics([gold[row] for row in order], [predicted[row] for row in order],
+                                               head.config.label_names)
+        results.append({"head": head.config.name, "metrics": metrics,
+                        **({"predictions": predicted} if return_predictions else {})})
+    return results
 
 
 def _columns(head_layers: list[int], batch_layers: list[int]) -> slice | list[int]:
@@ -319,8 +358,24 @@ class Trainer:
         logger.info("resuming %s after epoch %d", self.out, self.start_epoch)
 
     def summary(self) -> dict[str, dict[str, Any]]:
-        return {run.name: {"best": run.best, "best_epoch": run.best_epoch, "dir": str(run.output_dir)}
-                for run in self.runs}
+        """Per head: where it was saved, which epoch, and why (valid JSON: no infinities)."""
+        evaluated = self.eval_store is not None
+        result = {}
+        for run in self.runs:
+            metric = run.head.config.task_def.primary_metric
+            result[run.name] = {
+                "dir": str(run.output_dir),
+                "saved_epoch": run.best_epoch if evaluated else self._epochs_done(),
+                "selected_by": f"best {metric} on the eval store" if evaluated else
+                "last epoch (no --eval-store given)",
+                "best": run.best if evaluated and run.best_epoch > 0 else None,
+                "metric": metric if evaluated else None,
+            }
+        return result
+
+    def _epochs_done(self) -> int:
+        path = self.out / STATE_NAME
+        return int(torch.load(path, weights_only=False)["epochs_done"]) if path.is_file() else 0
 
 
 def train(config: TrainConfig) -> dict[str, dict[str, Any]]:

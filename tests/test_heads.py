@@ -141,8 +141,15 @@ def test_checkpoint_round_trip_and_cli_evaluate(ner_stores, tmp_path, capsys):
     hidden, mask = torch.randn(2, 5, 3, 32), torch.ones(2, 5, dtype=torch.bool)
     word_ids = torch.tensor([[-1, 0, 1, 2, -1]] * 2)
     assert torch.equal(head(hidden, mask, word_ids), again(hidden, mask, word_ids))
+    assert heads_main(["evaluate", "--head", str(tmp_path), "--store", ner_stores["dev"], "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["f1"] > 0.5 and set(report["per_type"]) == {"PER", "LOC"}
+    assert all(set(row) == {"precision", "recall", "f1", "support"} for row in report["per_type"].values())
     assert heads_main(["evaluate", "--head", str(tmp_path), "--store", ner_stores["dev"]]) == 0
-    assert json.loads(capsys.readouterr().out)["f1"] > 0.5
+    table = capsys.readouterr().out
+    assert "PER" in table and "LOC" in table and f"{report['f1']:.4f}" in table
+    by_path = evaluate_heads([tmp_path], ner_stores["dev"])[0]  # a head directory and a store path work too
+    assert by_path["metrics"]["f1"] == pytest.approx(report["f1"]) and "predictions" not in by_path
 
 
 def test_mismatched_store_or_layers_are_refused(ner_stores, tiny_models, tmp_path, capsys):
@@ -170,7 +177,7 @@ def test_live_predictions_of_a_minilm_head_equal_store_predictions(minilm_path, 
     _train(stores, tmp_path / "head", [{"type": "adapter", "enable_tailor": False}], epochs=2, lr=3e-3)
     head = Head.from_pretrained(tmp_path / "head")
     with open_store(store_path) as store:
-        from_store = evaluate_heads([head], store)[0]["predictions"]
+        from_store = evaluate_heads([head], store, return_predictions=True)[0]["predictions"]
     examples = featstore.load_corpus(str(corpus)).examples
     live = Predictor(head).predict([list(example.words) for example in examples])
     names = head.config.label_names
@@ -181,7 +188,7 @@ def test_live_predictions_equal_store_predictions(ner_stores, tmp_path, capsys):
     _train(ner_stores, tmp_path / "head", [{"type": "adapter"}], epochs=3)
     head = Head.from_pretrained(tmp_path / "head")
     with open_store(ner_stores["dev"]) as store:
-        from_store = evaluate_heads([head], store)[0]["predictions"]
+        from_store = evaluate_heads([head], store, return_predictions=True)[0]["predictions"]
     corpus = featstore.load_corpus(ner_stores["dev_corpus"])
     words = [list(example.words) for example in corpus.examples]
     predictor = Predictor(tmp_path / "head")

@@ -96,9 +96,11 @@ class FrozenEncoder:
 
     @classmethod
     def load(cls, model: str | None = None, device: str | None = None, dtype: str | None = None,
-             compute_dtype: str | None = None) -> FrozenEncoder:
-        """Load from a local path or the local Hugging Face cache; never downloads."""
+             compute_dtype: str | None = None, progress: bool = True) -> FrozenEncoder:
+        """Load from a local path or the local Hugging Face cache; never downloads. `progress=False` hides
+        the library's loading bar."""
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
         name_or_path = resolve_model(model)
         choice = choose_dtypes(device, dtype, compute_dtype)
@@ -112,7 +114,14 @@ class FrozenEncoder:
                 # Byte-level BPE (GPT-2, RoBERTa) needs it to tokenize pre-split words.
                 tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True,
                                                           add_prefix_space=True)
-            encoder = AutoModel.from_pretrained(name_or_path, local_files_only=True, dtype=torch.float32)
+            bars_were_on = hf_logging.is_progress_bar_enabled()
+            if not progress:
+                hf_logging.disable_progress_bar()
+            try:
+                encoder = AutoModel.from_pretrained(name_or_path, local_files_only=True, dtype=torch.float32)
+            finally:
+                if bars_were_on:
+                    hf_logging.enable_progress_bar()
         except OSError as error:
             where = "local path" if local else "model id (looked up in the local Hugging Face cache only)"
             raise ModelError(f"cannot load encoder {name_or_path!r} as a {where}: {error}. featstore "

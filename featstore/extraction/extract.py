@@ -63,7 +63,7 @@ def extract(spec: ExtractSpec, on_progress: Callable[[ExtractProgress], None] | 
         if spec.catalog is None:
             _existing(out)
     corpus = load_corpus(spec.corpus)
-    encoder = FrozenEncoder.load(spec.model, spec.device, spec.dtype, spec.compute_dtype)
+    encoder = FrozenEncoder.load(spec.model, spec.device, spec.dtype, spec.compute_dtype, progress=spec.progress)
     plan = ExtractionPlan.build(spec, corpus, encoder)
     location, reused = _target(spec, plan)
     total = len(plan.sequences)

@@ -56,7 +56,7 @@ class ExtractSpec:
                                "independently readable piece)")
     block_tokens: int | None = option(None, minimum=1, help="tokens per write/commit block",
                                       default_text="64 MiB worth")
-    progress: bool = option(True, submit=False, help="no progress bar")
+    progress: bool = option(True, submit=False, help="no progress bars (model loading included)")
     lock_wait: float = option(0.0, minimum=0, submit=False, metavar="SECONDS", help="wait this long for another "
                               "process writing the same store", default_text="0: fail at once")
     lease_ttl: float = option(DEFAULT_TTL_SECONDS, minimum=1, submit=False, flag=False,
