@@ -75,11 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
         copy.add_argument("source")
         copy.add_argument("destination", help="store path/URL, or a directory / prefix ending in '/' to copy into")
         copy.add_argument("--overwrite", action="store_true", help="replace a different store at the destination")
-        copy.add_argument("--no-progress", action="store_true")
+        copy.add_argument("--no-progress", action="store_true", help="no progress bar")
     serve = commands.add_parser("serve", help="run the extraction service (HTTP API, persistent job queue)")
     serve.add_argument("--catalog", required=True, help="catalog root where finished stores land")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8470)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; any other "
+                       "needs a token)")
+    serve.add_argument("--port", type=int, default=8470, help="port to listen on (default: 8470)")
     serve.add_argument("--corpus-root", action="append", default=[],
                        help="directory requests may read corpora from (repeatable; default: the current directory)")
     serve.add_argument("--model-root", action="append", default=[],
@@ -88,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--token-file", help="file holding the bearer token (default: $FEATSTORE_SERVICE_TOKEN); "
                        "required unless --host is a loopback address")
     serve.add_argument("--workers", type=int, help="parallel jobs (default: one per GPU, one on CPU)")
-    serve.add_argument("--max-request-bytes", type=int, default=64 * 1024)
+    serve.add_argument("--max-request-bytes", type=int, default=64 * 1024,
+                       help="largest request body accepted (default: 65536)")
     serve.add_argument("--engine", choices=["local", "ray"], default="local",
                        help="ray: run every job on Ray actors instead of one local process per GPU")
     serve.add_argument("--ray-address", help="with --engine ray: the cluster ('auto', ray://host:10001); default: "
@@ -103,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     job = commands.add_parser("job", help="show one job; --follow waits for it, --cancel cancels it")
     _add_server_arguments(job)
     job.add_argument("job_id")
-    job.add_argument("--follow", action="store_true")
-    job.add_argument("--cancel", action="store_true")
+    job.add_argument("--follow", action="store_true", help="wait for the job, with a progress bar")
+    job.add_argument("--cancel", action="store_true", help="cancel the job (its store keeps what was committed)")
     ls = commands.add_parser("ls", help="list the stores under a catalog root (directory or s3:// prefix)")
     ls.add_argument("root")
     ls.add_argument("--json", action="store_true", help="one JSON object per store")

@@ -36,12 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="metrics of a saved head on a store")
     evaluate.add_argument("--head", required=True, help="saved head directory")
-    evaluate.add_argument("--store", required=True)
+    evaluate.add_argument("--store", required=True, help="labeled store (path or URL) to evaluate on")
     evaluate.add_argument("--batch-size", type=int, default=64, help="sequences per forward pass (default: 64)")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
 
     predict = commands.add_parser("predict", help="predict with a head on the live encoder, JSONL out")
-    predict.add_argument("--head", required=True)
+    predict.add_argument("--head", required=True, help="saved head directory")
     predict.add_argument("--model", help="encoder (default: the one the head was trained on)")
     predict.add_argument("--input", required=True, help="JSONL with words/text per line, or a text file")
     predict.add_argument("--output", help="write JSONL here instead of stdout")

@@ -84,3 +84,39 @@ def test_bad_corpora_give_clear_errors(tmp_path, content, suffix, spec, message)
 def test_missing_corpus_path():
     with pytest.raises(CorpusError, match="does not exist"):
         load_corpus("/nonexistent/corpus.conll")
+
+
+@pytest.mark.parametrize("name", ["tweets.tsv", "tweets.csv", "tweets.data", "tweets.conll"])
+def test_conll_content_is_read_as_conll_whatever_the_extension(tmp_path, name):
+    path = tmp_path / name
+    path.write_text("Apple\tB-ORG\nrocks\tO\n\n@user\tO\nin\tO\nParis\tB-LOC\n")
+    corpus = load_corpus(str(path))
+    assert corpus.task == TOKEN_CLASSIFICATION and [e.words for e in corpus.examples] == [
+        ("Apple", "rocks"), ("@user", "in", "Paris")]
+
+
+@pytest.mark.parametrize("name,content", [
+    ("t.tsv", "text\tlabel\nthis is fine\tpos\nthat is bad\tneg\n"),
+    ("t.csv", "text,label\nthis is fine,pos\nthat is bad,neg\n"),
+    ("t.data", '{"text": "this is fine", "label": "pos"}\n{"text": "that is bad", "label": "neg"}\n'),
+])
+def test_tables_and_json_lines_are_not_mistaken_for_conll(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_text(content)
+    corpus = load_corpus(str(path))
+    assert corpus.task == SEQUENCE_CLASSIFICATION and corpus.label_names == ["neg", "pos"]
+
+
+def test_label_names_from_a_store_make_dev_agree_with_train(tiny_models, tmp_path):
+    from featstore import ExtractConfig, extract
+    from featstore.errors import ConfigError
+
+    train, dev = tmp_path / "train.conll", tmp_path / "dev.conll"
+    train.write_text("Ann B-PER\nin O\nRome B-LOC\n\nBob B-PER\n")
+    dev.write_text("Rome B-LOC\n")  # alone it would get the names ["B-LOC"] and different ids
+    store = extract(ExtractConfig(out=str(tmp_path / "train.zarr"), model=tiny_models["bert"],
+                                  corpus=CorpusSpec(str(train)), progress=False)).path
+    corpus = load_corpus(CorpusSpec(str(dev), label_names_from=store))
+    assert corpus.label_names == ["B-LOC", "B-PER", "O"] and corpus.examples[0].label == (0,)
+    with pytest.raises(ConfigError, match="disagrees with the store"):
+        load_corpus(CorpusSpec(str(dev), label_names_from=store, label_names=["O", "B-LOC", "B-PER"]))

@@ -59,7 +59,8 @@ class CorpusSpec:
                        help="CoNLL file, JSONL/CSV/Parquet file or save_to_disk directory (for `submit`: as the "
                        "service sees it, under a corpus root)", default_text="the bundled sample NER corpus")
     format: str = option("auto", name="corpus_format", choices=CORPUS_FORMATS,
-                         help="how to read the corpus; auto: from the suffix")
+                         help="how to read the corpus; auto: from its content (token-tag columns with blank lines "
+                         "between sentences are CoNLL, whatever the extension), else the suffix")
     split: str | None = option(None, pattern=r"[A-Za-z0-9_.-]+",
                                help="split to read from a saved DatasetDict; also recorded in the store")
     words_column: str | None = option(None, help="column of pre-split words (token classification)",
@@ -72,6 +73,9 @@ class CorpusSpec:
     label_names: list[str] | None = option(None, metavar="A,B,...", help="comma-separated label names fixing the "
                                            "id order, e.g. to share it between train and dev stores",
                                            default_text="sorted, or the dataset's ClassLabel names")
+    label_names_from: str | None = option(None, submit=False, metavar="STORE",
+                                          help="take the label names, in their order, from this store (e.g. the "
+                                          "train store when extracting dev or test), so that both agree")
     conll_token_column: int = option(0, help="CoNLL column holding the token")
     conll_tag_column: int = option(-1, help="CoNLL column holding the tag")
 
@@ -119,6 +123,8 @@ def load_corpus(spec: CorpusSpec | str) -> Corpus:
                              "file, or a directory saved with datasets' save_to_disk")
     if spec.task is not None and spec.task not in TASKS:
         raise ConfigError(f"unknown task {spec.task!r}; choose one of {', '.join(TASKS)}")
+    if spec.label_names_from is not None:
+        spec = CorpusSpec(**{**spec.__dict__, "label_names": _label_names_from(spec)})
     fmt = _resolve_format(path, spec.format)
     if path.is_file() and _is_blank(path):
         raise CorpusError(f"corpus {spec.path!r} is empty: it holds no examples")
@@ -132,6 +138,18 @@ def load_corpus(spec: CorpusSpec | str) -> Corpus:
     corpus = _normalise(rows, columns, label_feature, spec, source=str(path))
     logger.info("loaded %d %s examples from %s", len(corpus), corpus.task, path)
     return corpus
+
+
+def _label_names_from(spec: CorpusSpec) -> list[str]:
+    from ..store.backends import read_manifest
+
+    names = read_manifest(spec.label_names_from).corpus.label_names
+    if names is None:
+        raise ConfigError(f"--label-names-from {spec.label_names_from}: that store has no label names")
+    if spec.label_names is not None and list(spec.label_names) != list(names):
+        raise ConfigError(f"--label-names {','.join(spec.label_names)} disagrees with the store given to "
+                          f"--label-names-from ({','.join(names)}); give one of them")
+    return list(names)
 
 
 def _is_blank(path: Path) -> bool:
@@ -150,12 +168,42 @@ def _resolve_format(path: Path, fmt: str) -> str:
     if path.is_dir():
         return "disk"
     suffix = path.suffix.lower()
-    if suffix in CONLL_SUFFIXES:
+    sniffed = _sniff_text_format(path) if suffix != ".parquet" else None
+    if sniffed == "conll" or (sniffed is None and suffix in CONLL_SUFFIXES):
+        if suffix not in CONLL_SUFFIXES:
+            logger.info("%s holds CoNLL columns (token tag lines, blank lines between sentences): reading it as "
+                        "CoNLL; pass --corpus-format to read it otherwise", path)
         return "conll"
     if suffix in DATASETS_BUILDERS:
         return DATASETS_BUILDERS[suffix]
-    raise CorpusError(f"cannot tell the format of corpus {str(path)!r} from its suffix {suffix!r}; "
-                         "pass --corpus-format conll|json|csv|parquet|disk")
+    if sniffed is not None:
+        return sniffed
+    raise CorpusError(f"cannot tell the format of corpus {str(path)!r} from its content or its suffix {suffix!r}; "
+                      "pass --corpus-format conll|json|csv|parquet|disk")
+
+
+SNIFF_BYTES = 1 << 16
+
+
+def _sniff_text_format(path: Path) -> str | None:
+    """"conll" or "json" when the start of the file shows it, else None. CoNLL: every non-blank line holds the
+    same number (two or more) of whitespace-separated columns, with blank lines between sentences (or a
+    -DOCSTART- line), whatever the file's extension; JSON lines start with an object."""
+    with path.open("rb") as handle:
+        head = handle.read(SNIFF_BYTES)
+    text = head.decode("utf-8", errors="replace")
+    lines = text.splitlines()[:-1] if len(head) == SNIFF_BYTES else text.splitlines()  # the last may be cut
+    content = [line for line in lines if line.strip()]
+    if not content:
+        return None
+    if content[0].lstrip().startswith(("{", "[")):
+        return "json"
+    widths = {len(line.split()) for line in content if not line.startswith("-DOCSTART-")}
+    separated = len(content) < len(lines) or any(line.startswith("-DOCSTART-") for line in content)
+    tabular_header = any(separator in content[0] for separator in (",", "\t")) and len(content[0].split()) < 2
+    if len(widths) == 1 and min(widths) >= 2 and separated and not tabular_header:
+        return "conll"
+    return None
 
 
 def _read_conll(path: Path, spec: CorpusSpec) -> list[dict[str, Any]]:
