@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", help="encoder (default: the one the head was trained on)")
     predict.add_argument("--input", required=True, help="JSONL with words/text per line, or a text file")
     predict.add_argument("--output", help="write JSONL here instead of stdout")
+    predict.add_argument("--no-progress", action="store_true", help="no progress bars (model loading included)")
     predict.add_argument("--device", help="torch device for the encoder and the head (default: cuda if "
                          "available, else cpu)")
     return parser
@@ -92,7 +93,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(format_report(result["head"], args.store, result["metrics"]))
         return 0
     if args.command == "predict":
-        records = Predictor(args.head, args.model, args.device).predict(read_inputs(args.input))
+        inputs = read_inputs(args.input)  # checked before the encoder loads
+        records = Predictor(args.head, args.model, args.device, progress=not args.no_progress).predict(inputs)
         text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
         if args.output:
             with open(args.output, "w", encoding="utf-8") as handle:

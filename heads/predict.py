@@ -20,39 +20,47 @@ from featstore.errors import ConfigError
 from featstore.store.reader import SequenceFeatures
 
 from .config import EncoderIdentity
+from .entities import entity_spans, is_bio
 from .head import Head, check_compatible
 
 
 class Predictor:
     def __init__(self, head: str | Path | Head, model: str | None = None, device: str | None = None,
-                 max_batch_tokens: int = 8192) -> None:
+                 max_batch_tokens: int = 8192, progress: bool = True) -> None:
         self.head = head if isinstance(head, Head) else Head.from_pretrained(head)
         config = self.head.config
         self.encoder = FrozenEncoder.load(model or config.encoder.name_or_path, device=device,
-                                          dtype=config.extraction.storage_dtype)
+                                          dtype=config.extraction.storage_dtype, progress=progress)
         check_compatible(config, EncoderIdentity.of(self.encoder.describe()),
                          list(range(self.encoder.num_hidden_states)), f"encoder {self.encoder.name_or_path}")
         self.head.to(self.encoder.device).eval()
         self.max_batch_tokens = max_batch_tokens
 
-    def _examples(self, inputs: Sequence[str | Sequence[str]]) -> list[Example]:
-        examples = []
+    def _examples(self, inputs: Sequence[str | Sequence[str]]
+                  ) -> tuple[list[Example], list[list[tuple[int, int]] | None]]:
+        """Examples, and for raw text given to a token task, the character offsets of its words."""
+        examples, offsets = [], []
         for index, item in enumerate(inputs):
             if isinstance(item, str):
                 if not item.strip():
                     raise ConfigError(f"input {index} is empty")
-                # Token tasks label words: raw text is split on whitespace into words.
-                per_word = self.head.config.task_def.per_word
-                examples.append(Example(words=tuple(item.split())) if per_word else Example(text=item))
+                if self.head.config.task_def.per_word:  # token tasks label words: split as the tokenizer does
+                    words = self.encoder.split_words(item)
+                    examples.append(Example(words=tuple(word for word, _ in words)))
+                    offsets.append([span for _, span in words])
+                else:
+                    examples.append(Example(text=item))
+                    offsets.append(None)
             else:
                 if not item:
                     raise ConfigError(f"input {index} has no words")
                 examples.append(Example(words=tuple(item)))
-        return examples
+                offsets.append(None)
+        return examples, offsets
 
     def outputs(self, inputs: Sequence[str | Sequence[str]], batch_size: int = 32) -> list[torch.Tensor]:
         """Raw head outputs per input: (W, C) logits, (C,) logits, or a scalar."""
-        return self._outputs(self._examples(inputs), batch_size)
+        return self._outputs(self._examples(inputs)[0], batch_size)
 
     @torch.no_grad()
     def _outputs(self, examples: list[Example], batch_size: int) -> list[torch.Tensor]:
@@ -77,13 +85,21 @@ class Predictor:
         return results
 
     def predict(self, inputs: Sequence[str | Sequence[str]], batch_size: int = 32) -> list[dict[str, Any]]:
-        """Word tags, or a label with probabilities, or a regression value, per input."""
+        """Per input: word tags with scores (and, for BIO tag sets, entity spans with type, score and, for raw
+        text, character offsets), or a label with probabilities, or a regression value."""
         config = self.head.config
         records = []
-        examples = self._examples(inputs)
-        for item, example, output in zip(inputs, examples, self._outputs(examples, batch_size)):
-            prefix = {"words": list(example.words)} if config.task_def.per_word else {"input": item}
-            records.append({**prefix, **config.task_def.record(output, config.label_names)})
+        examples, offsets = self._examples(inputs)
+        for item, example, spans, output in zip(inputs, examples, offsets, self._outputs(examples, batch_size)):
+            if not config.task_def.per_word:
+                records.append({"input": item, **config.task_def.record(output, config.label_names)})
+                continue
+            record = {**({"text": item} if isinstance(item, str) else {}), "words": list(example.words),
+                      **config.task_def.record(output, config.label_names)}
+            if is_bio(config.label_names):
+                record["entities"] = entity_spans(record["words"], record["tags"], record["scores"], spans,
+                                                  item if isinstance(item, str) else None)
+            records.append(record)
         return records
 
 

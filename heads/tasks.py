@@ -18,6 +18,7 @@ from torch import nn
 from featstore.extraction.corpus import REGRESSION, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION
 from featstore.store.dataset import LABEL_PADDING
 
+from .entities import is_bio, repair_bio
 from .metrics import classification_metrics, regression_metrics, tagging_metrics
 
 
@@ -81,9 +82,12 @@ class TokenClassification(Task):
                                [[names[i] for i in row] for row in predicted])
 
     def record(self, output: torch.Tensor, label_names: Sequence[str] | None) -> dict[str, Any]:
+        """Tags and their probabilities; BIO tag sets are repaired to valid BIO (heads/entities.py), and the
+        predictor adds the entity spans."""
         probabilities = output.softmax(-1)
         names = list(label_names or ())
-        return {"tags": [names[i] for i in probabilities.argmax(-1).tolist()],
+        tags = [names[i] for i in probabilities.argmax(-1).tolist()]
+        return {"tags": repair_bio(tags) if is_bio(names) else tags,
                 "scores": [round(p, 6) for p in probabilities.max(-1).values.tolist()]}
 
 

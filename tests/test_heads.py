@@ -13,6 +13,7 @@ from featstore import ExtractConfig, extract, open_store
 from featstore.extraction.corpus import CorpusSpec
 from heads import Adapter, Head, Predictor, TrainConfig, evaluate_heads, train
 from heads.cli import main as heads_main
+from heads.entities import repair_bio
 from heads.layers import pool_words
 from heads.trainer import Trainer
 
@@ -181,7 +182,8 @@ def test_live_predictions_of_a_minilm_head_equal_store_predictions(minilm_path, 
     examples = featstore.load_corpus(str(corpus)).examples
     live = Predictor(head).predict([list(example.words) for example in examples])
     names = head.config.label_names
-    assert [record["tags"] for record in live] == [[names[i] for i in from_store[row]] for row in range(len(live))]
+    assert [record["tags"] for record in live] == [repair_bio([names[i] for i in from_store[row]])
+                                                   for row in range(len(live))]
 
 
 def test_live_predictions_equal_store_predictions(ner_stores, tmp_path, capsys):
@@ -194,7 +196,8 @@ def test_live_predictions_equal_store_predictions(ner_stores, tmp_path, capsys):
     predictor = Predictor(tmp_path / "head")
     live = predictor.predict(words)
     names = head.config.label_names
-    assert [record["tags"] for record in live] == [[names[i] for i in from_store[row]] for row in range(len(words))]
+    assert [record["tags"] for record in live] == [repair_bio([names[i] for i in from_store[row]])
+                                                   for row in range(len(words))]
     # and through the CLI, from a JSONL file and a plain text file
     (tmp_path / "in.jsonl").write_text("\n".join(json.dumps({"words": w}) for w in words[:3]))
     assert heads_main(["predict", "--head", str(tmp_path / "head"), "--input", str(tmp_path / "in.jsonl")]) == 0
@@ -268,3 +271,17 @@ def test_head_word_pooling_matches_store_pooling(ner_stores):
             expected = store.sequence(0, layers=[-1], pooling=pooling).hidden_states[:, 0]
             got = pool_words(tokens, word_ids, item.num_words, pooling)[0].numpy()
             np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_raw_text_predictions_read_like_ner_output(ner_stores, tmp_path):
+    _train(ner_stores, tmp_path / "head", [{"type": "adapter"}], epochs=3)
+    text = "Anna met Reyes in Paris, then flew to Oslo."
+    (record,) = Predictor(tmp_path / "head").predict([text])
+    # split like the tokenizer's pre-tokenizer: punctuation is its own word
+    assert record["words"] == ["Anna", "met", "Reyes", "in", "Paris", ",", "then", "flew", "to", "Oslo", "."]
+    assert record["text"] == text and len(record["tags"]) == len(record["scores"]) == len(record["words"])
+    for entity in record["entities"]:
+        first, end = entity["words"]
+        assert entity["text"] == text[entity["start"]: entity["end"]] == " ".join(record["words"][first:end])
+        assert record["tags"][first] == "B-" + entity["type"] and 0 < entity["score"] <= 1
+    assert {entity["text"] for entity in record["entities"]} & {"Anna", "Reyes", "Paris", "Oslo"}

@@ -343,3 +343,33 @@ def test_a_first_format_head_config_loads_with_its_extraction_settings():
         64, 16, "float16")
     assert HeadConfig.from_dict(config.to_dict()) == config
     assert config.task_def.primary_metric == "f1" and config.num_outputs == 2
+
+
+# --- NER output ----------------------------------------------------------------------------------------------
+def test_tag_sequences_are_repaired_to_valid_bio_and_grouped_into_spans():
+    from heads.entities import entity_spans, is_bio, repair_bio
+
+    assert repair_bio(["O", "I-PER", "I-PER", "B-LOC", "I-PER", "I-ORG", "I-ORG"]) == [
+        "O", "B-PER", "I-PER", "B-LOC", "B-PER", "B-ORG", "I-ORG"]
+    assert repair_bio(["I-PER", "I-PER", "O"]) == ["B-PER", "I-PER", "O"]  # IOB1 becomes the equivalent BIO
+    assert is_bio(["O", "B-PER", "I-PER"]) and not is_bio(["NN", "VB"]) and not is_bio(None)
+    text = "Ann Lee went to New York"
+    words = ["Ann", "Lee", "went", "to", "New", "York"]
+    offsets = [(0, 3), (4, 7), (8, 12), (13, 15), (16, 19), (20, 24)]
+    spans = entity_spans(words, ["B-PER", "I-PER", "O", "O", "B-LOC", "I-LOC"], [0.9, 0.7, 1, 1, 0.8, 0.6],
+                         offsets, text)
+    assert spans == [{"type": "PER", "words": [0, 2], "score": 0.8, "start": 0, "end": 7, "text": "Ann Lee"},
+                     {"type": "LOC", "words": [4, 6], "score": 0.7, "start": 16, "end": 24, "text": "New York"}]
+    assert entity_spans(words[:2], ["B-PER", "B-PER"], [1.0, 0.5])[1] == {"type": "PER", "words": [1, 2],
+                                                                       "score": 0.5, "text": "Lee"}
+
+
+def test_raw_text_is_split_into_words_as_the_tokenizer_pre_tokenizes(tiny_models):
+    for name in ("bert", "roberta"):
+        encoder = FrozenEncoder.load(tiny_models[name], device="cpu")
+        text = "Apple,  Inc. hired Ann."
+        words = encoder.split_words(text)
+        assert all(text[start:end] == word and word.strip() == word for word, (start, end) in words)
+        assert "".join(word for word, _ in words) == "".join(text.split())  # every character, once
+        if name == "bert":  # whitespace and punctuation: "Apple," is two words
+            assert [word for word, _ in words] == ["Apple", ",", "Inc", ".", "hired", "Ann", "."]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,6 +194,22 @@ class FrozenEncoder:
         )
 
     # --- tokenization --------------------------------------------------------------------------------
+    def split_words(self, text: str) -> list[tuple[str, tuple[int, int]]]:
+        """Raw text as words with their character offsets, split the way this tokenizer pre-tokenizes
+        (whitespace and punctuation for BERT-style tokenizers: "Apple," is two words), so that words match
+        what word-level corpora such as CoNLL hold. Falls back to words and punctuation runs."""
+        pre_tokenizer = getattr(self.tokenizer.backend_tokenizer, "pre_tokenizer", None)
+        pieces = pre_tokenizer.pre_tokenize_str(text) if pre_tokenizer is not None else [
+            (match.group(), match.span()) for match in re.finditer(r"\w+|[^\w\s]+", text)]
+        words = []
+        for _, (start, end) in pieces:  # byte-level pre-tokenizers mark spaces in the piece: use the offsets
+            piece = text[start:end]
+            stripped = piece.strip()
+            if stripped:
+                start += len(piece) - len(piece.lstrip())
+                words.append((stripped, (start, start + len(stripped))))
+        return words
+
     def tokenize(self, examples: Sequence[Example], max_length: int | None = None, stride: int | None = None,
                  truncate: bool = False) -> list[TokenizedSequence]:
         """Token ids, word alignment and windows for each example (words or text)."""
