@@ -71,3 +71,23 @@ def test_unknown_keys_in_a_training_config_are_refused(tmp_path, capsys):
     config.write_text(json.dumps({"store": "s", "out": "o", "epoch": 3}))
     assert heads_main(["train", "--config", str(config)]) == 2
     assert "unknown option(s) epoch" in capsys.readouterr().err
+
+
+def test_a_refused_re_extraction_fails_before_the_encoder_loads(tiny_models, conll_corpus, tmp_path, monkeypatch,
+                                                                capsys):
+    from featstore.extraction.encoder import FrozenEncoder
+
+    out = str(tmp_path / "s.zarr")
+    assert featstore_main(["extract", "--model", tiny_models["bert"], "--corpus", str(conll_corpus), "--out", out,
+                           "--no-progress"]) == 0
+    other = tmp_path / "other.conll"
+    other.write_text("Ann B-PER\n")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the encoder was loaded")
+
+    monkeypatch.setattr(FrozenEncoder, "load", never)
+    capsys.readouterr()
+    for extra in (["--corpus", str(other)], ["--corpus", str(conll_corpus), "--dtype", "float32"]):
+        assert featstore_main(["extract", "--model", tiny_models["bert"], "--out", out, *extra]) == 2
+        assert "already holds a store made with different arguments" in capsys.readouterr().err

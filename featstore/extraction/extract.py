@@ -29,6 +29,7 @@ from ..sharing.location import Location, resolve
 from ..store import format as fmt
 from ..store.backends import BACKENDS, StoreBackend, detect_backend, open_backend, read_manifest
 from ..store.integrity import record_integrity
+from ..store.manifest import StoreManifest
 from .corpus import load_corpus
 from .encoder import FrozenEncoder
 from .plan import ExtractionPlan, now
@@ -57,12 +58,15 @@ def extract(spec: ExtractSpec, on_progress: Callable[[ExtractProgress], None] | 
     """Run (or resume, or reuse) an extraction; returns once the store is complete. `on_progress` is called
     once the target is known, after every batch, and at the end."""
     spec.validate()
+    existing = None
     if spec.out is not None:  # refuse a bad target before anything heavy loads
         out = resolve(spec.out, spec.storage_options)
         check_store_location(out)
-        if spec.catalog is None:
-            _existing(out)
+        if spec.catalog is None and _existing(out) == STORE and not spec.overwrite:
+            existing = read_manifest(out)
     corpus = load_corpus(spec.corpus)
+    if existing is not None:
+        _refuse_a_different_store_early(spec, corpus.fingerprint(), existing, out)
     encoder = FrozenEncoder.load(spec.model, spec.device, spec.dtype, spec.compute_dtype, progress=spec.progress)
     plan = ExtractionPlan.build(spec, corpus, encoder)
     location, reused = _target(spec, plan)
@@ -178,6 +182,22 @@ def _existing(location: Location) -> str:
         return SHELL if opened.is_empty_shell() else STORE
     finally:
         opened.close()
+
+
+def _refuse_a_different_store_early(spec: ExtractSpec, corpus_fingerprint: str, existing: StoreManifest,
+                                    location: Location) -> None:
+    """What can be compared before the encoder loads (the corpus, the options given explicitly): a store made
+    differently is refused now rather than after loading the model. The rest is compared by fingerprint."""
+    inputs = existing.fingerprint_inputs
+    differing = [name for name, mine, theirs in (
+        ("corpus_fingerprint", corpus_fingerprint, inputs.corpus_fingerprint),
+        ("storage_dtype", spec.dtype, inputs.storage_dtype),
+        ("truncation", spec.truncate, inputs.truncation),
+        ("max_length", spec.max_length, inputs.max_length),
+        ("stride", spec.stride, inputs.stride)) if mine is not None and mine != theirs]
+    if differing:
+        raise StoreConflictError(f"{location.url} already holds a store made with different arguments (differs "
+                                 f"in: {', '.join(differing)}); use another --out, or --overwrite to replace it")
 
 
 def _open_or_create(location: Location, plan: ExtractionPlan) -> tuple[StoreBackend, Location | None]:
