@@ -120,3 +120,23 @@ def test_label_names_from_a_store_make_dev_agree_with_train(tiny_models, tmp_pat
     assert corpus.label_names == ["B-LOC", "B-PER", "O"] and corpus.examples[0].label == (0,)
     with pytest.raises(ConfigError, match="disagrees with the store"):
         load_corpus(CorpusSpec(str(dev), label_names_from=store, label_names=["O", "B-LOC", "B-PER"]))
+
+
+def test_the_bundled_dev_split_is_held_out_from_train():
+    """The demo's dev score must measure generalisation: no entity of dev occurs in train."""
+    def entities(path):
+        corpus = load_corpus(str(path))
+        found = set()
+        for example in corpus.examples:
+            tags = [corpus.label_names[label] for label in example.label]
+            current: list[str] = []
+            for word, tag in [*zip(example.words, tags), ("", "O")]:
+                if current and not tag.startswith("I-"):
+                    found.add(" ".join(current))
+                    current = []
+                if tag != "O":
+                    current.append(word)
+        return found
+
+    train, dev = entities(BUNDLED_CORPUS), entities(BUNDLED_CORPUS.with_name("sample_ner_dev.conll"))
+    assert dev and not train & dev

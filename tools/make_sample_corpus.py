@@ -1,7 +1,10 @@
-"""Regenerate featstore/data/sample_ner.conll, the small bundled NER corpus used by the demo.
+"""Regenerate featstore/data/sample_ner{,_dev}.conll, the small bundled NER corpus used by the demo.
 
 Sentences are built from templates and invented names, so the file carries no third-party
-text. Deterministic: `python tools/make_sample_corpus.py` rewrites the same file.
+text. The dev split is held out: its names, places, organisations and sentence templates never
+occur in train, so its score measures generalisation, not memory (the demo's example sentence
+is held out in the same way). Deterministic: `python tools/make_sample_corpus.py` rewrites the
+same files.
 """
 
 import random
@@ -14,6 +17,16 @@ PLACES = ["Lisbon", "Nairobi", "Oslo", "Montreal", "Kyoto", "Valparaiso", "Gdans
 ORGS = ["Northwind Traders", "Helios Energy", "the Baltic Rail Authority", "Vireo Labs", "Crescent Bank",
         "the Coastal Research Institute", "Atlas Freight", "Bluefin Media", "Orbital Systems"]
 MISC = ["Nordic", "Andean", "Olympic", "Atlantic", "Pacific", "Alpine"]
+# Held out of train: dev sentences and the demo's example use only these.
+HELD_OUT_PEOPLE = ["Ines Carvalho", "Kwame Mensah", "Hana Novak", "Rafael Ortiz"]
+HELD_OUT_PLACES = ["Tbilisi", "Cork", "Windhoek", "Porto Alegre"]
+HELD_OUT_ORGS = ["Granite Works", "Solace Pharma", "the Delta Water Board"]
+HELD_OUT_MISC = ["Baltic", "Celtic"]
+HELD_OUT_TEMPLATES = [
+    "{PER} flew from {LOC} to {LOC} for {ORG} .",
+    "A spokesman for {ORG} told {PER} that the {MISC} talks in {LOC} had ended .",
+    "In {LOC} , {PER} signed a deal with {ORG} .",
+]
 TEMPLATES = [
     "{PER} visited {LOC} on Monday .",
     "{ORG} opened a new office in {LOC} .",
@@ -38,10 +51,11 @@ def tagged(kind: str, text: str) -> list[tuple[str, str]]:
     return [(word, ("B-" if i == 0 else "I-") + kind) for i, word in enumerate(words)]
 
 
-def sentence(rng: random.Random) -> list[tuple[str, str]]:
-    pools = {"PER": PEOPLE, "LOC": PLACES, "ORG": ORGS, "MISC": MISC}
+def sentence(rng: random.Random, held_out: bool) -> list[tuple[str, str]]:
+    pools = ({"PER": HELD_OUT_PEOPLE, "LOC": HELD_OUT_PLACES, "ORG": HELD_OUT_ORGS, "MISC": HELD_OUT_MISC}
+             if held_out else {"PER": PEOPLE, "LOC": PLACES, "ORG": ORGS, "MISC": MISC})
     out: list[tuple[str, str]] = []
-    for piece in rng.choice(TEMPLATES).split():
+    for piece in rng.choice(HELD_OUT_TEMPLATES if held_out else TEMPLATES).split():
         if piece.startswith("{") and piece.endswith("}"):
             kind = piece[1:-1]
             out.extend(tagged(kind, rng.choice(pools[kind])))
@@ -50,11 +64,11 @@ def sentence(rng: random.Random) -> list[tuple[str, str]]:
     return out
 
 
-def write_split(name: str, count: int, seed: int) -> None:
+def write_split(name: str, count: int, seed: int, held_out: bool) -> None:
     rng = random.Random(seed)
     lines = []
     for _ in range(count):
-        lines.extend(f"{word} {tag}" for word, tag in sentence(rng))
+        lines.extend(f"{word} {tag}" for word, tag in sentence(rng, held_out))
         lines.append("")
     path = Path(__file__).resolve().parent.parent / "featstore" / "data" / name
     path.write_text("\n".join(lines), encoding="utf-8")
@@ -62,8 +76,8 @@ def write_split(name: str, count: int, seed: int) -> None:
 
 
 def main() -> None:
-    write_split("sample_ner.conll", 240, seed=13)
-    write_split("sample_ner_dev.conll", 60, seed=14)
+    write_split("sample_ner.conll", 240, seed=13, held_out=False)
+    write_split("sample_ner_dev.conll", 60, seed=14, held_out=True)
 
 
 if __name__ == "__main__":
