@@ -20,7 +20,7 @@ xxh3 runs at tens of GB/s and releases the GIL (measured in BENCHMARKS.md, "Chec
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import xxhash
@@ -62,16 +62,22 @@ def piece_checksums(rows: np.ndarray, per_layer: bool) -> np.ndarray:
     return np.array([_hash(rows[:, layer]) for layer in range(rows.shape[1])], dtype=np.uint64)
 
 
+def whole_pieces(start: int, rows: np.ndarray, piece_rows: int, total_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(index, rows) of the pieces of `piece_rows` rows (the last may be shorter) that rows start..start+len(rows)
+    of an array of `total_rows` cover completely: what a writer can hash from the data in memory."""
+    stop = start + len(rows)
+    for index in range(-(-start // piece_rows), -(-total_rows // piece_rows)):
+        first, last = index * piece_rows, min((index + 1) * piece_rows, total_rows)
+        if last > stop:
+            return
+        yield index, rows[first - start: last - start]
+
+
 def chunk_checksums(start: int, rows: np.ndarray, chunk_rows: int, total_rows: int, per_layer: bool
                     ) -> dict[int, np.ndarray]:
     """Checksums of the chunks that rows start..start+len(rows) cover completely (a writer's data in memory)."""
-    sums, stop = {}, start + len(rows)
-    for chunk in range(-(-start // chunk_rows), -(-total_rows // chunk_rows)):
-        first, last = chunk * chunk_rows, min((chunk + 1) * chunk_rows, total_rows)
-        if last > stop:
-            break
-        sums[chunk] = piece_checksums(rows[first - start: last - start], per_layer)
-    return sums
+    return {chunk: piece_checksums(piece, per_layer)
+            for chunk, piece in whole_pieces(start, rows, chunk_rows, total_rows)}
 
 
 class ChunkVerifier:

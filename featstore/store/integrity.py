@@ -23,15 +23,15 @@ from ..errors import CorruptStoreError
 from . import format as fmt
 from .backends import ArraySpec, StoreBackend
 from .chunks import ALGORITHM as CHUNK_ALGORITHM
-from .chunks import level_rows, piece_checksums
+from .chunks import level_rows, piece_checksums, whole_pieces
 from .manifest import ChunkChecksums, Integrity, StoreManifest
 
 ALGORITHM = "sha256"
 CHECKSUM_ROWS_PER_OBJECT = 1 << 16  # rows of hidden_checksums per stored object
 
 
-def _blocks(backend: StoreBackend, name: str, block_rows: int) -> Iterator[tuple[int, int, int]]:
-    rows = backend.shape(name)[0]
+def _blocks(rows: int, block_rows: int) -> Iterator[tuple[int, int, int]]:
+    """(index, start, stop) of the blocks of an array of `rows` rows."""
     for index, start in enumerate(range(0, rows, block_rows)):
         yield index, start, min(start + block_rows, rows)
 
@@ -48,13 +48,7 @@ def _digest(backend: StoreBackend, name: str, start: int, stop: int) -> str:
 
 def block_digests(start: int, rows: np.ndarray, block_rows: int, total_rows: int) -> dict[int, str]:
     """Digests of the blocks that rows start..start+len(rows) cover completely (the writer's in-memory data)."""
-    digests, stop = {}, start + len(rows)
-    for block in range(-(-start // block_rows), -(-total_rows // block_rows)):
-        first, last = block * block_rows, min((block + 1) * block_rows, total_rows)
-        if last > stop:
-            break
-        digests[block] = digest_rows(rows[first - start: last - start])
-    return digests
+    return {block: digest_rows(piece) for block, piece in whole_pieces(start, rows, block_rows, total_rows)}
 
 
 def compute_checksums(backend: StoreBackend, block_rows: int, known: dict[str, dict[int, str]] | None = None
@@ -71,7 +65,7 @@ def compute_checksums(backend: StoreBackend, block_rows: int, known: dict[str, d
             def digest(block: tuple[int, int, int], name: str = name, given: dict[int, str] = given) -> str:
                 return given[block[0]] if block[0] in given else _digest(backend, name, *block[1:])
 
-            arrays[name] = list(pool.map(digest, _blocks(backend, name, block_rows)))
+            arrays[name] = list(pool.map(digest, _blocks(backend.shape(name)[0], block_rows)))
     return Integrity(algorithm=ALGORITHM, block_rows=block_rows, arrays=arrays)
 
 
@@ -87,7 +81,7 @@ def checksum_problems(backend: StoreBackend, integrity: Integrity,
     problems += [f"array {name} is recorded in the checksums but missing" for name in recorded if name not in present]
     problems += [f"array {name} has no recorded checksums" for name in present if name not in recorded]
     for name in [name for name in present if name in recorded]:
-        blocks = list(_blocks(backend, name, block_rows))
+        blocks = list(_blocks(backend.shape(name)[0], block_rows))
         if len(blocks) != len(recorded[name]):
             problems.append(f"{name} has {len(blocks)} blocks but {len(recorded[name])} recorded checksums")
             continue
@@ -202,12 +196,11 @@ def check_rows(path: str, integrity: Integrity, name: str, rows: np.ndarray) -> 
     recorded = integrity.arrays.get(name)
     if recorded is None:
         raise CorruptStoreError(f"{path}: array {name} has no recorded checksums")
-    block_rows = integrity.block_rows
-    blocks = -(-len(rows) // block_rows) if len(rows) else 0
-    if blocks != len(recorded):
-        raise CorruptStoreError(f"{path}: array {name} has {blocks} blocks but {len(recorded)} recorded checksums")
-    for index, expected in enumerate(recorded):
-        if digest_rows(rows[index * block_rows: (index + 1) * block_rows]) != expected:
-            raise CorruptStoreError(f"{path}: array {name} block {index} (rows {index * block_rows}.."
-                                    f"{min((index + 1) * block_rows, len(rows))}) does not match its checksum: the "
-                                    f"store is damaged; run `featstore verify {path}` for a full report")
+    blocks = list(_blocks(len(rows), integrity.block_rows))
+    if len(blocks) != len(recorded):
+        raise CorruptStoreError(f"{path}: array {name} has {len(blocks)} blocks but {len(recorded)} recorded "
+                                "checksums")
+    for (index, start, stop), expected in zip(blocks, recorded):
+        if digest_rows(rows[start:stop]) != expected:
+            raise CorruptStoreError(f"{path}: array {name} block {index} (rows {start}..{stop}) does not match its "
+                                    f"checksum: the store is damaged; run `featstore verify {path}` for a full report")

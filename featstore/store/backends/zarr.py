@@ -252,18 +252,24 @@ class ZarrBackend(StoreBackend):
         return sum(int(self._array(array).nbytes_stored()) for array in self.array_names())
 
     def missing_blocks(self, name: str) -> list[int]:
-        array = self._array(name)
-        block = (array.shards or array.chunks)[0]
-        n_blocks = -(-array.shape[0] // block)
+        block_rows = self._block_rows(name)
         store = self.group.store
-        return [index for index in range(n_blocks) if not sync(store.exists(self.object_at(name, index * block)))]
+        return [index for index in range(-(-self._array(name).shape[0] // block_rows))
+                if not sync(store.exists(self._block_object(name, index)))]
 
     def objects_in(self, name: str, start: int, stop: int) -> list[str]:
-        array = self._array(name)
-        block = (array.shards or array.chunks)[0]
-        return [self.object_at(name, index * block) for index in range(start // block, -(-stop // block))]
+        block_rows = self._block_rows(name)
+        return [self._block_object(name, index) for index in range(start // block_rows, -(-stop // block_rows))]
 
     def object_at(self, name: str, row: int) -> str:
+        return self._block_object(name, row // self._block_rows(name))
+
+    def _block_rows(self, name: str) -> int:
+        """Rows per stored object of `name`: a shard where the array is sharded, else a chunk."""
         array = self._array(name)
-        tail = "/".join("0" for _ in array.shape[1:])
-        return f"{name}/c/{row // (array.shards or array.chunks)[0]}" + (f"/{tail}" if tail else "")
+        return int((array.shards or array.chunks)[0])
+
+    def _block_object(self, name: str, index: int) -> str:
+        """The key of the object holding block `index` (blocks span every other axis whole)."""
+        tail = "/".join("0" for _ in self._array(name).shape[1:])
+        return f"{name}/c/{index}" + (f"/{tail}" if tail else "")
