@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import re
 import types
 import typing
 from collections.abc import Callable, Iterator
 from dataclasses import MISSING, dataclass
+from pathlib import Path
 from typing import Any, TypeVar, Union
 
 from .errors import ConfigError
@@ -184,6 +186,17 @@ def check_values(config: Any) -> None:
             raise ConfigError(f"{item.flag} must be at most {settings.maximum:g}, got {value}")
         if settings.pattern is not None and not re.fullmatch(settings.pattern, str(value)):
             raise ConfigError(f"{item.flag} {value!r} must match {settings.pattern}")
+
+
+def read_options_file(path: str | Path, what: str) -> dict[str, Any]:
+    """The JSON object of options in a file (`what` names it in errors: "extraction spec", ...)."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"cannot read the {what} {path}: {error}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"the {what} {path} must be a JSON object of options")
+    return values
 
 
 def comma_list(text: str) -> list[str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from safetensors.torch import load, save
 from torch import nn
 
 from featstore.errors import HeadFormatError, IncompatibleHeadError
+from featstore.sharing.location import resolve
 from featstore.store.reader import Store
 
 from .config import EncoderIdentity, HeadConfig
@@ -31,12 +31,6 @@ WEIGHTS_NAME = "model.safetensors"
 HEAD_FORMAT = "featstore-head/2"  # /2: extraction settings in their own section
 READABLE_HEAD_FORMATS = ("featstore-head/1", HEAD_FORMAT)
 WEIGHTS_DIGEST_KEY = "weights_sha256"  # in config.json: sha256 of model.safetensors
-
-
-def _write_whole(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
 
 
 class Head(nn.Module):
@@ -89,8 +83,8 @@ class Head(nn.Module):
         weights = save(state, metadata={"format": HEAD_FORMAT})
         config = {"format": HEAD_FORMAT, WEIGHTS_DIGEST_KEY: hashlib.sha256(weights).hexdigest(),
                   **self.config.to_dict()}
-        _write_whole(directory / WEIGHTS_NAME, weights)
-        _write_whole(directory / CONFIG_NAME, json.dumps(config, indent=2).encode())
+        resolve(directory / WEIGHTS_NAME).write_bytes(weights)  # whole, then renamed into place
+        resolve(directory / CONFIG_NAME).write_bytes(json.dumps(config, indent=2).encode())
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> Head:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from featstore import Store, collate_features, open_store
 from featstore.errors import ConfigError, IncompatibleHeadError, TrainingError
-from featstore.options import check_values, from_flat, option
+from featstore.options import check_values, from_flat, option, read_options_file
 from featstore.store.reader import SequenceFeatures, compact_columns
 
 from .config import SINGLE_LAYER_HEADS, EncoderIdentity, ExtractionIdentity, HeadConfig
@@ -78,13 +78,8 @@ class TrainConfig:
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
         """A JSON file of options (with "heads"), `overrides` (flat names, None: not given) applied."""
-        try:
-            values = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as error:
-            raise ConfigError(f"cannot read the training config {path}: {error}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"the training config {path} must be a JSON object of options")
-        return cls.from_dict({**values, **{k: v for k, v in overrides.items() if v is not None}}, str(path))
+        given = {key: value for key, value in overrides.items() if value is not None}
+        return cls.from_dict({**read_options_file(path, "training config"), **given}, str(path))
 
 
 @dataclass
@@ -237,7 +232,7 @@ class Trainer:
         self.layers = sorted({layer for head in head_configs for layer in head.layers})
         self.steps_per_epoch = -(-len(self.store) // config.batch_size)
         self.runs = [self._new_run(spec, head_config) for spec, head_config in zip(config.heads, head_configs)]
-        self.start_epoch = 0
+        self.start_epoch = self.epochs_done = 0
         if config.resume:
             self._load_state()
 
@@ -328,6 +323,7 @@ class Trainer:
                         {k: round(v, 4) for k, v in record.items() if isinstance(v, float)})
 
     def _save_state(self, epochs_done: int) -> None:
+        self.epochs_done = epochs_done
         state = {"epochs_done": epochs_done, "config": asdict(self.config), "runs": [
             {"name": run.name, "head": run.head.state_dict(), "optimizer": run.optimizer.state_dict(),
              "scheduler": run.scheduler.state_dict(), "rng_state": run.rng_state, "best": run.best,
@@ -354,7 +350,7 @@ class Trainer:
             run.rng_state = saved_run["rng_state"]
             run.best, run.best_epoch = saved_run["best"], saved_run["best_epoch"]
             run.bad_epochs, run.stopped = saved_run["bad_epochs"], saved_run["stopped"]
-        self.start_epoch = state["epochs_done"]
+        self.start_epoch = self.epochs_done = state["epochs_done"]
         logger.info("resuming %s after epoch %d", self.out, self.start_epoch)
 
     def summary(self) -> dict[str, dict[str, Any]]:
@@ -365,7 +361,7 @@ class Trainer:
             metric = run.head.config.task_def.primary_metric
             result[run.name] = {
                 "dir": str(run.output_dir),
-                "saved_epoch": run.best_epoch if evaluated else self._epochs_done(),
+                "saved_epoch": run.best_epoch if evaluated else self.epochs_done,
                 "selected_by": f"best {metric} on the eval store" if evaluated else
                 "last epoch (no --eval-store given)",
                 "best": run.best if evaluated and run.best_epoch > 0 else None,
@@ -373,9 +369,6 @@ class Trainer:
             }
         return result
 
-    def _epochs_done(self) -> int:
-        path = self.out / STATE_NAME
-        return int(torch.load(path, weights_only=False)["epochs_done"]) if path.is_file() else 0
 
 
 def train(config: TrainConfig) -> dict[str, dict[str, Any]]:

@@ -137,16 +137,18 @@ def conll_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_conll(tmp_path_factory.mktemp("corpus") / "train.conll", sentences)
 
 
+def copy_path(source: str, target: Path) -> str:
+    """Copy a store (a Zarr directory or an HDF5 file) to `target`; returns its path."""
+    if Path(source).is_dir():
+        shutil.copytree(source, target)
+    else:
+        shutil.copy(source, target)
+    return str(target)
+
+
 @pytest.fixture()
 def copy_store():
-    def copy(source: str, target: Path) -> str:
-        if Path(source).is_dir():
-            shutil.copytree(source, target)
-        else:
-            shutil.copy(source, target)
-        return str(target)
-
-    return copy
+    return copy_path
 
 
 CONLL_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "conll2003"

@@ -17,6 +17,7 @@ from featstore.errors import CorruptStoreError
 from featstore.extraction.corpus import CorpusSpec
 from featstore.store import format as fmt
 from featstore.store.backends import open_backend
+from tests.conftest import copy_path
 
 BACKENDS = {"zarr": "s.zarr", "hdf5": "s.h5"}
 
@@ -28,11 +29,6 @@ def sound_stores(tiny_models, conll_corpus, tmp_path_factory) -> dict[str, str]:
                                            block_tokens=64, corpus=CorpusSpec(str(conll_corpus)),
                                            progress=False)).path
             for backend, name in BACKENDS.items()}
-
-
-def _copy(source: str, target: Path) -> str:
-    (shutil.copytree if Path(source).is_dir() else shutil.copy)(source, target)
-    return str(target)
 
 
 def _read_everything(path: str) -> None:
@@ -59,7 +55,7 @@ def _hidden_data_offset(store: str) -> tuple[Path, int]:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_flipped_data_byte_is_refused_naming_store_array_and_chunk(sound_stores, tmp_path, backend):
-    damaged = _copy(sound_stores[backend], tmp_path / BACKENDS[backend])
+    damaged = copy_path(sound_stores[backend], tmp_path / BACKENDS[backend])
     _flip_byte(*_hidden_data_offset(damaged))
     with pytest.raises(CorruptStoreError, match=r"hidden_states chunk \d+ \(tokens \d+\.\.\d+") as error:
         _read_everything(damaged)
@@ -71,14 +67,14 @@ def test_a_flipped_data_byte_is_refused_naming_store_array_and_chunk(sound_store
 
 
 def test_a_deleted_shard_never_reads_as_zeros(sound_stores, tmp_path):
-    damaged = _copy(sound_stores["zarr"], tmp_path / "s.zarr")
+    damaged = copy_path(sound_stores["zarr"], tmp_path / "s.zarr")
     (Path(damaged) / fmt.HIDDEN_STATES / "c" / "1" / "0" / "0").unlink()
     with pytest.raises(CorruptStoreError, match=r"object hidden_states/c/1/0/0"):
         _read_everything(damaged)
 
 
 def test_a_flipped_byte_in_a_shard_index_is_refused(sound_stores, tmp_path):
-    damaged = _copy(sound_stores["zarr"], tmp_path / "s.zarr")
+    damaged = copy_path(sound_stores["zarr"], tmp_path / "s.zarr")
     shard = Path(damaged) / fmt.HIDDEN_STATES / "c" / "0" / "0" / "0"
     _flip_byte(shard, shard.stat().st_size - 12)  # inside the index, before its crc32c
     with pytest.raises(CorruptStoreError, match="shard index does not match its crc32c"):
@@ -101,7 +97,7 @@ def _edit_attrs(store: str, edit) -> None:
     (lambda attrs: attrs.pop("integrity"), "integrity section is missing"),
 ])
 def test_edits_that_change_what_the_bytes_mean_are_refused(sound_stores, tmp_path, backend, edit, finding):
-    damaged = _copy(sound_stores[backend], tmp_path / BACKENDS[backend])
+    damaged = copy_path(sound_stores[backend], tmp_path / BACKENDS[backend])
     _edit_attrs(damaged, edit)
     with pytest.raises(CorruptStoreError, match=finding.replace("(", r"\(").replace(")", r"\)")):
         open_store(damaged)
@@ -110,7 +106,7 @@ def test_edits_that_change_what_the_bytes_mean_are_refused(sound_stores, tmp_pat
 
 
 def test_a_changed_array_data_type_is_refused(sound_stores, tmp_path):
-    damaged = _copy(sound_stores["zarr"], tmp_path / "s.zarr")
+    damaged = copy_path(sound_stores["zarr"], tmp_path / "s.zarr")
     metadata_path = Path(damaged) / fmt.HIDDEN_STATES / "zarr.json"
     metadata = json.loads(metadata_path.read_text())
     metadata["data_type"] = "uint16"  # same bytes, garbage values
@@ -123,7 +119,7 @@ def test_a_changed_array_data_type_is_refused(sound_stores, tmp_path):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_damaged_small_arrays_are_refused_at_open(sound_stores, tmp_path, backend):
-    damaged = _copy(sound_stores[backend], tmp_path / BACKENDS[backend])
+    damaged = copy_path(sound_stores[backend], tmp_path / BACKENDS[backend])
     store = open_backend(damaged, "r+")
     labels = store.read(fmt.WORD_LABELS)
     labels[3] = (labels[3] + 1) % 3
@@ -135,7 +131,7 @@ def test_damaged_small_arrays_are_refused_at_open(sound_stores, tmp_path, backen
 
 def test_stores_from_before_checked_reads_still_read_with_one_warning(sound_stores, tmp_path, caplog):
     """A format 1.1 store (block digests, no chunk checksums) opens and reads; one warning per store."""
-    old = _copy(sound_stores["zarr"], tmp_path / "old.zarr")
+    old = copy_path(sound_stores["zarr"], tmp_path / "old.zarr")
     for array in (fmt.HIDDEN_CHECKSUMS, fmt.HIDDEN_SPAN_CHECKSUMS):
         shutil.rmtree(Path(old) / array)
 
@@ -279,7 +275,7 @@ def test_an_interrupted_overwrite_leaves_the_old_store_and_resumes(tiny_models, 
 ])
 def test_reserved_and_nested_store_locations_are_refused(sound_stores, tiny_models, conll_corpus, tmp_path, out,
                                                          message):
-    _copy(sound_stores["zarr"], tmp_path / "inner.zarr")
+    copy_path(sound_stores["zarr"], tmp_path / "inner.zarr")
     with pytest.raises(Exception, match=message):
         _extract(tiny_models, conll_corpus, tmp_path / out)
 
@@ -357,7 +353,7 @@ def test_damaged_heads_are_refused_at_load(trained_head, tmp_path, damage, findi
     from featstore.errors import HeadFormatError
     from heads import Head
 
-    head = Path(_copy(trained_head, tmp_path / "head"))
+    head = Path(copy_path(trained_head, tmp_path / "head"))
     damage(head)
     with pytest.raises(HeadFormatError, match=finding):
         Head.from_pretrained(head)
@@ -366,7 +362,7 @@ def test_damaged_heads_are_refused_at_load(trained_head, tmp_path, damage, findi
 def test_training_on_a_damaged_store_exits_with_an_error(sound_stores, tmp_path, capsys):
     from heads.cli import main as heads_main
 
-    damaged = _copy(sound_stores["hdf5"], tmp_path / "s.h5")
+    damaged = copy_path(sound_stores["hdf5"], tmp_path / "s.h5")
     _flip_byte(*_hidden_data_offset(damaged))
     code = heads_main(["train", "--store", damaged, "--out", str(tmp_path / "head"), "--head", "linear",
                        "--layers", "2", "--epochs", "1", "--no-progress"])

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..options import check_values, from_flat, nested, option, parse_layers, to_flat
+from ..options import check_values, from_flat, nested, option, parse_layers, read_options_file, to_flat
 from ..sharing.lease import DEFAULT_TTL_SECONDS
 from ..store.format import BACKEND_NAMES, STORAGE_DTYPES
 from .corpus import CorpusSpec
@@ -87,13 +87,7 @@ class ExtractSpec:
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> ExtractSpec:
         """A spec saved as JSON (`to_dict`), with `overrides` (flat names) applied."""
-        try:
-            values = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as error:
-            raise ConfigError(f"cannot read the extraction spec {path}: {error}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"the extraction spec {path} must be a JSON object of options")
-        return cls.from_dict({**values, **overrides}, where=str(path))
+        return cls.from_dict({**read_options_file(path, "extraction spec"), **overrides}, where=str(path))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))

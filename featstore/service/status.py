@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 from ..extraction.progress import ExtractProgress
+from ..sharing.location import resolve
 
 STATUS_WRITE_INTERVAL = 0.5
 
 
 def write_status(path: str | Path, progress: ExtractProgress) -> None:
     """Replace the status file atomically (the worker may read it at any moment)."""
-    _replace(Path(path), asdict(progress))
+    _replace(path, asdict(progress))
 
 
 def write_failure(path: str | Path, message: str) -> None:
@@ -28,10 +28,8 @@ def write_failure(path: str | Path, message: str) -> None:
     _replace(path, {**status, "state": "failed", "error": message})
 
 
-def _replace(path: Path, status: dict) -> None:
-    temporary = path.with_suffix(f".{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(status))
-    os.replace(temporary, path)
+def _replace(path: str | Path, status: dict) -> None:
+    resolve(path).write_bytes(json.dumps(status).encode())  # whole, then renamed into place
 
 
 class StatusFileWriter:
