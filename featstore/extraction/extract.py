@@ -63,7 +63,7 @@ def extract(spec: ExtractSpec, on_progress: Callable[[ExtractProgress], None] | 
         out = resolve(spec.out, spec.storage_options)
         check_store_location(out)
         if spec.catalog is None and _existing(out) == STORE and not spec.overwrite:
-            existing = read_manifest(out)
+            existing = _existing_manifest(out)
     corpus = load_corpus(spec.corpus)
     if existing is not None:
         _refuse_a_different_store_early(spec, corpus.fingerprint(), existing, out)
@@ -196,8 +196,20 @@ def _refuse_a_different_store_early(spec: ExtractSpec, corpus_fingerprint: str, 
         ("max_length", spec.max_length, inputs.max_length),
         ("stride", spec.stride, inputs.stride)) if mine is not None and mine != theirs]
     if differing:
-        raise StoreConflictError(f"{location.url} already holds a store made with different arguments (differs "
-                                 f"in: {', '.join(differing)}); use another --out, or --overwrite to replace it")
+        raise _made_differently(location, differing)
+
+
+def _existing_manifest(location: Location) -> StoreManifest:
+    try:
+        return read_manifest(location)
+    except StoreFormatError:
+        raise StoreConflictError(f"{location.url} exists and is not a readable featstore store; choose another "
+                                 "--out or remove it") from None
+
+
+def _made_differently(location: Location, differing: list[str]) -> StoreConflictError:
+    return StoreConflictError(f"{location.url} already holds a store made with different arguments (differs in: "
+                              f"{', '.join(differing) or 'format'}); use another --out, or --overwrite to replace it")
 
 
 def _open_or_create(location: Location, plan: ExtractionPlan) -> tuple[StoreBackend, Location | None]:
@@ -212,11 +224,7 @@ def _open_or_create(location: Location, plan: ExtractionPlan) -> tuple[StoreBack
         location.remove(recursive=True)
     if state != STORE:
         return _create(location, plan), None
-    try:
-        old = read_manifest(location)
-    except StoreFormatError:
-        raise StoreConflictError(f"{location.url} exists and is not a readable featstore store; choose "
-                                 "another --out or remove it") from None
+    old = _existing_manifest(location)
     if old.fingerprint == plan.fingerprint and not spec.overwrite:
         backend = open_backend(location, "r+")
         if not old.complete:
@@ -224,10 +232,7 @@ def _open_or_create(location: Location, plan: ExtractionPlan) -> tuple[StoreBack
                         len(plan.sequences))
         return backend, None
     if not spec.overwrite:
-        differing = old.fingerprint_inputs.differing(plan.manifest.fingerprint_inputs)
-        raise StoreConflictError(f"{location.url} already holds a store made with different arguments "
-                                 f"(differs in: {', '.join(differing) or 'format'}); use another --out, "
-                                 "or --overwrite to replace it")
+        raise _made_differently(location, old.fingerprint_inputs.differing(plan.manifest.fingerprint_inputs))
     if not location.is_local:
         # Object storage has no rename: the old store is deleted first. A reader that still has it open gets
         # checksum errors from then on, never other data (checked reads).
