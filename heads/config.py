@@ -9,9 +9,33 @@ from featstore.store.manifest import EncoderInfo, ExtractionInfo
 
 from .tasks import TASKS, Task
 
-HEAD_TYPES = ("adapter", "linear", "scalar_mix", "mlp", "fusion")
-SINGLE_LAYER_HEADS = ("linear", "mlp")
 IdentityT = TypeVar("IdentityT")
+
+
+@dataclass(frozen=True)
+class HeadType:
+    """What a head type brings to training besides its module: its learning rate and the layers it reads
+    when none are named. Learning rates measured on two corpora (BENCHMARKS.md, "Defaults")."""
+
+    lr: float
+    single_layer: bool = False  # a probe: reads one layer (chosen by a quick sweep when none is named)
+
+
+HEAD_TYPES: dict[str, HeadType] = {
+    "adapter": HeadType(lr=1e-3),
+    "linear": HeadType(lr=1e-2, single_layer=True),
+    "scalar_mix": HeadType(lr=1e-2),
+    "mlp": HeadType(lr=3e-3, single_layer=True),
+    "fusion": HeadType(lr=1e-3),
+}
+
+
+def default_probe_layer(stored_layers: list[int], num_hidden_states: int) -> int:
+    """The layer a probe reads when none is named and there is no eval store to sweep on: the stored layer
+    nearest two thirds of the encoder's depth (probing studies find the upper-middle layers carry the most
+    transferable token features; the last layers lean towards the pre-training objective)."""
+    target = 2 * (num_hidden_states - 1) / 3
+    return min(stored_layers, key=lambda layer: (abs(layer - target), -layer))
 
 
 @dataclass
@@ -73,7 +97,7 @@ class HeadConfig:
             raise ValueError(f"unknown head type {self.head_type!r}; choose one of {', '.join(HEAD_TYPES)}")
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
-        if self.head_type in SINGLE_LAYER_HEADS and len(self.layers) != 1:
+        if HEAD_TYPES[self.head_type].single_layer and len(self.layers) != 1:
             raise ValueError(f"a {self.head_type} head reads exactly one layer, got {self.layers}")
         self.task_def.check_labels(self.label_names)
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from featstore.errors import ConfigError, IncompatibleHeadError, TrainingError
 from featstore.options import check_values, from_flat, option, read_options_file
 from featstore.store.reader import SequenceFeatures, compact_columns
 
-from .config import SINGLE_LAYER_HEADS, EncoderIdentity, ExtractionIdentity, HeadConfig
+from .config import HEAD_TYPES, EncoderIdentity, ExtractionIdentity, HeadConfig, default_probe_layer
 from .head import Head, check_store
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,14 @@ logger = logging.getLogger(__name__)
 STATE_NAME = "trainer_state.pt"
 METRICS_NAME = "metrics.jsonl"
 TRAINING_KEYS = ("lr", "weight_decay", "seed")
+# Epochs when none are given: enough optimiser steps for a small store to converge (BENCHMARKS.md, "Defaults")
+DEFAULT_EPOCHS, MIN_DEFAULT_STEPS, MAX_DEFAULT_EPOCHS = 10, 3000, 50
+LR_BY_TYPE = ", ".join(f"{name} {kind.lr:g}" for name, kind in HEAD_TYPES.items())
+
+
+def default_epochs(steps_per_epoch: int) -> int:
+    """10 epochs, or more on a small store so that training takes at least MIN_DEFAULT_STEPS steps."""
+    return min(MAX_DEFAULT_EPOCHS, max(DEFAULT_EPOCHS, -(-MIN_DEFAULT_STEPS // max(steps_per_epoch, 1))))
 
 
 @dataclass
@@ -49,10 +58,12 @@ class TrainConfig:
                                     default_text="none: the last epoch is saved", metavar="STORE")
     heads: list[dict[str, Any]] = option(default_factory=lambda: [{"type": "adapter"}], flag=False,
                                          help="head specs (set with --head or --config)")
-    epochs: int = option(10, minimum=1, help="passes over the training store")
+    epochs: int | None = option(None, minimum=1, help="passes over the training store",
+                                default_text=f"{DEFAULT_EPOCHS}, or as many as make {MIN_DEFAULT_STEPS:,} steps on a "
+                                f"small store (at most {MAX_DEFAULT_EPOCHS})")
     batch_size: int = option(32, minimum=1, help="sequences per optimiser step")
-    lr: float = option(1e-3, minimum=0, help="peak learning rate of the one-cycle schedule (a head spec's own "
-                       "'lr' wins)")
+    lr: float | None = option(None, minimum=0, help="peak learning rate of the one-cycle schedule (a head spec's "
+                              "own 'lr' wins)", default_text=f"by head type: {LR_BY_TYPE}")
     weight_decay: float = option(0.0, minimum=0, help="AdamW weight decay (0: plain Adam, as in the reference "
                                  "recipe)")
     warmup_ratio: float = option(0.1, minimum=0, maximum=1, help="share of the steps spent warming up before "
@@ -111,12 +122,13 @@ class HeadRun:
 
 def build_head_config(spec: dict[str, Any], store: Store) -> HeadConfig:
     """A HeadConfig from a spec and the store it will train on (layers default by head type)."""
-    spec = {key: value for key, value in spec.items() if key not in TRAINING_KEYS}
-    head_type = spec.pop("type", spec.pop("head_type", "adapter"))
+    head_type = head_type_of(spec)
+    spec = {key: value for key, value in spec.items() if key not in (*TRAINING_KEYS, "type", "head_type")}
     layers = spec.pop("layers", None)
-    if layers is None:
-        layers = store.layers[-1:] if head_type in SINGLE_LAYER_HEADS else store.layers
     encoder = store.manifest.encoder
+    if layers is None:
+        probe = head_type in HEAD_TYPES and HEAD_TYPES[head_type].single_layer
+        layers = [default_probe_layer(store.layers, encoder.num_hidden_states)] if probe else store.layers
     layers = sorted(resolved if (resolved := encoder.resolve_layer(layer)) is not None else layer for layer in layers)
     store.layer_columns(layers)  # raises a clear error for layers the store lacks
     try:
@@ -127,6 +139,10 @@ def build_head_config(spec: dict[str, Any], store: Store) -> HeadConfig:
                           store_fingerprint=store.fingerprint, **spec)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"bad head spec {spec}: {error}") from None
+
+
+def head_type_of(spec: dict[str, Any]) -> str:
+    return spec.get("type", spec.get("head_type", "adapter"))
 
 
 def _batches(items: Iterable[SequenceFeatures], batch_size: int) -> Iterator[dict[str, Any]]:
@@ -213,7 +229,7 @@ def _columns(head_layers: list[int], batch_layers: list[int]) -> slice | list[in
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig) -> None:
+    def __init__(self, config: TrainConfig, max_steps_per_epoch: int | None = None) -> None:
         self.config = config
         self.out = Path(config.out)
         self.store = open_store(config.store)
@@ -222,6 +238,7 @@ class Trainer:
         self.eval_store = open_store(config.eval_store) if config.eval_store else None
         if not config.heads:
             raise ConfigError("no heads to train: list at least one head")
+        # checked before any sweep: names, and every head against both stores (probes at the rule's layer)
         head_configs = [build_head_config(spec, self.store) for spec in config.heads]
         names = [head.name for head in head_configs]
         if len(set(names)) != len(names):
@@ -229,22 +246,46 @@ class Trainer:
         if self.eval_store is not None:  # checked now, not after the first epoch
             for head in head_configs:
                 check_store(head, self.eval_store, f"eval store {config.eval_store}")
+        self.steps_per_epoch = min(-(-len(self.store) // config.batch_size), max_steps_per_epoch or math.inf)
+        self.epochs = config.epochs or default_epochs(self.steps_per_epoch)
+        saved_state = self._read_state() if config.resume else None
+        self.layer_sweeps: dict[int, dict[int, float]] = {}  # head index -> eval metric per layer
+        self.specs = self._with_probe_layers(saved_state)
+        head_configs = [build_head_config(spec, self.store) for spec in self.specs]
         self.layers = sorted({layer for head in head_configs for layer in head.layers})
-        self.steps_per_epoch = -(-len(self.store) // config.batch_size)
-        self.runs = [self._new_run(spec, head_config) for spec, head_config in zip(config.heads, head_configs)]
+        self.runs = [self._new_run(spec, head_config) for spec, head_config in zip(self.specs, head_configs)]
         self.start_epoch = self.epochs_done = 0
-        if config.resume:
-            self._load_state()
+        if saved_state is not None:
+            self._load_state(saved_state)
+
+    def _with_probe_layers(self, saved_state: dict[str, Any] | None) -> list[dict[str, Any]]:
+        """The head specs, with a layer for each probe that names none: the one a quick sweep scores best on
+        the eval store (heads.sweep), the rule's layer without an eval store, the saved one on --resume."""
+        specs = []
+        for index, spec in enumerate(self.config.heads):
+            kind = HEAD_TYPES.get(head_type_of(spec))
+            if spec.get("layers") is None and kind is not None and kind.single_layer:
+                saved = saved_state["runs"][index].get("layers") if saved_state is not None else None
+                if saved is not None:
+                    spec = {**spec, "layers": saved}
+                elif self.eval_store is not None:
+                    from .sweep import sweep_layers  # the sweep trains probes with this class
+
+                    scores = sweep_layers(self.config, spec, self.store.layers)
+                    spec = {**spec, "layers": [max(scores, key=scores.__getitem__)]}
+                    self.layer_sweeps[index] = scores
+            specs.append(spec)
+        return specs
 
     def _new_run(self, spec: dict[str, Any], head_config: HeadConfig) -> HeadRun:
         seed = spec.get("seed", self.config.seed)
         torch.manual_seed(seed)
         head = Head(head_config).to(self.config.device)
-        lr = spec.get("lr", self.config.lr)
+        lr = spec.get("lr", self.config.lr if self.config.lr is not None else HEAD_TYPES[head_config.head_type].lr)
         optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=spec.get("weight_decay",
                                                                                       self.config.weight_decay))
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=lr, total_steps=max(self.steps_per_epoch * self.config.epochs, 1),
+            optimizer, max_lr=lr, total_steps=max(self.steps_per_epoch * self.epochs, 1),
             pct_start=self.config.warmup_ratio, anneal_strategy="cos")
         output_dir = self.out if len(self.config.heads) == 1 else self.out / head_config.name
         return HeadRun(head_config.name, head, optimizer, scheduler, _columns(head_config.layers, self.layers),
@@ -256,7 +297,10 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         if not config.resume:  # a new run starts a new log; a resumed one continues it
             (self.out / METRICS_NAME).unlink(missing_ok=True)
-        for epoch in range(self.start_epoch, config.epochs):
+            for index, scores in self.layer_sweeps.items():
+                self._log({"event": "layer_sweep", "head": self.runs[index].name, "scores": scores,
+                           "chosen": self.runs[index].head.config.layers[0]})
+        for epoch in range(self.start_epoch, self.epochs):
             active = [run for run in self.runs if not run.stopped]
             if not active:
                 break
@@ -264,8 +308,8 @@ class Trainer:
             for run in active:
                 run.head.train()
             items = self.store.iter_epoch(layers=self.layers, seed=config.seed, epoch=epoch)
-            bar = tqdm(_batches(items, config.batch_size), total=self.steps_per_epoch, desc=f"epoch {epoch + 1}",
-                       unit="batch", disable=not config.progress)
+            bar = tqdm(islice(_batches(items, config.batch_size), self.steps_per_epoch), total=self.steps_per_epoch,
+                       desc=f"epoch {epoch + 1}", unit="batch", disable=not config.progress)
             for step, batch in enumerate(bar):
                 for run in active:
                     loss = self._step(run, batch)
@@ -327,17 +371,21 @@ class Trainer:
         state = {"epochs_done": epochs_done, "config": asdict(self.config), "runs": [
             {"name": run.name, "head": run.head.state_dict(), "optimizer": run.optimizer.state_dict(),
              "scheduler": run.scheduler.state_dict(), "rng_state": run.rng_state, "best": run.best,
-             "best_epoch": run.best_epoch, "bad_epochs": run.bad_epochs, "stopped": run.stopped}
+             "best_epoch": run.best_epoch, "bad_epochs": run.bad_epochs, "stopped": run.stopped,
+             "layers": run.head.config.layers}
             for run in self.runs]}
         temporary = self.out / (STATE_NAME + ".tmp")
         torch.save(state, temporary)
         temporary.replace(self.out / STATE_NAME)  # atomic: a crash never leaves a half-written checkpoint
 
-    def _load_state(self) -> None:
+    def _read_state(self) -> dict[str, Any]:
         path = self.out / STATE_NAME
         if not path.is_file():
             raise ConfigError(f"--resume: no checkpoint at {path}; start without --resume")
-        state = torch.load(path, weights_only=False)
+        return torch.load(path, weights_only=False)
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        path = self.out / STATE_NAME
         saved = {key: value for key, value in state["config"].items() if key not in ("resume", "progress")}
         current = {key: value for key, value in asdict(self.config).items() if key not in ("resume", "progress")}
         if saved != current:
@@ -357,10 +405,12 @@ class Trainer:
         """Per head: where it was saved, which epoch, and why (valid JSON: no infinities)."""
         evaluated = self.eval_store is not None
         result = {}
-        for run in self.runs:
+        for index, run in enumerate(self.runs):
             metric = run.head.config.task_def.primary_metric
             result[run.name] = {
                 "dir": str(run.output_dir),
+                "layers": run.head.config.layers,
+                **({"layer_sweep": self.layer_sweeps[index]} if index in self.layer_sweeps else {}),
                 "saved_epoch": run.best_epoch if evaluated else self.epochs_done,
                 "selected_by": f"best {metric} on the eval store" if evaluated else
                 "last epoch (no --eval-store given)",

@@ -10,6 +10,7 @@ import pytest
 import featstore
 from featstore.cli import build_parser as featstore_parser
 from featstore.cli import main as featstore_main
+from heads import HEAD_TYPES
 from heads.cli import build_parser as heads_parser
 from heads.cli import main as heads_main
 
@@ -33,7 +34,9 @@ def test_training_help_shows_the_defaults():
         return " ".join(options.split("\n  " + flag, 1)[1].split("\n  -", 1)[0].split())
 
     train = _subcommands(heads_parser())["train"]
-    for flag, default in (("--epochs", "10"), ("--batch-size", "32"), ("--lr", "0.001"), ("--patience", "3")):
+    lr_by_type = ", ".join(f"{name} {kind.lr:g}" for name, kind in HEAD_TYPES.items())
+    for flag, default in (("--epochs", "10, or as many as make 3,000 steps"), ("--batch-size", "32"),
+                          ("--lr", f"by head type: {lr_by_type}"), ("--patience", "3")):
         assert f"default: {default}" in option_help(train, flag), flag
     assert "default: " in option_help(_subcommands(featstore_parser())["extract"], "--max-batch-tokens")
 

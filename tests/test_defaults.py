@@ -1,0 +1,89 @@
+"""What `heads train` does with what a user leaves out: learning rate by head type, epochs that reach enough
+steps, and the layer of a probe that names none (a sweep on the eval store, else the rule)."""
+
+import json
+
+import pytest
+
+import heads.sweep
+from heads import HEAD_TYPES, TrainConfig, Trainer, train
+from heads.cli import main as heads_main
+from heads.config import default_probe_layer
+from heads.trainer import DEFAULT_EPOCHS, MAX_DEFAULT_EPOCHS, MIN_DEFAULT_STEPS, default_epochs
+
+from .test_heads import ner_stores  # noqa: F401  (fixture)
+
+
+def _config(stores, out, heads, **options):
+    return TrainConfig(store=stores["train"], eval_store=options.pop("eval_store", stores["dev"]), out=str(out),
+                       heads=heads, batch_size=16, progress=False, **options)
+
+
+def _peak_lr(run):
+    return run.optimizer.param_groups[0]["max_lr"]
+
+
+def test_learning_rate_by_head_type_unless_given(ner_stores, tmp_path):
+    specs = [{"type": name, "name": name, **({"layers": [1]} if kind.single_layer else {})}
+             for name, kind in HEAD_TYPES.items()]
+    trainer = Trainer(_config(ner_stores, tmp_path, [*specs, {"type": "adapter", "name": "own", "lr": 0.02}]))
+    assert {run.name: _peak_lr(run) for run in trainer.runs} == {
+        **{name: kind.lr for name, kind in HEAD_TYPES.items()}, "own": 0.02}
+    given = Trainer(_config(ner_stores, tmp_path, specs, lr=0.004))  # --lr applies to every head without its own
+    assert {_peak_lr(run) for run in given.runs} == {0.004}
+
+
+def test_default_epochs_give_small_stores_enough_steps(ner_stores, tmp_path):
+    assert default_epochs(10_000) == DEFAULT_EPOCHS
+    assert default_epochs(MIN_DEFAULT_STEPS // 30) == 30
+    assert default_epochs(1) == MAX_DEFAULT_EPOCHS
+    spec = [{"type": "adapter"}]
+    trainer = Trainer(_config(ner_stores, tmp_path, spec))  # 240 sentences / 16 = 15 steps per epoch
+    assert trainer.steps_per_epoch == 15 and trainer.epochs == default_epochs(15) == MAX_DEFAULT_EPOCHS
+    assert Trainer(_config(ner_stores, tmp_path, spec, epochs=2)).epochs == 2  # given: exactly that many
+
+
+def test_probe_layer_rule_without_an_eval_store(ner_stores, tmp_path):
+    assert default_probe_layer(list(range(7)), 7) == 4  # 6 layers + embeddings: two thirds up
+    assert default_probe_layer(list(range(13)), 13) == 8
+    assert default_probe_layer([0, 6], 7) == 6  # the stored layer nearest the target
+    assert default_probe_layer([0, 1, 2], 13) == 2
+    summary = train(_config(ner_stores, tmp_path, [{"type": "linear"}], eval_store=None, epochs=1))
+    assert summary["linear"]["layers"] == [default_probe_layer(open_layers(ner_stores), 3)]
+    assert "layer_sweep" not in summary["linear"]
+
+
+def open_layers(stores):
+    from featstore import open_store
+
+    with open_store(stores["train"]) as store:
+        assert store.manifest.encoder.num_hidden_states == 3
+        return store.layers
+
+
+def test_probe_layer_chosen_by_a_sweep_on_the_eval_store(ner_stores, tmp_path, monkeypatch):
+    summary = train(_config(ner_stores, tmp_path / "probe", [{"type": "linear", "seed": 3}], epochs=2, patience=None))
+    scores = summary["linear"]["layer_sweep"]
+    assert summary["linear"]["layers"] == [max(scores, key=scores.get)]
+    # each score is what that probe alone scores after one epoch: the sweep measures, it does not guess
+    for layer in open_layers(ner_stores):
+        alone = train(_config(ner_stores, tmp_path / f"alone{layer}", [{"type": "linear", "layers": [layer],
+                                                                         "seed": 3}], epochs=1, patience=None))
+        assert alone["linear"]["best"] == pytest.approx(scores[layer], abs=1e-9)
+    records = [json.loads(line) for line in (tmp_path / "probe" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["event"] == "layer_sweep" and records[0]["chosen"] == summary["linear"]["layers"][0]
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a resumed run must reuse the layer it chose")
+
+    monkeypatch.setattr(heads.sweep, "sweep_layers", forbidden)
+    resumed = Trainer(_config(ner_stores, tmp_path / "probe", [{"type": "linear", "seed": 3}], epochs=2,
+                              patience=None, resume=True))
+    assert resumed.runs[0].head.config.layers == summary["linear"]["layers"]
+
+
+def test_cli_summary_says_which_layer_and_why(ner_stores, tmp_path, capsys):
+    assert heads_main(["train", "--store", ner_stores["train"], "--eval-store", ner_stores["dev"], "--out",
+                       str(tmp_path), "--head", "mlp", "--epochs", "1", "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out)["mlp"]
+    assert len(summary["layers"]) == 1 and set(summary["layer_sweep"]) == {"0", "1", "2"}

@@ -1,0 +1,146 @@
+"""The measurements behind `heads train`'s defaults (not a test): figures for BENCHMARKS.md "Defaults".
+
+Two corpora, both scored with entity/chunk span F1 (seqeval):
+- conll-ner: CoNLL-2003 NER (news; 14,041 training sentences; 4 entity types).
+- chunk-3k: CoNLL-2003's syntactic chunk column (a different task: 11 phrase types, nearly every word in a
+  span) on a random 3,000-sentence training sample: the size of a small in-house or tweet corpus, where a
+  fixed 10 epochs is only ~940 optimiser steps.
+
+Phases (each writes its figures to the JSON file as it goes):
+- `lr`: a learning-rate grid per head type (one pass over the store trains every grid point together; each
+  head keeps its own RNG stream, so this equals separate runs), dev F1 of the best epoch.
+- `layers`: a linear probe per layer, full training, against the quick one-epoch sweep the trainer runs when
+  no layer is named: does the sweep pick the layer that full training would?
+- `defaults`: `heads train --head TYPE --eval-store DEV` for every head type, with the defaults of v0.2
+  (lr 1e-3, the last layer for probes, 10 epochs) and with today's, same seeds; test F1.
+
+    HF_HUB_OFFLINE=1 python tools/bench_defaults.py --data ../shared/data/conll2003 --workdir /tmp/bench-defaults \
+        --json benchmarks/defaults-2026-11-23.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from featstore import ExtractConfig, extract
+from featstore.extraction.corpus import CorpusSpec
+from heads import TrainConfig, Trainer, evaluate_heads
+from heads.config import HEAD_TYPES
+
+CORPORA: dict[str, dict[str, Any]] = {  # name -> CoNLL tag column and training sample size (None: all)
+    "conll-ner": {"tag_column": 3, "train_sentences": None},
+    "chunk-3k": {"tag_column": 2, "train_sentences": 3000},
+}
+LR_GRID = {"linear": [1e-3, 3e-3, 1e-2, 3e-2], "mlp": [3e-4, 1e-3, 3e-3, 1e-2],
+           "scalar_mix": [1e-3, 3e-3, 1e-2, 3e-2], "fusion": [3e-4, 1e-3, 3e-3], "adapter": [3e-4, 1e-3, 3e-3]}
+V02_DEFAULTS = {"lr": 1e-3, "epochs": 10}  # v0.2: one lr for every head, probes on the last layer
+
+
+class Recorder:
+    """Accumulates results and rewrites the JSON file after every step, so a long run keeps what it measured."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.results: dict[str, Any] = json.loads(path.read_text()) if path and path.exists() else {}
+        self.results.update(machine=f"{platform.node()} {platform.machine()}, {torch.get_num_threads()} torch "
+                            "threads", torch=torch.__version__)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.results[key] = value
+        print(f"{key}: {json.dumps(value)}", flush=True)
+        if self.path:
+            self.path.write_text(json.dumps(self.results, indent=2))
+
+
+def _sentences(path: Path) -> list[str]:
+    return [block for block in path.read_text().split("\n\n") if block.strip()]
+
+
+def prepare(data: Path, workdir: Path, record: Recorder) -> dict[str, dict[str, str]]:
+    """Every corpus's train/dev/test stores (extracted once, reused on later runs)."""
+    stores: dict[str, dict[str, str]] = {}
+    for corpus, settings in CORPORA.items():
+        stores[corpus] = {}
+        # every tag of the column in any split: a sample of train may lack a rare one that dev has
+        labels = sorted({line.split()[settings["tag_column"]] for split in ("train", "dev", "test")
+                         for line in (data / f"{split}.txt").read_text().splitlines() if line.strip()})
+        for split in ("train", "dev", "test"):
+            source = data / f"{split}.txt"
+            if split == "train" and settings["train_sentences"]:
+                sample = random.Random(0).sample(_sentences(source), settings["train_sentences"])
+                source = workdir / f"{corpus}-train.txt"
+                source.write_text("\n\n".join(sample) + "\n")
+            started = time.perf_counter()
+            result = extract(ExtractConfig(out=str(workdir / f"{corpus}-{split}.zarr"), progress=False,
+                                           corpus=CorpusSpec(str(source), format="conll",
+                                                             conll_tag_column=settings["tag_column"],
+                                                             label_names=labels)))
+            if not result.already_complete:
+                record[f"{corpus}_extract_{split}_seconds"] = round(time.perf_counter() - started, 1)
+            stores[corpus][split] = result.path
+    return stores
+
+
+def run(stores: dict[str, str], out: Path, heads: list[dict[str, Any]], **options: Any) -> dict[str, Any]:
+    """One training pass over `heads` (dev picks the epoch); returns the trainer's summary with test F1 added."""
+    trainer = Trainer(TrainConfig(store=stores["train"], eval_store=stores["dev"], out=str(out), heads=heads,
+                                  progress=False, **options))
+    summary = trainer.train()
+    tested = evaluate_heads([Path(result["dir"]) for result in summary.values()], stores["test"])
+    for result, test in zip(summary.values(), tested):
+        result["test_f1"] = round(100 * test["metrics"]["f1"], 2)
+        result["best"] = None if result["best"] is None else round(100 * result["best"], 2)
+    return summary
+
+
+def lr_phase(stores: dict[str, dict[str, str]], workdir: Path, record: Recorder, seed: int) -> None:
+    for corpus, corpus_stores in reversed(stores.items()):  # the small corpus first: quick answers
+        for head_type in HEAD_TYPES:
+            key = f"lr_{corpus}_{head_type}_seed{seed}"
+            if key in record.results:
+                continue
+            # linear probes on every layer (cheap; the layer phase reads them too), MLP probes on two
+            probe_layers = {"linear": [[layer] for layer in range(7)], "mlp": [[3], [6]]}.get(head_type, [None])
+            heads = [{"type": head_type, "name": f"{head_type}_lr{lr:g}" + (f"_L{layers[0]}" if layers else ""),
+                      "lr": lr, **({"layers": layers} if layers else {})}
+                     for lr in LR_GRID[head_type] for layers in probe_layers]
+            started = time.perf_counter()
+            summary = run(corpus_stores, workdir / key, heads, seed=seed, patience=None, epochs=10)
+            record[key] = {name: {"dev_f1": result["best"], "best_epoch": result["saved_epoch"],
+                                  "test_f1": result["test_f1"]} for name, result in summary.items()}
+            record[f"{key}_seconds"] = round(time.perf_counter() - started, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="../shared/data/conll2003", help="CoNLL-2003 folder")
+    parser.add_argument("--workdir", default="bench-defaults", help="stores and heads go here")
+    parser.add_argument("--json", help="write figures here as they are measured (a run continues a file)")
+    parser.add_argument("--phases", nargs="*", default=["lr", "layers", "defaults"],
+                        choices=["extract", "lr", "layers", "defaults"])
+    parser.add_argument("--seeds", type=int, nargs="*", default=[1, 2, 3])
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    data, workdir = Path(args.data), Path(args.workdir)
+    if not (data / "train.txt").exists():
+        raise SystemExit(f"CoNLL-2003 not found under {data}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    record = Recorder(Path(args.json) if args.json else None)
+    stores = prepare(data, workdir, record)
+    if "lr" in args.phases:
+        lr_phase(stores, workdir, record, seed=args.seeds[0])
+    np.set_printoptions(precision=2)
+
+
+if __name__ == "__main__":
+    main()
