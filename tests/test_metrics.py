@@ -12,6 +12,20 @@ def test_entity_level_f1_counts_whole_entities():
     assert metrics["token_accuracy"] == pytest.approx(0.75)
 
 
+def test_micro_figures_equal_seqeval_scores():
+    from seqeval.metrics import f1_score, precision_score, recall_score
+
+    rng = np.random.default_rng(0)
+    tags = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG"]
+    gold = [list(rng.choice(tags, size=rng.integers(1, 12))) for _ in range(300)]
+    predicted = [[tag if rng.random() < 0.7 else str(rng.choice(tags)) for tag in row] for row in gold]
+    metrics = tagging_metrics(gold, predicted)
+    assert metrics["f1"] == pytest.approx(f1_score(gold, predicted))
+    assert metrics["precision"] == pytest.approx(precision_score(gold, predicted))
+    assert metrics["recall"] == pytest.approx(recall_score(gold, predicted))
+    assert 0.3 < metrics["f1"] < 0.9
+
+
 def test_classification_accuracy_and_macro_f1():
     metrics = classification_metrics(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]), 2)
     assert metrics["accuracy"] == pytest.approx(0.75)

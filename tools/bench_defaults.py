@@ -29,20 +29,28 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from featstore import ExtractConfig, extract
 from featstore.extraction.corpus import CorpusSpec
 from heads import TrainConfig, Trainer, evaluate_heads
 from heads.config import HEAD_TYPES
+from heads.sweep import sweep_layers
 
 CORPORA: dict[str, dict[str, Any]] = {  # name -> CoNLL tag column and training sample size (None: all)
     "conll-ner": {"tag_column": 3, "train_sentences": None},
     "chunk-3k": {"tag_column": 2, "train_sentences": 3000},
 }
-LR_GRID = {"linear": [1e-3, 3e-3, 1e-2, 3e-2], "mlp": [3e-4, 1e-3, 3e-3, 1e-2],
-           "scalar_mix": [1e-3, 3e-3, 1e-2, 3e-2], "fusion": [3e-4, 1e-3, 3e-3], "adapter": [3e-4, 1e-3, 3e-3]}
+# (learning rates, probe layers) per head type. The small corpus gets the wide grid, one training pass per head
+# type; CoNLL-2003 (4.7x the steps per epoch) a narrower grid around the small corpus's optimum, in one pass.
+LR_GRID = {
+    "chunk-3k": {"adapter": ([3e-4, 1e-3, 3e-3], [None]), "linear": ([1e-3, 3e-3, 1e-2, 3e-2], range(7)),
+                 "scalar_mix": ([1e-3, 3e-3, 1e-2, 3e-2], [None]), "mlp": ([3e-4, 1e-3, 3e-3, 1e-2], [3, 6]),
+                 "fusion": ([3e-4, 1e-3, 3e-3], [None])},
+    "conll-ner": {"linear": ([3e-3, 1e-2, 3e-2], [3, 4, 6]), "mlp": ([1e-3, 3e-3, 1e-2], [4]),
+                  "scalar_mix": ([3e-3, 1e-2, 3e-2], [None]), "fusion": ([3e-4, 1e-3, 3e-3], [None])},
+}
+LR_ONE_PASS = ("conll-ner",)
 V02_DEFAULTS = {"lr": 1e-3, "epochs": 10}  # v0.2: one lr for every head, probes on the last layer
 
 
@@ -104,21 +112,76 @@ def run(stores: dict[str, str], out: Path, heads: list[dict[str, Any]], **option
 
 
 def lr_phase(stores: dict[str, dict[str, str]], workdir: Path, record: Recorder, seed: int) -> None:
+    """Dev F1 (best epoch, 10 epochs, no early stopping) and test F1 of every grid point."""
     for corpus, corpus_stores in reversed(stores.items()):  # the small corpus first: quick answers
-        for head_type in HEAD_TYPES:
-            key = f"lr_{corpus}_{head_type}_seed{seed}"
+        grid = LR_GRID[corpus]
+        passes = {"all": list(grid)} if corpus in LR_ONE_PASS else {head_type: [head_type] for head_type in grid}
+        for name, head_types in passes.items():
+            key = f"lr_{corpus}_{name}_seed{seed}"
             if key in record.results:
                 continue
-            # linear probes on every layer (cheap; the layer phase reads them too), MLP probes on two
-            probe_layers = {"linear": [[layer] for layer in range(7)], "mlp": [[3], [6]]}.get(head_type, [None])
-            heads = [{"type": head_type, "name": f"{head_type}_lr{lr:g}" + (f"_L{layers[0]}" if layers else ""),
-                      "lr": lr, **({"layers": layers} if layers else {})}
-                     for lr in LR_GRID[head_type] for layers in probe_layers]
+            heads = [{"type": head_type, "lr": lr, "layers": None if layer is None else [layer],
+                      "name": f"{head_type}_lr{lr:g}" + ("" if layer is None else f"_L{layer}")}
+                     for head_type in head_types for lr in grid[head_type][0] for layer in grid[head_type][1]]
             started = time.perf_counter()
             summary = run(corpus_stores, workdir / key, heads, seed=seed, patience=None, epochs=10)
             record[key] = {name: {"dev_f1": result["best"], "best_epoch": result["saved_epoch"],
                                   "test_f1": result["test_f1"]} for name, result in summary.items()}
             record[f"{key}_seconds"] = round(time.perf_counter() - started, 1)
+
+
+def layers_phase(stores: dict[str, dict[str, str]], workdir: Path, record: Recorder, seed: int) -> None:
+    """The quick sweep's dev F1 per layer (what the trainer ranks layers by) and its time, per probe type."""
+    for corpus, corpus_stores in reversed(stores.items()):
+        for head_type in ("linear", "mlp"):
+            key = f"sweep_{corpus}_{head_type}_seed{seed}"
+            if key in record.results:
+                continue
+            config = TrainConfig(store=corpus_stores["train"], eval_store=corpus_stores["dev"], out=str(workdir),
+                                 seed=seed, progress=False)
+            started = time.perf_counter()
+            scores = sweep_layers(config, {"type": head_type}, list(range(7)))
+            record[key] = {"dev_f1": {layer: round(100 * f1, 2) for layer, f1 in scores.items()},
+                           "chosen": max(scores, key=scores.__getitem__),
+                           "seconds": round(time.perf_counter() - started, 1)}
+
+
+def _head_specs(settings: str) -> list[dict[str, Any]]:
+    """Every head type as `heads train --head TYPE` makes it: with v0.2's defaults or today's."""
+    if settings == "after":
+        return [{"type": head_type, "name": head_type} for head_type in HEAD_TYPES]
+    return [{"type": head_type, "name": head_type, "lr": V02_DEFAULTS["lr"],
+             **({"layers": [-1]} if kind.single_layer else {})} for head_type, kind in HEAD_TYPES.items()]
+
+
+def defaults_phase(stores: dict[str, dict[str, str]], workdir: Path, record: Recorder, seeds: list[int]) -> None:
+    """Test F1 of each head type trained with `heads train --head TYPE --eval-store DEV` and nothing else, under
+    v0.2's defaults and today's, same seeds. A head whose settings (lr, epochs, layer) come out the same both
+    ways is trained once: the trainer is deterministic, so it would give the same weights."""
+    for corpus, corpus_stores in reversed(stores.items()):
+        for seed in seeds:
+            before_key, after_key = f"defaults_{corpus}_before_seed{seed}", f"defaults_{corpus}_after_seed{seed}"
+            if before_key not in record.results:
+                summary = run(corpus_stores, workdir / before_key, _head_specs("before"), seed=seed,
+                              epochs=V02_DEFAULTS["epochs"])
+                record[before_key] = {name: {"test_f1": result["test_f1"], "layers": result["layers"],
+                                             "saved_epoch": result["saved_epoch"], "lr": V02_DEFAULTS["lr"],
+                                             "epochs": V02_DEFAULTS["epochs"]} for name, result in summary.items()}
+            if after_key in record.results:
+                continue
+            config = TrainConfig(store=corpus_stores["train"], eval_store=corpus_stores["dev"], out=str(workdir),
+                                 heads=[{"type": "adapter"}], seed=seed, progress=False)
+            epochs = Trainer(config).epochs
+            changed = [spec for spec in _head_specs("after")
+                       if HEAD_TYPES[spec["type"]].single_layer or epochs != V02_DEFAULTS["epochs"]
+                       or HEAD_TYPES[spec["type"]].lr != V02_DEFAULTS["lr"]]
+            summary = run(corpus_stores, workdir / after_key, changed, seed=seed) if changed else {}
+            record[after_key] = {
+                head_type: {"test_f1": summary[head_type]["test_f1"], "layers": summary[head_type]["layers"],
+                            "saved_epoch": summary[head_type]["saved_epoch"], "lr": HEAD_TYPES[head_type].lr,
+                            "epochs": epochs} if head_type in summary else
+                {**record.results[before_key][head_type], "same_settings_as_before": True}
+                for head_type in HEAD_TYPES}
 
 
 def main() -> None:
@@ -139,7 +202,10 @@ def main() -> None:
     stores = prepare(data, workdir, record)
     if "lr" in args.phases:
         lr_phase(stores, workdir, record, seed=args.seeds[0])
-    np.set_printoptions(precision=2)
+    if "layers" in args.phases:
+        layers_phase(stores, workdir, record, seed=args.seeds[0])
+    if "defaults" in args.phases:
+        defaults_phase(stores, workdir, record, args.seeds)
 
 
 if __name__ == "__main__":
