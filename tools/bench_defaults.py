@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from featstore import ExtractConfig, extract
@@ -46,9 +47,9 @@ CORPORA: dict[str, dict[str, Any]] = {  # name -> CoNLL tag column and training 
 LR_GRID = {
     "chunk-3k": {"adapter": ([3e-4, 1e-3, 3e-3], [None]), "linear": ([1e-3, 3e-3, 1e-2, 3e-2], range(7)),
                  "scalar_mix": ([1e-3, 3e-3, 1e-2, 3e-2], [None]), "mlp": ([3e-4, 1e-3, 3e-3, 1e-2], [3, 6]),
-                 "fusion": ([3e-4, 1e-3, 3e-3], [None])},
+                 "fusion": ([3e-4, 1e-3, 3e-3, 1e-2], [None])},
     "conll-ner": {"linear": ([3e-3, 1e-2, 3e-2], [3, 4, 6]), "mlp": ([1e-3, 3e-3, 1e-2], [4]),
-                  "scalar_mix": ([3e-3, 1e-2, 3e-2], [None]), "fusion": ([3e-4, 1e-3, 3e-3], [None])},
+                  "scalar_mix": ([3e-3, 1e-2, 3e-2], [None]), "fusion": ([1e-3, 3e-3, 1e-2], [None])},
 }
 LR_ONE_PASS = ("conll-ner",)
 V02_DEFAULTS = {"lr": 1e-3, "epochs": 10}  # v0.2: one lr for every head, probes on the last layer
@@ -184,13 +185,30 @@ def defaults_phase(stores: dict[str, dict[str, str]], workdir: Path, record: Rec
                 for head_type in HEAD_TYPES}
 
 
+def print_tables(results: dict[str, Any], seeds: list[int]) -> None:
+    """Markdown tables of the defaults phase (test F1 per head type, mean and range over seeds)."""
+    for corpus in reversed(CORPORA):
+        print(f"\n{corpus}\n\n| head | v0.2 defaults | today's defaults | today: lr, epochs, layer |")
+        print("|---|---|---|---|")
+        for head_type in HEAD_TYPES:
+            cells, settings = [], ""
+            for when in ("before", "after"):
+                rows = [results.get(f"defaults_{corpus}_{when}_seed{seed}", {}).get(head_type) for seed in seeds]
+                scores = [row["test_f1"] for row in rows if row]
+                cells.append(f"{np.mean(scores):.2f} ({min(scores):.2f}-{max(scores):.2f})" if scores else "-")
+                if when == "after" and rows and rows[0]:
+                    layers = {tuple(row["layers"]) for row in rows if row and HEAD_TYPES[head_type].single_layer}
+                    settings = f"{rows[0]['lr']:g}, {rows[0]['epochs']}" + (f", {sorted(layers)}" if layers else "")
+            print(f"| {head_type} | {cells[0]} | {cells[1]} | {settings} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="../shared/data/conll2003", help="CoNLL-2003 folder")
     parser.add_argument("--workdir", default="bench-defaults", help="stores and heads go here")
     parser.add_argument("--json", help="write figures here as they are measured (a run continues a file)")
     parser.add_argument("--phases", nargs="*", default=["lr", "layers", "defaults"],
-                        choices=["extract", "lr", "layers", "defaults"])
+                        choices=["extract", "lr", "layers", "defaults", "tables"])
     parser.add_argument("--seeds", type=int, nargs="*", default=[1, 2, 3])
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -206,6 +224,8 @@ def main() -> None:
         layers_phase(stores, workdir, record, seed=args.seeds[0])
     if "defaults" in args.phases:
         defaults_phase(stores, workdir, record, args.seeds)
+    if "tables" in args.phases:
+        print_tables(record.results, args.seeds)
 
 
 if __name__ == "__main__":
