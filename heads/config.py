@@ -26,7 +26,7 @@ HEAD_TYPES: dict[str, HeadType] = {
     "linear": HeadType(lr=1e-2, single_layer=True),
     "scalar_mix": HeadType(lr=1e-2),
     "mlp": HeadType(lr=3e-3, single_layer=True),
-    "fusion": HeadType(lr=3e-3),
+    "fusion": HeadType(lr=1e-2),
 }
 
 

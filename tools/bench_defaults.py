@@ -147,23 +147,25 @@ def layers_phase(stores: dict[str, dict[str, str]], workdir: Path, record: Recor
                            "seconds": round(time.perf_counter() - started, 1)}
 
 
-def _head_specs(settings: str) -> list[dict[str, Any]]:
-    """Every head type as `heads train --head TYPE` makes it: with v0.2's defaults or today's."""
+def _head_specs(settings: str, head_types: list[str]) -> list[dict[str, Any]]:
+    """Each head type as `heads train --head TYPE` makes it: with v0.2's defaults or today's."""
     if settings == "after":
-        return [{"type": head_type, "name": head_type} for head_type in HEAD_TYPES]
+        return [{"type": head_type, "name": head_type} for head_type in head_types]
     return [{"type": head_type, "name": head_type, "lr": V02_DEFAULTS["lr"],
-             **({"layers": [-1]} if kind.single_layer else {})} for head_type, kind in HEAD_TYPES.items()]
+             **({"layers": [-1]} if HEAD_TYPES[head_type].single_layer else {})} for head_type in head_types]
 
 
-def defaults_phase(stores: dict[str, dict[str, str]], workdir: Path, record: Recorder, seeds: list[int]) -> None:
+def defaults_phase(stores: dict[str, dict[str, str]], workdir: Path, record: Recorder, seeds: list[int],
+                   head_types: list[str], corpora: list[str]) -> None:
     """Test F1 of each head type trained with `heads train --head TYPE --eval-store DEV` and nothing else, under
     v0.2's defaults and today's, same seeds. A head whose settings (lr, epochs, layer) come out the same both
     ways is trained once: the trainer is deterministic, so it would give the same weights."""
-    for corpus, corpus_stores in reversed(stores.items()):
+    for corpus in corpora:
+        corpus_stores = stores[corpus]
         for seed in seeds:
             before_key, after_key = f"defaults_{corpus}_before_seed{seed}", f"defaults_{corpus}_after_seed{seed}"
             if before_key not in record.results:
-                summary = run(corpus_stores, workdir / before_key, _head_specs("before"), seed=seed,
+                summary = run(corpus_stores, workdir / before_key, _head_specs("before", head_types), seed=seed,
                               epochs=V02_DEFAULTS["epochs"])
                 record[before_key] = {name: {"test_f1": result["test_f1"], "layers": result["layers"],
                                              "saved_epoch": result["saved_epoch"], "lr": V02_DEFAULTS["lr"],
@@ -173,7 +175,7 @@ def defaults_phase(stores: dict[str, dict[str, str]], workdir: Path, record: Rec
             config = TrainConfig(store=corpus_stores["train"], eval_store=corpus_stores["dev"], out=str(workdir),
                                  heads=[{"type": "adapter"}], seed=seed, progress=False)
             epochs = Trainer(config).epochs
-            changed = [spec for spec in _head_specs("after")
+            changed = [spec for spec in _head_specs("after", head_types)
                        if HEAD_TYPES[spec["type"]].single_layer or epochs != V02_DEFAULTS["epochs"]
                        or HEAD_TYPES[spec["type"]].lr != V02_DEFAULTS["lr"]]
             summary = run(corpus_stores, workdir / after_key, changed, seed=seed) if changed else {}
@@ -182,11 +184,15 @@ def defaults_phase(stores: dict[str, dict[str, str]], workdir: Path, record: Rec
                             "saved_epoch": summary[head_type]["saved_epoch"], "lr": HEAD_TYPES[head_type].lr,
                             "epochs": epochs} if head_type in summary else
                 {**record.results[before_key][head_type], "same_settings_as_before": True}
-                for head_type in HEAD_TYPES}
+                for head_type in head_types}
 
 
 def print_tables(results: dict[str, Any], seeds: list[int]) -> None:
-    """Markdown tables of the defaults phase (test F1 per head type, mean and range over seeds)."""
+    """Markdown tables: the learning-rate grid (dev F1 of the best epoch; probes: their best layer) and the
+    defaults phase (test F1 per head type, mean and range over seeds)."""
+    for key, grid in sorted(results.items()):
+        if key.startswith("lr_") and not key.endswith("_seconds"):
+            print(f"\n{key}: " + "; ".join(f"{name} {row['dev_f1']}" for name, row in grid.items()))
     for corpus in reversed(CORPORA):
         print(f"\n{corpus}\n\n| head | v0.2 defaults | today's defaults | today: lr, epochs, layer |")
         print("|---|---|---|---|")
@@ -210,6 +216,10 @@ def main() -> None:
     parser.add_argument("--phases", nargs="*", default=["lr", "layers", "defaults"],
                         choices=["extract", "lr", "layers", "defaults", "tables"])
     parser.add_argument("--seeds", type=int, nargs="*", default=[1, 2, 3])
+    parser.add_argument("--head-types", nargs="*", default=list(HEAD_TYPES), choices=list(HEAD_TYPES),
+                        help="head types of the defaults phase")
+    parser.add_argument("--corpora", nargs="*", default=list(reversed(CORPORA)), choices=list(CORPORA),
+                        help="corpora of the defaults phase")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     data, workdir = Path(args.data), Path(args.workdir)
@@ -223,7 +233,7 @@ def main() -> None:
     if "layers" in args.phases:
         layers_phase(stores, workdir, record, seed=args.seeds[0])
     if "defaults" in args.phases:
-        defaults_phase(stores, workdir, record, args.seeds)
+        defaults_phase(stores, workdir, record, args.seeds, args.head_types, args.corpora)
     if "tables" in args.phases:
         print_tables(record.results, args.seeds)
 
