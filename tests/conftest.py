@@ -182,3 +182,40 @@ def s3_root(s3_server, monkeypatch: pytest.MonkeyPatch) -> str:
     if not fs.exists("featstore-tests"):
         fs.mkdir("featstore-tests")
     return f"s3://featstore-tests/{uuid.uuid4().hex[:12]}"
+
+
+# A small NER corpus with two entity types, its stores extracted once (tiny BERT, float32): heads tests
+PEOPLE, PLACES = ["Anna", "Tomas", "Keller", "Reyes"], ["Berlin", "Paris", "Lisbon", "Oslo"]
+FILLER = "the of and to in a was for on that with by as at from said Monday shares rose office".split()
+LABELS = "O,B-PER,B-LOC"
+
+
+def tagged_sentences(count, seed):
+    rng = random.Random(seed)
+    sentences = []
+    for _ in range(count):
+        words = [rng.choice(FILLER + PEOPLE + PLACES) for _ in range(rng.randint(3, 10))]
+        tags = ["B-PER" if w in PEOPLE else "B-LOC" if w in PLACES else "O" for w in words]
+        sentences.append((words, tags))
+    return sentences
+
+
+def write_tagged(path, sentences):
+    path.write_text("\n\n".join("\n".join(f"{w} {t}" for w, t in zip(*s)) for s in sentences) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ner_stores(tiny_models, tmp_path_factory):
+    from featstore import ExtractConfig, extract
+    from featstore.extraction.corpus import CorpusSpec
+
+    root = tmp_path_factory.mktemp("ner")
+    stores = {}
+    for split, count, seed in (("train", 240, 1), ("dev", 80, 2)):
+        corpus = write_tagged(root / f"{split}.conll", tagged_sentences(count, seed))
+        stores[split] = extract(ExtractConfig(out=str(root / f"{split}.zarr"), model=tiny_models["bert"],
+                                              corpus=CorpusSpec(str(corpus), label_names=LABELS.split(",")),
+                                              dtype="float32", progress=False)).path
+        stores[f"{split}_corpus"] = str(corpus)
+    return stores

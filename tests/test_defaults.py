@@ -11,8 +11,6 @@ from heads.cli import main as heads_main
 from heads.config import default_probe_layer
 from heads.trainer import DEFAULT_EPOCHS, MAX_DEFAULT_EPOCHS, MIN_DEFAULT_STEPS, default_epochs
 
-from .test_heads import ner_stores  # noqa: F401  (fixture)
-
 
 def _config(stores, out, heads, **options):
     return TrainConfig(store=stores["train"], eval_store=options.pop("eval_store", stores["dev"]), out=str(out),

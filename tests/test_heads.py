@@ -17,37 +17,7 @@ from heads.entities import repair_bio
 from heads.layers import pool_words
 from heads.trainer import Trainer
 
-PEOPLE, PLACES = ["Anna", "Tomas", "Keller", "Reyes"], ["Berlin", "Paris", "Lisbon", "Oslo"]
-FILLER = "the of and to in a was for on that with by as at from said Monday shares rose office".split()
-LABELS = "O,B-PER,B-LOC"
-
-
-def _tagged_sentences(count, seed):
-    rng = random.Random(seed)
-    sentences = []
-    for _ in range(count):
-        words = [rng.choice(FILLER + PEOPLE + PLACES) for _ in range(rng.randint(3, 10))]
-        tags = ["B-PER" if w in PEOPLE else "B-LOC" if w in PLACES else "O" for w in words]
-        sentences.append((words, tags))
-    return sentences
-
-
-def _write(path, sentences):
-    path.write_text("\n\n".join("\n".join(f"{w} {t}" for w, t in zip(*s)) for s in sentences) + "\n")
-    return path
-
-
-@pytest.fixture(scope="module")
-def ner_stores(tiny_models, tmp_path_factory):
-    root = tmp_path_factory.mktemp("ner")
-    stores = {}
-    for split, count, seed in (("train", 240, 1), ("dev", 80, 2)):
-        corpus = _write(root / f"{split}.conll", _tagged_sentences(count, seed))
-        stores[split] = extract(ExtractConfig(out=str(root / f"{split}.zarr"), model=tiny_models["bert"],
-                                              corpus=CorpusSpec(str(corpus), label_names=LABELS.split(",")),
-                                              dtype="float32", progress=False)).path
-        stores[f"{split}_corpus"] = str(corpus)
-    return stores
+from .conftest import FILLER, LABELS, PEOPLE, tagged_sentences, write_tagged
 
 
 def _train(stores, out, heads, **options):
@@ -171,7 +141,7 @@ def test_mismatched_store_or_layers_are_refused(ner_stores, tiny_models, tmp_pat
 
 def test_live_predictions_of_a_minilm_head_equal_store_predictions(minilm_path, tmp_path):
     """Packaged MiniLM, float16 storage (the CPU default): live features are rounded the same way."""
-    corpus = _write(tmp_path / "c.conll", _tagged_sentences(120, 3))
+    corpus = write_tagged(tmp_path / "c.conll", tagged_sentences(120, 3))
     store_path = extract(ExtractConfig(out=str(tmp_path / "m.zarr"), model=minilm_path, progress=False,
                                        corpus=CorpusSpec(str(corpus), label_names=LABELS.split(",")))).path
     stores = {"train": store_path, "dev": store_path}
