@@ -21,16 +21,14 @@ Phases (each writes its figures to the JSON file as it goes):
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import platform
 import random
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+from benchargs import Recorder, conll2003_workdir
 
 from featstore import ExtractConfig, extract
 from featstore.extraction.corpus import CorpusSpec
@@ -53,22 +51,6 @@ LR_GRID = {
 }
 LR_ONE_PASS = ("conll-ner",)
 V02_DEFAULTS = {"lr": 1e-3, "epochs": 10}  # v0.2: one lr for every head, probes on the last layer
-
-
-class Recorder:
-    """Accumulates results and rewrites the JSON file after every step, so a long run keeps what it measured."""
-
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-        self.results: dict[str, Any] = json.loads(path.read_text()) if path and path.exists() else {}
-        self.results.update(machine=f"{platform.node()} {platform.machine()}, {torch.get_num_threads()} torch "
-                            "threads", torch=torch.__version__)
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        self.results[key] = value
-        print(f"{key}: {json.dumps(value)}", flush=True)
-        if self.path:
-            self.path.write_text(json.dumps(self.results, indent=2))
 
 
 def _sentences(path: Path) -> list[str]:
@@ -223,10 +205,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     data, workdir = Path(args.data), Path(args.workdir)
-    if not (data / "train.txt").exists():
-        raise SystemExit(f"CoNLL-2003 not found under {data}")
-    workdir.mkdir(parents=True, exist_ok=True)
-    record = Recorder(Path(args.json) if args.json else None)
+    conll2003_workdir(data, workdir)
+    record = Recorder(Path(args.json) if args.json else None, keep_existing=True)
     stores = prepare(data, workdir, record)
     if "lr" in args.phases:
         lr_phase(stores, workdir, record, seed=args.seeds[0])

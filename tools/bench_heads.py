@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from benchargs import Recorder, conll2003_workdir
 
 from featstore import ExtractConfig, FrozenEncoder, collate_features, extract, load_corpus, open_store
 from featstore.extraction.corpus import CorpusSpec
@@ -33,21 +33,6 @@ from heads.trainer import _loss, build_head_config
 LABELS = ["B-LOC", "B-MISC", "B-ORG", "B-PER", "I-LOC", "I-MISC", "I-ORG", "I-PER", "O"]
 RECIPE = {"epochs": 10, "batch_size": 32, "seed": 1, "patience": None}  # design notes, section 3
 ADAPTER_LR, PROBE_LR = 1e-3, 5e-3
-
-
-class Recorder:
-    """Accumulates results and rewrites the JSON file after every step, so a long run keeps what it measured."""
-
-    def __init__(self, path: Path | None) -> None:
-        self.path, self.results = path, {"machine": f"{platform.node()} {platform.machine()}, "
-                                                    f"{torch.get_num_threads()} torch threads",
-                                         "torch": torch.__version__}
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        self.results[key] = value
-        print(f"{key}: {value}", flush=True)
-        if self.path:
-            self.path.write_text(json.dumps(self.results, indent=2))
 
 
 def extract_splits(data: Path, workdir: Path, record: Recorder) -> dict[str, str]:
@@ -207,9 +192,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     data, workdir = Path(args.data), Path(args.workdir)
-    if not (data / "train.txt").exists():
-        raise SystemExit(f"CoNLL-2003 not found under {data}")
-    workdir.mkdir(parents=True, exist_ok=True)
+    conll2003_workdir(data, workdir)
     RECIPE["epochs"] = args.epochs
     record = Recorder(Path(args.json) if args.json else None)
     stores = extract_splits(data, workdir, record)
