@@ -28,7 +28,7 @@ from featstore.extraction.corpus import CorpusSpec
 from featstore.store.reader import SequenceFeatures
 from heads import Head, TrainConfig, Trainer, evaluate_heads
 from heads.metrics import tagging_metrics
-from heads.trainer import _loss, build_head_config
+from heads.trainer import build_head_config
 
 LABELS = ["B-LOC", "B-MISC", "B-ORG", "B-PER", "I-LOC", "I-MISC", "I-ORG", "I-PER", "O"]
 RECIPE = {"epochs": 10, "batch_size": 32, "seed": 1, "patience": None}  # design notes, section 3
@@ -93,7 +93,7 @@ def train_live_adapter(stores: dict[str, str], data: Path, out: Path) -> float:
                                                        s.word_ids, s.num_words, labels[row])
                                       for i, (row, s) in enumerate(zip(rows, batch_sequences))])
             output = head(batch["hidden_states"], batch["mask"], batch["word_ids"], batch["labels"].shape[1])
-            loss = _loss(head.config, output, batch["labels"])
+            loss = head.config.task_def.loss(output, batch["labels"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
