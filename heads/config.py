@@ -15,7 +15,7 @@ IdentityT = TypeVar("IdentityT")
 @dataclass(frozen=True)
 class HeadType:
     """What a head type brings to training besides its module: its learning rate and the layers it reads
-    when none are named. Learning rates measured on two corpora (BENCHMARKS.md, "Defaults")."""
+    when none are named. Learning rates from a grid on a small chunking corpus (BENCHMARKS.md, "Defaults")."""
 
     lr: float
     single_layer: bool = False  # a probe: reads one layer (chosen by a quick sweep when none is named)
@@ -28,6 +28,11 @@ HEAD_TYPES: dict[str, HeadType] = {
     "mlp": HeadType(lr=3e-3, single_layer=True),
     "fusion": HeadType(lr=1e-2),
 }
+
+
+def is_probe(head_type: str) -> bool:
+    """A known head type that reads one layer."""
+    return head_type in HEAD_TYPES and HEAD_TYPES[head_type].single_layer
 
 
 def default_probe_layer(stored_layers: list[int], num_hidden_states: int) -> int:
@@ -97,7 +102,7 @@ class HeadConfig:
             raise ValueError(f"unknown head type {self.head_type!r}; choose one of {', '.join(HEAD_TYPES)}")
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
-        if HEAD_TYPES[self.head_type].single_layer and len(self.layers) != 1:
+        if is_probe(self.head_type) and len(self.layers) != 1:
             raise ValueError(f"a {self.head_type} head reads exactly one layer, got {self.layers}")
         self.task_def.check_labels(self.label_names)
 

@@ -27,7 +27,7 @@ from featstore.errors import ConfigError, IncompatibleHeadError, TrainingError
 from featstore.options import check_values, from_flat, option, read_options_file
 from featstore.store.reader import SequenceFeatures, compact_columns
 
-from .config import HEAD_TYPES, EncoderIdentity, ExtractionIdentity, HeadConfig, default_probe_layer
+from .config import HEAD_TYPES, EncoderIdentity, ExtractionIdentity, HeadConfig, default_probe_layer, is_probe
 from .head import Head, check_store
 
 logger = logging.getLogger(__name__)
@@ -127,8 +127,8 @@ def build_head_config(spec: dict[str, Any], store: Store) -> HeadConfig:
     layers = spec.pop("layers", None)
     encoder = store.manifest.encoder
     if layers is None:
-        probe = head_type in HEAD_TYPES and HEAD_TYPES[head_type].single_layer
-        layers = [default_probe_layer(store.layers, encoder.num_hidden_states)] if probe else store.layers
+        layers = [default_probe_layer(store.layers, encoder.num_hidden_states)] if is_probe(head_type) \
+            else store.layers
     layers = sorted(resolved if (resolved := encoder.resolve_layer(layer)) is not None else layer for layer in layers)
     store.layer_columns(layers)  # raises a clear error for layers the store lacks
     try:
@@ -250,10 +250,10 @@ class Trainer:
         self.epochs = config.epochs or default_epochs(self.steps_per_epoch)
         saved_state = self._read_state() if config.resume else None
         self.layer_sweeps: dict[int, dict[int, float]] = {}  # head index -> eval metric per layer
-        self.specs = self._with_probe_layers(saved_state)
-        head_configs = [build_head_config(spec, self.store) for spec in self.specs]
+        specs = self._with_probe_layers(saved_state)
+        head_configs = [build_head_config(spec, self.store) for spec in specs]
         self.layers = sorted({layer for head in head_configs for layer in head.layers})
-        self.runs = [self._new_run(spec, head_config) for spec, head_config in zip(self.specs, head_configs)]
+        self.runs = [self._new_run(spec, head_config) for spec, head_config in zip(specs, head_configs)]
         self.start_epoch = self.epochs_done = 0
         if saved_state is not None:
             self._load_state(saved_state)
@@ -263,8 +263,7 @@ class Trainer:
         the eval store (heads.sweep), the rule's layer without an eval store, the saved one on --resume."""
         specs = []
         for index, spec in enumerate(self.config.heads):
-            kind = HEAD_TYPES.get(head_type_of(spec))
-            if spec.get("layers") is None and kind is not None and kind.single_layer:
+            if spec.get("layers") is None and is_probe(head_type_of(spec)):
                 saved = saved_state["runs"][index].get("layers") if saved_state is not None else None
                 if saved is not None:
                     spec = {**spec, "layers": saved}

@@ -6,6 +6,7 @@ import json
 import pytest
 
 import heads.sweep
+from featstore import open_store
 from heads import HEAD_TYPES, TrainConfig, Trainer, train
 from heads.cli import main as heads_main
 from heads.config import default_probe_layer
@@ -15,6 +16,12 @@ from heads.trainer import DEFAULT_EPOCHS, MAX_DEFAULT_EPOCHS, MIN_DEFAULT_STEPS,
 def _config(stores, out, heads, **options):
     return TrainConfig(store=stores["train"], eval_store=options.pop("eval_store", stores["dev"]), out=str(out),
                        heads=heads, batch_size=16, progress=False, **options)
+
+
+def _stored_layers(stores):
+    with open_store(stores["train"]) as store:
+        assert store.manifest.encoder.num_hidden_states == 3  # the tiny BERT: embeddings + 2 layers
+        return store.layers
 
 
 def _peak_lr(run):
@@ -47,16 +54,8 @@ def test_probe_layer_rule_without_an_eval_store(ner_stores, tmp_path):
     assert default_probe_layer([0, 6], 7) == 6  # the stored layer nearest the target
     assert default_probe_layer([0, 1, 2], 13) == 2
     summary = train(_config(ner_stores, tmp_path, [{"type": "linear"}], eval_store=None, epochs=1))
-    assert summary["linear"]["layers"] == [default_probe_layer(open_layers(ner_stores), 3)]
+    assert summary["linear"]["layers"] == [default_probe_layer(_stored_layers(ner_stores), 3)]
     assert "layer_sweep" not in summary["linear"]
-
-
-def open_layers(stores):
-    from featstore import open_store
-
-    with open_store(stores["train"]) as store:
-        assert store.manifest.encoder.num_hidden_states == 3
-        return store.layers
 
 
 def test_probe_layer_chosen_by_a_sweep_on_the_eval_store(ner_stores, tmp_path, monkeypatch):
@@ -64,7 +63,7 @@ def test_probe_layer_chosen_by_a_sweep_on_the_eval_store(ner_stores, tmp_path, m
     scores = summary["linear"]["layer_sweep"]
     assert summary["linear"]["layers"] == [max(scores, key=scores.get)]
     # each score is what that probe alone scores after one epoch: the sweep measures, it does not guess
-    for layer in open_layers(ner_stores):
+    for layer in _stored_layers(ner_stores):
         alone = train(_config(ner_stores, tmp_path / f"alone{layer}", [{"type": "linear", "layers": [layer],
                                                                          "seed": 3}], epochs=1, patience=None))
         assert alone["linear"]["best"] == pytest.approx(scores[layer], abs=1e-9)

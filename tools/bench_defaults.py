@@ -9,8 +9,8 @@ Two corpora, both scored with entity/chunk span F1 (seqeval):
 Phases (each writes its figures to the JSON file as it goes):
 - `lr`: a learning-rate grid per head type (one pass over the store trains every grid point together; each
   head keeps its own RNG stream, so this equals separate runs), dev F1 of the best epoch.
-- `layers`: a linear probe per layer, full training, against the quick one-epoch sweep the trainer runs when
-  no layer is named: does the sweep pick the layer that full training would?
+- `layers`: the quick one-epoch sweep the trainer runs when a probe names no layer (dev F1 per layer, choice,
+  time), to set against full training of a linear probe per layer (the `lr` phase trains those).
 - `defaults`: `heads train --head TYPE --eval-store DEV` for every head type, with the defaults of v0.2
   (lr 1e-3, the last layer for probes, 10 epochs) and with today's, same seeds; test F1.
 
