@@ -378,18 +378,20 @@ class Trainer:
         temporary.replace(self.out / STATE_NAME)  # atomic: a crash never leaves a half-written checkpoint
 
     def _read_state(self) -> dict[str, Any]:
+        """The checkpoint to resume from, refused unless the run that wrote it had the same settings (checked
+        before anything in it, such as the probes' chosen layers, is used)."""
         path = self.out / STATE_NAME
         if not path.is_file():
             raise ConfigError(f"--resume: no checkpoint at {path}; start without --resume")
-        return torch.load(path, weights_only=False)
-
-    def _load_state(self, state: dict[str, Any]) -> None:
-        path = self.out / STATE_NAME
+        state = torch.load(path, weights_only=False)
         saved = {key: value for key, value in state["config"].items() if key not in ("resume", "progress")}
         current = {key: value for key, value in asdict(self.config).items() if key not in ("resume", "progress")}
         if saved != current:
             differing = sorted(key for key in current if saved.get(key) != current[key])
             raise ConfigError(f"--resume: {path} was written by a run with different settings ({differing})")
+        return state
+
+    def _load_state(self, state: dict[str, Any]) -> None:
         for run, saved_run in zip(self.runs, state["runs"]):
             run.head.load_state_dict(saved_run["head"])
             run.optimizer.load_state_dict(saved_run["optimizer"])

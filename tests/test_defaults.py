@@ -7,6 +7,7 @@ import pytest
 
 import heads.sweep
 from featstore import open_store
+from featstore.errors import ConfigError
 from heads import HEAD_TYPES, TrainConfig, Trainer, train
 from heads.cli import main as heads_main
 from heads.config import default_probe_layer
@@ -84,3 +85,10 @@ def test_cli_summary_says_which_layer_and_why(ner_stores, tmp_path, capsys):
                        str(tmp_path), "--head", "mlp", "--epochs", "1", "--no-progress"]) == 0
     summary = json.loads(capsys.readouterr().out)["mlp"]
     assert len(summary["layers"]) == 1 and set(summary["layer_sweep"]) == {"0", "1", "2"}
+
+
+def test_resume_with_other_heads_is_refused_before_the_checkpoint_is_used(ner_stores, tmp_path):
+    train(_config(ner_stores, tmp_path, [{"type": "linear", "layers": [1]}], epochs=1, patience=None))
+    more = [{"type": "linear", "layers": [1]}, {"type": "mlp", "name": "probe"}]  # a probe whose layer is unsaved
+    with pytest.raises(ConfigError, match="different settings"):
+        Trainer(_config(ner_stores, tmp_path, more, epochs=1, patience=None, resume=True))
