@@ -13,8 +13,9 @@ from collections.abc import Callable, Sequence
 from . import __version__
 from .errors import FeatstoreError
 from .extraction.spec import ExtractSpec
-from .options import add_arguments, given_values
+from .options import add_arguments, given_values, parse_layers
 from .plugins import plugin_commands
+from .store.format import BACKEND_NAMES, STORAGE_DTYPES
 
 
 def _add_extract_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,6 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
         copy.add_argument("destination", help="store path/URL, or a directory / prefix ending in '/' to copy into")
         copy.add_argument("--overwrite", action="store_true", help="replace a different store at the destination")
         copy.add_argument("--no-progress", action="store_true", help="no progress bar")
+    convert = commands.add_parser("convert", help="write a re-encoded copy (e.g. --dtype int8) or a copy with fewer "
+                                  "layers of a complete store, without the encoder; verified before it is reported")
+    convert.add_argument("source", help="a complete store (path or URL)")
+    convert.add_argument("destination", help="the new store (path or URL)")
+    convert.add_argument("--dtype", choices=STORAGE_DTYPES, help="storage encoding (default: the source's)")
+    convert.add_argument("--layers", type=parse_layers, metavar="0,3,-1",
+                         help="stored layers to keep (default: all the source holds)")
+    convert.add_argument("--backend", choices=BACKEND_NAMES, help="zarr or hdf5 (default: the source's)")
+    convert.add_argument("--overwrite", action="store_true", help="replace a different store at the destination")
+    convert.add_argument("--no-progress", action="store_true", help="no progress bar")
     serve = commands.add_parser("serve", help="run the extraction service (HTTP API, persistent job queue)")
     serve.add_argument("--catalog", required=True, help="catalog root where finished stores land")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; any other "
@@ -175,6 +186,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(copy_store(args.source, args.destination, args.overwrite, args.storage_options,
                          progress=not args.no_progress).url)
         return 0
+    if args.command == "convert":
+        from .extraction.convert import convert_store
+        print(convert_store(args.source, args.destination, args.dtype, args.layers, args.backend, args.overwrite,
+                            args.storage_options, progress=not args.no_progress).url)
+        return 0
     if args.command in ("ls", "gc"):
         return _catalog_command(args)
     if args.command in ("serve", "submit", "jobs", "job"):
@@ -243,7 +259,8 @@ def _catalog_command(args: argparse.Namespace) -> int:
         for row in rows:
             print(json.dumps(row))
         return 0
-    columns = ("status", "encoder", "corpus", "split", "layers", "tokens", "size", "created", "fingerprint", "path")
+    columns = ("status", "encoder", "corpus", "split", "layers", "dtype", "tokens", "size", "created", "fingerprint",
+               "path")
     table = [[_cell(name, row) for name in columns] for row in rows]
     widths = [max(len(name), *(len(line[i]) for line in table)) for i, name in enumerate(columns)]
     print("  ".join(name.upper().ljust(width) for name, width in zip(columns, widths)).rstrip())

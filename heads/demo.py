@@ -63,8 +63,8 @@ def run_demo(workdir: str = "featstore-demo") -> int:
         manifest = store.manifest
         encoder = FrozenEncoder.load(manifest.encoder.name_or_path, device="cpu", dtype=store.storage_dtype)
         example = load_corpus(manifest.corpus.source).examples[0]
-        live = encoder.forward(encoder.tokenize([example], manifest.extraction.max_length,
-                                                manifest.extraction.stride), store.layers).float().numpy()
+        live = encoder.features(encoder.tokenize([example], manifest.extraction.max_length,
+                                                 manifest.extraction.stride), store.layers).astype(np.float32)
         cached = store.sequence(0).hidden_states.astype(np.float32)
         print(f"\nstore vs live encoder, sequence 0 ({' '.join(example.words)}): hidden states {cached.shape}, "
               f"max |difference| = {np.abs(cached - live).max():.1e} (float16 storage)")

@@ -69,10 +69,7 @@ class Predictor:
         results: list[torch.Tensor] = []
         for start in range(0, len(sequences), batch_size):
             chunk = sequences[start: start + batch_size]
-            hidden = self.encoder.forward(chunk, self.head.config.layers, self.max_batch_tokens)
-            if self.encoder.storage_dtype == "bfloat16":
-                hidden = hidden.view(torch.bfloat16)
-            hidden = hidden.float().cpu().numpy()
+            hidden = self.encoder.features(chunk, self.head.config.layers, self.max_batch_tokens)
             offsets = np.cumsum([0] + [sequence.num_tokens for sequence in chunk])
             items = [SequenceFeatures(start + i, hidden[offsets[i]: offsets[i + 1]], s.input_ids, s.word_ids,
                                       s.num_words, None) for i, s in enumerate(chunk)]

@@ -248,7 +248,7 @@ def test_an_interrupted_overwrite_leaves_the_old_store_and_resumes(tiny_models, 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(extract_module, "_finalize", killed)
+    monkeypatch.setattr(extract_module, "finalize", killed)
     with pytest.raises(KeyboardInterrupt):
         _extract(tiny_models, conll_corpus, target, layers=[1, 2], overwrite=True)
     monkeypatch.undo()

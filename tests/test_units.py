@@ -44,6 +44,9 @@ class MemoryBackend:
     def dtype(self, name: str) -> np.dtype:
         return self.arrays[name].dtype
 
+    def array_names(self) -> list[str]:
+        return list(self.arrays)
+
     def write(self, name: str, start: int, data: np.ndarray) -> None:
         self.arrays[name][start: start + len(data)] = data
         self.writes.append((name, start, start + len(data)))

@@ -87,7 +87,7 @@ def train_live_adapter(stores: dict[str, str], data: Path, out: Path) -> float:
         for start in range(0, len(order), RECIPE["batch_size"]):
             rows = order[start: start + RECIPE["batch_size"]]
             batch_sequences = [sequences[row] for row in rows]
-            hidden = encoder.forward(batch_sequences, head.config.layers).numpy()
+            hidden = encoder.features(batch_sequences, head.config.layers)
             offsets = np.cumsum([0] + [s.num_tokens for s in batch_sequences])
             batch = collate_features([SequenceFeatures(row, hidden[offsets[i]: offsets[i + 1]], s.input_ids,
                                                        s.word_ids, s.num_words, labels[row])

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, CorpusError, ModelError
-from ..store.format import NUMPY_STORAGE_DTYPE, STORAGE_DTYPES, sha256_json
+from ..store.encoding import decode_hidden, split_wire
+from ..store.format import COMPUTE_DTYPES, ENCODINGS, STORAGE_DTYPES, sha256_json
 from ..store.manifest import EncoderInfo
 from .corpus import Example
 from .models import resolve_model
@@ -74,9 +75,10 @@ def choose_dtypes(device: str | None, dtype: str | None, compute_dtype: str | No
     storage = dtype or "float16"
     if storage not in STORAGE_DTYPES:
         raise ConfigError(f"unknown dtype {storage!r}; choose one of {', '.join(STORAGE_DTYPES)}")
-    compute = compute_dtype or (storage if resolved.type == "cuda" else "float32")
-    if compute not in STORAGE_DTYPES:
-        raise ConfigError(f"unknown compute dtype {compute!r}; choose one of {', '.join(STORAGE_DTYPES)}")
+    on_cuda = storage if storage in COMPUTE_DTYPES else "float16"
+    compute = compute_dtype or (on_cuda if resolved.type == "cuda" else "float32")
+    if compute not in COMPUTE_DTYPES:
+        raise ConfigError(f"unknown compute dtype {compute!r}; choose one of {', '.join(COMPUTE_DTYPES)}")
     return DeviceChoice(resolved, compute, storage)
 
 
@@ -278,15 +280,16 @@ class FrozenEncoder:
                 max_batch_tokens: int | None = None) -> torch.Tensor:
         """Hidden states of every stored token of `sequences`, concatenated: (sum T, len(layers), H).
 
-        Returned in the storage dtype (bfloat16 as its raw int16 bits), on the encoder's device.
+        Returned as `to_storage` encodes it, on the encoder's device (so a GPU does the quantising).
         Windows are run in groups of at most `max_batch_tokens` padded tokens.
         """
         windows = [window for sequence in sequences for window in sequence.windows]
         window_base = np.cumsum([0] + [len(sequence.windows) for sequence in sequences])[:-1]
         gather = np.concatenate([sequence.gather + np.array([base, 0])
                                  for sequence, base in zip(sequences, window_base)])
+        encoding = ENCODINGS[self.storage_dtype]
         out = torch.empty((len(gather), len(layers), self.hidden_size), device=self.device,
-                          dtype=TORCH_DTYPES[self.storage_dtype])
+                          dtype=TORCH_DTYPES[self.compute_dtype if encoding.scaled else self.storage_dtype])
         for group in _window_groups(windows, max_batch_tokens):
             rows = np.nonzero((gather[:, 0] >= group.start) & (gather[:, 0] < group.stop))[0]
             hidden_states = self.hidden_states(windows[group.start:group.stop])
@@ -297,9 +300,16 @@ class FrozenEncoder:
             for slot, layer in enumerate(layers):
                 layer_states = hidden_states[layer].reshape(-1, self.hidden_size)
                 out[row_index, slot] = layer_states[flat_index].to(out.dtype)
-        if self.storage_dtype == "bfloat16":
-            return out.view(torch.int16)
-        return out
+        return to_storage(out, self.storage_dtype)
+
+    def features(self, sequences: Sequence[TokenizedSequence], layers: Sequence[int],
+                 max_batch_tokens: int | None = None) -> np.ndarray:
+        """What a store of this encoder's storage dtype reads back for `sequences` (`decode_hidden` of the stored
+        form, on the host): the live side of every store-versus-encoder comparison and of prediction."""
+        stored = self.forward(sequences, layers, max_batch_tokens).cpu().numpy()
+        encoding = ENCODINGS[self.storage_dtype]
+        codes, scales = split_wire(stored, np.dtype(encoding.array_dtype), encoding.scaled)
+        return decode_hidden(codes, self.storage_dtype, scales)
 
     def hidden_states(self, windows: Sequence[list[int]]) -> tuple[torch.Tensor, ...]:
         """The bare forward pass: all hidden states of right-padded windows, (B, T, H) each."""
@@ -314,13 +324,28 @@ class FrozenEncoder:
         return outputs.hidden_states
 
 
+def to_storage(hidden: torch.Tensor, storage_dtype: str) -> torch.Tensor:
+    """Hidden states (T, L, H) in a storage encoding, as one tensor for the trip to the writer: float16 or float32
+    as they are; bfloat16 as its int16 bits; a scaled encoding as bytes (T, L, H * itemsize + 4), each row its
+    codes followed by its float32 scale (`featstore.store.encoding.split_wire` takes them apart)."""
+    encoding = ENCODINGS[storage_dtype]
+    if not encoding.scaled:
+        stored = hidden.to(TORCH_DTYPES[storage_dtype])
+        return stored.view(torch.int16) if storage_dtype == "bfloat16" else stored
+    values = hidden.float()
+    scales = values.abs().amax(dim=-1, keepdim=True) / encoding.code_max
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))  # an all-zero row: any scale decodes it
+    codes = values / scales
+    if storage_dtype == "int8":
+        codes = codes.round_().clamp_(-encoding.code_max, encoding.code_max).to(torch.int8)
+    else:
+        codes = codes.to(torch.float8_e4m3fn)
+    return torch.cat([codes.view(torch.uint8), scales.view(torch.uint8)], dim=-1)
+
+
 def default_stride(budget: int) -> int:
     """Default overlap between windows: a quarter of the window, at most 128 tokens."""
     return min(128, budget // 4)
-
-
-def numpy_storage_dtype(storage_dtype: str) -> np.dtype:
-    return np.dtype(NUMPY_STORAGE_DTYPE[storage_dtype])
 
 
 def _window_groups(windows: Sequence[list[int]], max_batch_tokens: int | None) -> list[range]:

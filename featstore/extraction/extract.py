@@ -22,20 +22,19 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, CorruptStoreError, StoreConflictError, StoreFormatError
+from ..errors import ConfigError, StoreConflictError, StoreFormatError
 from ..sharing.catalog import REPLACEMENT_SUFFIX, RETIRED_SUFFIX, Catalog, check_store_location
 from ..sharing.lease import Lease
 from ..sharing.location import Location, resolve
 from ..store import format as fmt
 from ..store.backends import BACKENDS, StoreBackend, detect_backend, open_backend, read_manifest
-from ..store.integrity import record_integrity
 from ..store.manifest import StoreManifest
 from .corpus import load_corpus
 from .encoder import FrozenEncoder
-from .plan import ExtractionPlan, now
+from .plan import ExtractionPlan
 from .progress import ExtractProgress, Reporter
 from .spec import ExtractSpec
-from .writer import BackgroundWriter, BlockWriter, ProgressLedger
+from .writer import BackgroundWriter, BlockWriter, ProgressLedger, finalize
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +123,7 @@ def _fill(backend: StoreBackend, encoder: FrozenEncoder, plan: ExtractionPlan, l
         fill_with_ray(backend, encoder, plan, batches, ledger, report)
     else:
         fill_local(backend, encoder, plan, batches, ledger, report)
-    _finalize(backend, lease, ledger)
+    finalize(backend, lease, ledger)
     result.encode_seconds = time.perf_counter() - started
 
 
@@ -303,20 +302,3 @@ def _to_host(hidden: torch.Tensor) -> tuple[torch.Tensor, Any]:
     ready = torch.cuda.Event()
     ready.record()
     return host, ready
-
-
-def _finalize(backend: StoreBackend, lease: Lease, ledger: ProgressLedger) -> None:
-    """Record checksums and mark complete, only after checking that everything was committed."""
-    manifest = backend.get_manifest()
-    progress = backend.read(fmt.PROGRESS)
-    counts = manifest.counts
-    if int(progress[0]) != counts.num_sequences or int(progress[1]) != counts.num_tokens:
-        raise CorruptStoreError(f"internal error: finalize found progress {progress.tolist()} for "
-                               f"{counts.num_sequences} sequences / {counts.num_tokens} tokens")
-    manifest.format_version = fmt.FORMAT_VERSION  # a store begun by an older featstore gets today's checks
-    manifest.extraction.completed_at = now()
-    lease.check()
-    manifest.integrity = record_integrity(backend, manifest, ledger.digests, ledger.chunk_checksums)
-    manifest.status = fmt.STATUS_COMPLETE
-    lease.check()
-    backend.set_manifest(manifest)

@@ -29,7 +29,7 @@ from ..store.manifest import (
     StoreManifest,
 )
 from .corpus import REGRESSION, TOKEN_CLASSIFICATION, Corpus
-from .encoder import FrozenEncoder, TokenizedSequence, default_stride, numpy_storage_dtype
+from .encoder import FrozenEncoder, TokenizedSequence, default_stride
 from .spec import ExtractSpec
 from .windows import WINDOW_RULE
 
@@ -107,10 +107,8 @@ class ExtractionPlan:
         return batches
 
     def arrays(self) -> list[tuple[ArraySpec, np.ndarray | None]]:
-        """Every array to create with its content; the hidden states' content comes later, from an engine.
-        Shapes and dtypes come from the manifest (`StoreManifest.expected_arrays`), which readers check."""
-        block, sequences = self.block_tokens, self.sequences
-        sequence_block = max(1, min(len(sequences) + 1, 1 << 16))
+        """Every array to create with its content; the hidden states' content comes later, from an engine."""
+        sequences = self.sequences
         contents = {
             fmt.INPUT_IDS: np.concatenate([s.input_ids for s in sequences]),
             fmt.WORD_IDS: np.concatenate([s.word_ids for s in sequences]),
@@ -122,17 +120,24 @@ class ExtractionPlan:
         }
         if self.labels is not None:
             contents[self.labels[0]] = self.labels[1]
-        token_arrays = (fmt.INPUT_IDS, fmt.WORD_IDS, fmt.TOKEN_WINDOW)
-        arrays: list[tuple[ArraySpec, np.ndarray | None]] = []
-        for name, (shape, dtype) in self.manifest.expected_arrays().items():
-            if name == fmt.HIDDEN_STATES:
-                continue
-            rows = block if name in token_arrays else 2 if name == fmt.PROGRESS else sequence_block
-            arrays.append((ArraySpec(name, shape, dtype, rows), contents[name].astype(dtype)))
-        hidden_shape, storage = self.manifest.expected_arrays()[fmt.HIDDEN_STATES]
-        arrays.append((ArraySpec(fmt.HIDDEN_STATES, hidden_shape, storage, block,
-                                 (self.chunk_tokens, 1, hidden_shape[2])), None))
-        return arrays
+        return [(spec, contents[spec.name].astype(spec.dtype) if spec.name in contents else None)
+                for spec in array_specs(self.manifest)]
+
+
+def array_specs(manifest: StoreManifest) -> list[ArraySpec]:
+    """Every array of a store with these attributes, as created. Shapes and dtypes come from the manifest
+    (`StoreManifest.expected_arrays`, which readers check); the hidden states and their scales are written block
+    by block, in write blocks of `layout.block_tokens`, the hidden states in inner chunks of `layout.chunk_tokens`."""
+    block = manifest.layout.block_tokens
+    sequence_block = max(1, min(manifest.counts.num_sequences + 1, 1 << 16))
+    per_token = (fmt.INPUT_IDS, fmt.WORD_IDS, fmt.TOKEN_WINDOW, fmt.HIDDEN_SCALES)
+    arrays = manifest.expected_arrays()
+    hidden_shape, hidden_dtype = arrays.pop(fmt.HIDDEN_STATES)
+    specs = [ArraySpec(name, shape, dtype, block if name in per_token else 2 if name == fmt.PROGRESS else
+                       sequence_block) for name, (shape, dtype) in arrays.items()]
+    # the hidden states last: the one array the engines fill later
+    return [*specs, ArraySpec(fmt.HIDDEN_STATES, hidden_shape, hidden_dtype, block,
+                              (manifest.layout.chunk_tokens, 1, hidden_shape[2]))]
 
 
 def _offsets(lengths: Sequence[int]) -> np.ndarray:
@@ -161,7 +166,8 @@ def _manifest(spec: ExtractSpec, corpus: Corpus, encoder: FrozenEncoder, layers:
         corpus_fingerprint=corpus.fingerprint(), layers=layers, compute_dtype=encoder.compute_dtype,
         storage_dtype=encoder.storage_dtype, max_length=max_length, stride=stride, truncation=spec.truncate,
         window_rule=WINDOW_RULE)
-    bytes_per_token = len(layers) * encoder.hidden_size * numpy_storage_dtype(encoder.storage_dtype).itemsize
+    code_bytes = np.dtype(fmt.ENCODINGS[encoder.storage_dtype].array_dtype).itemsize
+    bytes_per_token = len(layers) * encoder.hidden_size * code_bytes  # of hidden_states (a scale array is ~1% more)
     chunk_tokens, block_tokens = _layout(spec, num_tokens, bytes_per_token)
     return StoreManifest(
         format=fmt.FORMAT_NAME, format_version=fmt.FORMAT_VERSION, status=fmt.STATUS_WRITING,

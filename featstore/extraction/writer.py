@@ -17,11 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import FeatstoreError
+from ..errors import CorruptStoreError, FeatstoreError
+from ..sharing.lease import Lease
 from ..store import format as fmt
 from ..store.backends import StoreBackend
 from ..store.chunks import chunk_checksums
-from ..store.integrity import block_digests
+from ..store.encoding import split_wire
+from ..store.integrity import block_digests, record_integrity
+from .plan import now
 
 WRITE_QUEUE_DEPTH = 4
 
@@ -54,7 +57,8 @@ class BlockWriter:
         self.backend, self.block_tokens, self.stop, self.total_rows = backend, block_tokens, stop, total_rows
         self.check_levels = check_levels  # checksum array -> tokens per checked chunk (store/chunks.py)
         self.on_written = on_written
-        self.storage_dtype = backend.dtype(fmt.HIDDEN_STATES)
+        self.codes_dtype = backend.dtype(fmt.HIDDEN_STATES)
+        self.scaled = fmt.HIDDEN_SCALES in backend.array_names()  # a scaled encoding: codes and scales
         self.position = start  # first row not yet written
         self.pending: list[np.ndarray] = []
         self.pending_rows = 0
@@ -77,7 +81,9 @@ class BlockWriter:
 
     def _write(self, count: int) -> None:
         data = np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0]
-        rows = np.asarray(data[:count], dtype=self.storage_dtype)
+        rows, scales = split_wire(data[:count], self.codes_dtype, self.scaled)
+        if scales is not None:  # before the codes: a block whose codes are written has its scales
+            self.backend.write(fmt.HIDDEN_SCALES, self.position, scales)
         self.backend.write(fmt.HIDDEN_STATES, self.position, rows)
         written = Written(self.position, self.position + count,
                           block_digests(self.position, rows, self.block_tokens, self.total_rows),
@@ -173,3 +179,20 @@ class BackgroundWriter:
             if isinstance(self.error, FeatstoreError):
                 raise self.error
             raise FeatstoreError(f"writing the store failed: {self.error}") from self.error
+
+
+def finalize(backend: StoreBackend, lease: Lease, ledger: ProgressLedger) -> None:
+    """Record checksums and mark complete, only after checking that everything was committed."""
+    manifest = backend.get_manifest()
+    progress = backend.read(fmt.PROGRESS)
+    counts = manifest.counts
+    if int(progress[0]) != counts.num_sequences or int(progress[1]) != counts.num_tokens:
+        raise CorruptStoreError(f"internal error: finalize found progress {progress.tolist()} for "
+                               f"{counts.num_sequences} sequences / {counts.num_tokens} tokens")
+    manifest.format_version = fmt.FORMAT_VERSION  # a store begun by an older featstore gets today's checks
+    manifest.extraction.completed_at = now()
+    lease.check()
+    manifest.integrity = record_integrity(backend, manifest, ledger.digests, ledger.chunk_checksums)
+    manifest.status = fmt.STATUS_COMPLETE
+    lease.check()
+    backend.set_manifest(manifest)

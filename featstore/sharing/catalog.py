@@ -91,6 +91,7 @@ class CatalogEntry:
             "corpus": manifest.corpus.name if manifest else None,
             "split": manifest.corpus.split if manifest else None,
             "layers": manifest.extraction.layers if manifest else None,
+            "dtype": manifest.extraction.storage_dtype if manifest else None,
             "tokens": manifest.counts.num_tokens if manifest else None, "size_bytes": self.size_bytes,
             "created": manifest.extraction.created_at if manifest else None, "fingerprint": self.fingerprint,
             "backend": self.kind, "error": self.error,

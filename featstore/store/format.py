@@ -1,4 +1,4 @@
-"""The store format: names, dtypes, attributes and the fingerprint rule (docs/store-format.md).
+"""The store format: names, dtypes, encodings, attributes and the fingerprint rule (docs/store-format.md).
 
 Kept small and strict on purpose (like safetensors). The attributes' typed form, and the
 fingerprint rule, are in manifest.py.
@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 FORMAT_NAME = "featstore"
-FORMAT_VERSION = "1.2"
+FORMAT_VERSION = "1.3"
 ATTRS_KEY = "featstore"
 
 STATUS_WRITING = "writing"
 STATUS_COMPLETE = "complete"
 
 # Arrays. Token-level arrays are in storage order, concatenated without padding.
-HIDDEN_STATES = "hidden_states"  # (num_tokens, num_layers, hidden) float16 | float32 | bfloat16-as-uint16
+HIDDEN_STATES = "hidden_states"  # (num_tokens, num_layers, hidden) in the storage encoding's array dtype
+HIDDEN_SCALES = "hidden_scales"  # (num_tokens, num_layers) float32 (1.3, scaled encodings): one scale per token/layer
 INPUT_IDS = "input_ids"  # (num_tokens,) int32
 WORD_IDS = "word_ids"  # (num_tokens,) int32, -1 for special tokens
 TOKEN_WINDOW = "token_window"  # (num_tokens,) int16, window the token's vectors come from
@@ -30,14 +34,14 @@ LABELS = "labels"  # (num_sequences,) int64 (classification) or float32 (regress
 PROGRESS = "progress"  # (2,) int64: committed sequences, committed tokens
 HIDDEN_CHECKSUMS = "hidden_checksums"  # (chunks, pieces) uint64 (1.2): xxh3-64 of small hidden-states pieces
 HIDDEN_SPAN_CHECKSUMS = "hidden_span_checksums"  # (chunks, pieces) uint64 (1.2): the same over large pieces
-ARRAY_NAMES = (HIDDEN_STATES, INPUT_IDS, WORD_IDS, TOKEN_WINDOW, TOKEN_OFFSETS, WORD_OFFSETS, SEQUENCE_INDEX,
-               WORD_LABELS, LABELS, PROGRESS, HIDDEN_CHECKSUMS, HIDDEN_SPAN_CHECKSUMS)
+ARRAY_NAMES = (HIDDEN_STATES, HIDDEN_SCALES, INPUT_IDS, WORD_IDS, TOKEN_WINDOW, TOKEN_OFFSETS, WORD_OFFSETS,
+               SEQUENCE_INDEX, WORD_LABELS, LABELS, PROGRESS, HIDDEN_CHECKSUMS, HIDDEN_SPAN_CHECKSUMS)
 
 # The dtype of every array but the hidden states (whose dtype follows the storage dtype); verify and the
 # reader refuse a store whose arrays say otherwise (same bytes under another dtype are garbage values).
-ARRAY_DTYPES = {INPUT_IDS: "int32", WORD_IDS: "int32", TOKEN_WINDOW: "int16", TOKEN_OFFSETS: "int64",
-                WORD_OFFSETS: "int64", SEQUENCE_INDEX: "int64", WORD_LABELS: "int32", PROGRESS: "int64",
-                HIDDEN_CHECKSUMS: "uint64", HIDDEN_SPAN_CHECKSUMS: "uint64"}
+ARRAY_DTYPES = {HIDDEN_SCALES: "float32", INPUT_IDS: "int32", WORD_IDS: "int32", TOKEN_WINDOW: "int16",
+                TOKEN_OFFSETS: "int64", WORD_OFFSETS: "int64", SEQUENCE_INDEX: "int64", WORD_LABELS: "int32",
+                PROGRESS: "int64", HIDDEN_CHECKSUMS: "uint64", HIDDEN_SPAN_CHECKSUMS: "uint64"}
 # LABELS holds int64 class ids or float32 regression targets, by task.
 
 # `corpus.task`: what the labels are.
@@ -47,9 +51,38 @@ REGRESSION = "regression"  # one target per sequence (labels, float32)
 TASKS = (TOKEN_CLASSIFICATION, SEQUENCE_CLASSIFICATION, REGRESSION)
 
 BACKEND_NAMES = ("zarr", "hdf5")  # a Zarr v3 group (a directory) or an HDF5 file
-STORAGE_DTYPES = ("float16", "bfloat16", "float32")
-# numpy has no bfloat16: its raw bits are stored as uint16 and decoded by the reader.
-NUMPY_STORAGE_DTYPE = {"float16": "float16", "bfloat16": "uint16", "float32": "float32"}
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How hidden states are stored (`extraction.storage_dtype`). A scaled encoding stores codes in
+    `hidden_states` and, in `hidden_scales`, one float32 scale per token and layer: value = code * scale, with
+    scale = the row's largest magnitude / `code_max` (symmetric absmax), so every row uses the codes' full range."""
+
+    array_dtype: str  # numpy dtype of `hidden_states`: neither Zarr nor HDF5 has bfloat16 or float8, so their bits
+    scaled: bool = False
+    code_max: float = 0.0  # largest code magnitude (scaled encodings)
+
+
+ENCODINGS = {
+    "float16": Encoding("float16"),
+    "bfloat16": Encoding("uint16"),  # raw bfloat16 bits
+    "float32": Encoding("float32"),
+    "int8": Encoding("int8", scaled=True, code_max=127.0),
+    "float8_e4m3": Encoding("uint8", scaled=True, code_max=448.0),  # raw float8 e4m3fn bits (OCP FP8, no inf)
+}
+STORAGE_DTYPES = tuple(ENCODINGS)
+COMPUTE_DTYPES = ("float16", "bfloat16", "float32")  # what an encoder can run in
+NUMPY_STORAGE_DTYPE = {name: encoding.array_dtype for name, encoding in ENCODINGS.items()}
+SCALE_BYTES = 4  # one float32 scale per token and layer
+
+
+def stored_bytes_per_token(storage_dtype: str, num_layers: int, hidden_size: int) -> int:
+    """Bytes one token takes in the hidden-state arrays (scales included)."""
+    encoding = ENCODINGS[storage_dtype]
+    itemsize = np.dtype(encoding.array_dtype).itemsize
+    return num_layers * (hidden_size * itemsize + (SCALE_BYTES if encoding.scaled else 0))
+
 
 def canonical_json(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()

@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..sharing.lease import read_lease
 from ..sharing.location import Location, resolve
 from . import format as fmt
@@ -21,10 +19,10 @@ def describe_store(path: str | Path | Location, storage_options: dict[str, Any] 
     try:
         manifest = store.manifest
         counts, encoder, extraction, corpus = manifest.counts, manifest.encoder, manifest.extraction, manifest.corpus
-        hidden_bytes = store.backend.nbytes_stored(fmt.HIDDEN_STATES)
+        hidden_arrays = [name for name in (fmt.HIDDEN_STATES, fmt.HIDDEN_SCALES) if name in store.backend.array_names()]
+        hidden_bytes = sum(store.backend.nbytes_stored(name) for name in hidden_arrays)
         total_bytes = store.backend.nbytes_stored()
-        bytes_per_element = np.dtype(fmt.NUMPY_STORAGE_DTYPE[store.storage_dtype]).itemsize
-        minimum = len(store.layers) * store.hidden_size * bytes_per_element
+        minimum = fmt.stored_bytes_per_token(store.storage_dtype, len(store.layers), store.hidden_size)
         progress = store.backend.read(fmt.PROGRESS)
         status = store.status if store.status == fmt.STATUS_COMPLETE else (
             f"{store.status} ({int(progress[0])}/{store.num_sequences} sequences committed)")
@@ -37,7 +35,7 @@ def describe_store(path: str | Path | Location, storage_options: dict[str, Any] 
                         f"{encoder.revision or 'n/a'}, weights sha256 {encoder.weights_sha256[:12]})"),
             ("layers", f"{store.layers} of {encoder.num_hidden_states} hidden states"),
             ("hidden size", str(store.hidden_size)),
-            ("dtype", f"stored {store.storage_dtype}, computed {extraction.compute_dtype} on "
+            ("dtype", f"stored {_encoding_summary(store.storage_dtype)}, computed {extraction.compute_dtype} on "
                       f"{extraction.device}"),
             ("corpus", f"{corpus.source} ({corpus.task}, {corpus.num_examples} examples, "
                        f"fingerprint {corpus.fingerprint[:12]})"),
@@ -47,7 +45,8 @@ def describe_store(path: str | Path | Location, storage_options: dict[str, Any] 
             ("tokens", f"{counts.num_tokens:,} ({counts.num_words:,} words)"),
             ("max length", f"{extraction.max_length} (stride {extraction.stride}, "
                            f"truncation {'on' if extraction.truncation else 'off'})"),
-            ("bytes on disk", f"{total_bytes:,} ({hidden_bytes:,} hidden states)"),
+            ("bytes on disk", f"{total_bytes:,} ({hidden_bytes:,} hidden states"
+                              + (" and scales)" if len(hidden_arrays) > 1 else ")")),
             ("bytes/token", f"{hidden_bytes / max(counts.num_tokens, 1):,.1f} hidden states (raw minimum "
                             f"{minimum:,}), {total_bytes / max(counts.num_tokens, 1):,.1f} in all"),
             ("checksums", _checksum_summary(manifest.integrity)),
@@ -59,6 +58,13 @@ def describe_store(path: str | Path | Location, storage_options: dict[str, Any] 
         return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
     finally:
         store.close()
+
+
+def _encoding_summary(storage_dtype: str) -> str:
+    encoding = fmt.ENCODINGS[storage_dtype]
+    if not encoding.scaled:
+        return storage_dtype
+    return f"{storage_dtype} (absmax scale per token and layer, float32, in {fmt.HIDDEN_SCALES})"
 
 
 def _checksum_summary(integrity: Integrity | None) -> str:

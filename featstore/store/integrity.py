@@ -200,7 +200,15 @@ def check_rows(path: str, integrity: Integrity, name: str, rows: np.ndarray) -> 
     if len(blocks) != len(recorded):
         raise CorruptStoreError(f"{path}: array {name} has {len(blocks)} blocks but {len(recorded)} recorded "
                                 "checksums")
-    for (index, start, stop), expected in zip(blocks, recorded):
-        if digest_rows(rows[start:stop]) != expected:
-            raise CorruptStoreError(f"{path}: array {name} block {index} (rows {start}..{stop}) does not match its "
-                                    f"checksum: the store is damaged; run `featstore verify {path}` for a full report")
+    for index, start, stop in blocks:
+        check_block(path, integrity, name, index, rows[start:stop])
+
+
+def check_block(path: str, integrity: Integrity, name: str, index: int, rows: np.ndarray) -> None:
+    """Check block `index` of array `name` against its recorded digest; raise naming the block."""
+    recorded = integrity.arrays.get(name, [])
+    start = index * integrity.block_rows
+    if index >= len(recorded) or digest_rows(rows) != recorded[index]:
+        raise CorruptStoreError(f"{path}: array {name} block {index} (rows {start}..{start + len(rows)}) does not "
+                                f"match its checksum: the store is damaged; run `featstore verify {path}` for a "
+                                "full report")

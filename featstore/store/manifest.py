@@ -247,7 +247,12 @@ class StoreManifest(Section):
         if major > fmt.format_major(fmt.FORMAT_VERSION):
             raise StoreFormatError(f"{where} uses store format {version}, newer than this featstore supports "
                                    f"({fmt.FORMAT_VERSION}); upgrade featstore to read it")
-        return cls.from_dict(attrs, where)
+        manifest = cls.from_dict(attrs, where)
+        if manifest.extraction.storage_dtype not in fmt.ENCODINGS:
+            raise StoreFormatError(f"{where} stores hidden states as {manifest.extraction.storage_dtype!r}, an "
+                                   f"encoding this featstore does not know ({', '.join(fmt.ENCODINGS)}); upgrade "
+                                   "featstore to read it")
+        return manifest
 
     @property
     def complete(self) -> bool:
@@ -256,6 +261,10 @@ class StoreManifest(Section):
     @property
     def hidden_shape(self) -> tuple[int, int, int]:
         return self.counts.num_tokens, len(self.extraction.layers), self.encoder.hidden_size
+
+    @property
+    def encoding(self) -> fmt.Encoding:
+        return fmt.ENCODINGS[self.extraction.storage_dtype]
 
     def label_array(self) -> tuple[str, str] | None:
         """(name, dtype) of the labels array of a labeled store, by task."""
@@ -269,10 +278,12 @@ class StoreManifest(Section):
         """(shape, dtype) of every array a store with these attributes holds; the chunk checksums only once
         finalize has described them."""
         n_seq, n_tok = self.counts.num_sequences, self.counts.num_tokens
-        arrays = {fmt.HIDDEN_STATES: (self.hidden_shape, fmt.NUMPY_STORAGE_DTYPE[self.extraction.storage_dtype]),
+        arrays = {fmt.HIDDEN_STATES: (self.hidden_shape, self.encoding.array_dtype),
                   fmt.INPUT_IDS: ((n_tok,), ""), fmt.WORD_IDS: ((n_tok,), ""), fmt.TOKEN_WINDOW: ((n_tok,), ""),
                   fmt.TOKEN_OFFSETS: ((n_seq + 1,), ""), fmt.WORD_OFFSETS: ((n_seq + 1,), ""),
                   fmt.SEQUENCE_INDEX: ((n_seq,), ""), fmt.PROGRESS: ((2,), "")}
+        if self.encoding.scaled:
+            arrays[fmt.HIDDEN_SCALES] = (self.hidden_shape[:2], "")
         labels = self.label_array()
         if labels is not None:
             name, dtype = labels

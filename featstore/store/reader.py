@@ -9,6 +9,7 @@ sequence.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,7 +24,8 @@ from ..sharing.location import Location, resolve
 from . import format as fmt
 from .backends import StoreBackend, open_backend
 from .chunks import ChunkVerifier
-from .integrity import check_rows, metadata_problems
+from .encoding import decode_hidden
+from .integrity import check_block, check_rows, metadata_problems
 from .manifest import StoreManifest
 
 if TYPE_CHECKING:
@@ -33,14 +35,17 @@ logger = logging.getLogger(__name__)
 
 POOLINGS = ("first", "mean")
 DEFAULT_SPAN_BYTES = 64 * 2**20
+SCALE_BLOCKS_CACHED = 64  # checked blocks of hidden_scales kept (a block is ~1/100 of its hidden states' bytes)
 
 
 @dataclass
 class _RawRead:
     """Hidden states read for rows start..stop: `raw` holds rows first.. (widened to checked chunks) of the
-    stored layers `read_columns` (None: as asked, unchecked); `columns` is what the caller asked for."""
+    stored layers `read_columns` (None: as asked, unchecked); `columns` is what the caller asked for. `scales`:
+    a scaled encoding's scales of rows start..stop, every stored layer (checked)."""
 
     raw: np.ndarray
+    scales: np.ndarray | None
     first: int
     start: int
     stop: int
@@ -114,6 +119,8 @@ class Store:
                      for level in (integrity.chunk_levels if integrity is not None else [])]
         if verifiers:
             self._verifier, self._span_verifier = verifiers[0], verifiers[-1]
+        self._integrity = integrity
+        self._scale_block = functools.lru_cache(maxsize=SCALE_BLOCKS_CACHED)(self._read_scale_block)
 
     # --- description -------------------------------------------------------------------------------
     @property
@@ -190,9 +197,6 @@ class Store:
             columns.append(self.layers.index(resolved))
         return compact_columns(columns)
 
-    def decode(self, raw: np.ndarray) -> np.ndarray:
-        return decode_hidden(raw, self.storage_dtype)
-
     # --- random access --------------------------------------------------------------------------------
     def sequence(self, row: int, layers: Sequence[int] | None = None, pooling: str | None = None
                  ) -> SequenceFeatures:
@@ -202,36 +206,58 @@ class Store:
         position = int(self.position_of_row[row])
         start, stop = int(self.token_offsets[position]), int(self.token_offsets[position + 1])
         hidden = self.read_hidden(start, stop, self.layer_columns(layers))
-        return self._features(position, self.decode(hidden), pooling)
+        return self._features(position, hidden, pooling)
 
     def read_hidden(self, start: int, stop: int, columns: slice | list[int] = slice(None)) -> np.ndarray:
-        """Stored hidden states of tokens start..stop (stored layer positions `columns`), as stored (see
-        `decode`); checked against the store's chunk checksums before they are returned."""
+        """Hidden states of tokens start..stop (stored layer positions `columns`) as numpy floats (`decode_hidden`:
+        float16 stores give float16, the others float32), checked against the store's checksums first."""
         return self._checked(self._read_raw(start, stop, columns, self._verifier))
+
+    def _scales(self, start: int, stop: int) -> np.ndarray | None:
+        """A scaled encoding's scales of tokens start..stop (every stored layer), each block checked against its
+        digest when first read (None: an unscaled encoding)."""
+        if not self.manifest.encoding.scaled:
+            return None
+        if self._integrity is None:  # an incomplete store: nothing recorded to check against yet
+            return self.backend.read(fmt.HIDDEN_SCALES, start, stop)
+        if stop <= start:
+            return np.zeros((0, len(self.layers)), np.float32)
+        block_rows = self._integrity.block_rows
+        first, last = start // block_rows, (stop - 1) // block_rows
+        blocks = [self._scale_block(index) for index in range(first, last + 1)]
+        joined = np.concatenate(blocks) if len(blocks) != 1 else blocks[0]
+        return joined[start - first * block_rows: stop - first * block_rows]
+
+    def _read_scale_block(self, index: int) -> np.ndarray:
+        block_rows = self._integrity.block_rows
+        rows = self.backend.read(fmt.HIDDEN_SCALES, index * block_rows, (index + 1) * block_rows)
+        check_block(self.path, self._integrity, fmt.HIDDEN_SCALES, index, rows)
+        return rows
 
     def _read_raw(self, start: int, stop: int, columns: slice | list[int], verifier: ChunkVerifier | None
                   ) -> _RawRead:
         """The read half of `read_hidden`: whole checked chunks (and whole rows where checksums cover them)."""
+        scales = self._scales(start, stop)
         if verifier is None:
-            return _RawRead(self.backend.read(fmt.HIDDEN_STATES, start, stop, columns), start, start, stop, columns,
-                            None, None)
+            return _RawRead(self.backend.read(fmt.HIDDEN_STATES, start, stop, columns), scales, start, start, stop,
+                            columns, None, None)
         first, last = verifier.widen(start, stop)
         positions = list(range(len(self.layers)))
         # Checksums over whole rows need whole rows (HDF5 reads them anyway); per-layer ones only those read.
         read_columns = (positions[columns] if isinstance(columns, slice) else list(columns)) if verifier.per_layer \
             else positions
         raw = self.backend.read(fmt.HIDDEN_STATES, first, last, compact_columns(read_columns))
-        return _RawRead(raw, first, start, stop, columns, read_columns, verifier)
+        return _RawRead(raw, scales, first, start, stop, columns, read_columns, verifier)
 
-    @staticmethod
-    def _checked(read: _RawRead) -> np.ndarray:
-        """The check half of `read_hidden`: verify, then cut back to what was asked for."""
-        verifier = read.verifier
-        if verifier is None:
-            return read.raw
-        verifier.check(read.raw, read.first, read.read_columns)
-        raw = read.raw[read.start - read.first: read.stop - read.first]
-        return raw if verifier.per_layer else raw[:, read.columns]
+    def _checked(self, read: _RawRead) -> np.ndarray:
+        """The check half of `read_hidden`: verify, cut back to what was asked for, decode."""
+        verifier, raw = read.verifier, read.raw
+        if verifier is not None:
+            verifier.check(raw, read.first, read.read_columns)
+            raw = raw[read.start - read.first: read.stop - read.first]
+            raw = raw if verifier.per_layer else raw[:, read.columns]
+        scales = None if read.scales is None else read.scales[:, read.columns]
+        return decode_hidden(raw, self.storage_dtype, scales)
 
     def __getitem__(self, row: int) -> SequenceFeatures:
         return self.sequence(row)
@@ -289,8 +315,7 @@ class Store:
                         reads[ahead] = reader.submit(self._read_raw, bounds[spans[ahead].start],
                                                      bounds[spans[ahead].stop], columns, self._span_verifier)
                     if ahead not in checks:
-                        checks[ahead] = checker.submit(lambda ahead=ahead: self.decode(self._checked(
-                            reads[ahead].result())))
+                        checks[ahead] = checker.submit(lambda ahead=ahead: self._checked(reads[ahead].result()))
                 block = checks.pop(index).result()
                 del reads[index]
                 yield from self._emit(span, block, pooling, shuffle, buffer, buffer_sequences, rng)
@@ -333,13 +358,6 @@ def _warn_unchecked(path: str, manifest: StoreManifest) -> None:
         reason = f"it was written in store format {manifest.format_version}, before checked reads (1.2)"
     logger.warning("%s: hidden-state reads are not checked against checksums: %s. `featstore verify` checks it in "
                    "full; re-extracting it with this version gives it per-chunk checks", path, reason)
-
-
-def decode_hidden(raw: np.ndarray, storage_dtype: str) -> np.ndarray:
-    """Stored hidden states as numpy floats: float16/float32 as stored, bfloat16 widened to float32."""
-    if storage_dtype == "bfloat16":
-        return (raw.astype(np.uint32) << 16).view(np.float32)
-    return raw
 
 
 def compact_columns(columns: list[int]) -> slice | list[int]:

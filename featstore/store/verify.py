@@ -13,9 +13,10 @@ from ..sharing.location import Location, resolve
 from . import format as fmt
 from .backends import StoreBackend, open_backend
 from .chunks import ChunkVerifier
+from .encoding import decode_hidden
 from .integrity import checksum_problems, metadata_problems
 from .manifest import ChunkChecksums, CorpusInfo, StoreManifest
-from .reader import Store, decode_hidden
+from .reader import Store
 
 REQUIRED_ARRAYS = (fmt.HIDDEN_STATES, fmt.INPUT_IDS, fmt.WORD_IDS, fmt.TOKEN_WINDOW, fmt.TOKEN_OFFSETS,
                    fmt.WORD_OFFSETS, fmt.SEQUENCE_INDEX, fmt.PROGRESS)
@@ -73,11 +74,14 @@ def _problems(backend: StoreBackend, deep: bool, expect_complete: bool) -> list[
         chunk_check = _chunk_checker(backend, manifest, problems)
 
         def inspect(name: str, start: int, stop: int, rows: np.ndarray) -> None:
+            if name == fmt.HIDDEN_SCALES and not nonfinite and not np.isfinite(rows).all():
+                nonfinite.append(f"hidden_scales tokens {start}..{stop} hold NaN or infinite values")
             if name != fmt.HIDDEN_STATES:
                 return
             if chunk_check is not None:
                 chunk_check(start, rows)
-            if not nonfinite and not np.isfinite(decode_hidden(rows, storage_dtype)).all():
+            unit_scales = np.ones(rows.shape[:2], np.float32) if manifest.encoding.scaled else None
+            if not nonfinite and not np.isfinite(decode_hidden(rows, storage_dtype, unit_scales)).all():
                 nonfinite.append(f"hidden_states tokens {start}..{stop} hold NaN or infinite values")
 
         # First: the most specific finding (which block is damaged) before what the damage breaks. The chunk
@@ -189,7 +193,7 @@ def _scan_hidden_states(backend: StoreBackend) -> list[str]:
     for span in store.spans():
         start, stop = int(store.token_offsets[span.start]), int(store.token_offsets[span.stop])
         try:
-            block = store.decode(backend.read(fmt.HIDDEN_STATES, start, stop))
+            block = store.read_hidden(start, stop)
         except Exception as error:
             return [f"hidden_states tokens {start}..{stop} cannot be read: {type(error).__name__}: {error}"]
         if not np.isfinite(block).all():

@@ -1,0 +1,152 @@
+"""Storage encodings: what each costs in bytes, speed and accuracy (not a test): BENCHMARKS.md "Storage encodings".
+
+Phases (each writes its figures to the JSON file as it goes; a run continues a file):
+- `extract`: CoNLL-2003 dev extracted by the packaged MiniLM (all 7 hidden states) in float32 (the reference)
+  and in every encoding, rounds alternating the encodings' order; per encoding: bytes/token of the hidden-state
+  arrays (scales included), extraction tokens/s as a ratio to float16's in the same round (median and range
+  over rounds), and the relative RMS error per layer against the float32 store (||x - ref|| / ||ref||).
+- `read`: warm-cache reads of each dev store, rounds alternating the order: a shuffled `iter_epoch` over all
+  layers in tokens/s and MB/s of stored bytes, as ratios to float16 (median and range over rounds).
+- `heads`: CoNLL-2003 train/dev/test extracted once in float16 and converted (`featstore convert`) to each
+  encoding, then the linear probe (layer 4), the scalar mix and the adapter with its tailor trained from each,
+  same seeds, test F1 (mean and range over seeds).
+
+    HF_HUB_OFFLINE=1 python tools/bench_storage.py --data ../shared/data/conll2003 --workdir /tmp/bench-storage \
+        --json benchmarks/storage-2026-11-23.json --phases extract read
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from benchargs import Recorder, conll2003_workdir
+
+from featstore import ExtractConfig, extract, open_store
+from featstore.extraction.convert import convert_store
+from featstore.extraction.corpus import CorpusSpec
+from featstore.store import format as fmt
+from heads import TrainConfig, Trainer, evaluate_heads
+
+ENCODINGS = ("float16", "bfloat16", "int8", "float8_e4m3")
+HEADS = [{"type": "linear", "name": "linear", "layers": [4]}, {"type": "scalar_mix", "name": "scalar_mix"},
+         {"type": "adapter", "name": "adapter_tailor"}]  # the adapter has its tailor by default
+
+
+def _spread(values: list[float], digits: int = 3) -> dict[str, float]:
+    return {"median": round(statistics.median(values), digits), "min": round(min(values), digits),
+            "max": round(max(values), digits)}
+
+
+def _hidden_bytes(store: Any) -> int:
+    return sum(store.backend.nbytes_stored(name) for name in (fmt.HIDDEN_STATES, fmt.HIDDEN_SCALES)
+               if name in store.backend.array_names())
+
+
+def extract_phase(data: Path, workdir: Path, record: Recorder, rounds: int) -> dict[str, str]:
+    corpus = CorpusSpec(str(data / "dev.txt"), format="conll")
+    stores = {dtype: str(workdir / f"dev-{dtype}.zarr") for dtype in ("float32", *ENCODINGS)}
+    seconds: dict[str, list[float]] = {dtype: [] for dtype in stores}
+    for index in range(rounds):
+        order = list(stores) if index % 2 == 0 else list(reversed(stores))
+        for dtype in order:
+            started = time.perf_counter()
+            extract(ExtractConfig(out=stores[dtype], corpus=corpus, dtype=dtype, overwrite=True, progress=False))
+            seconds[dtype].append(time.perf_counter() - started)
+    with open_store(stores["float32"]) as reference:
+        tokens = reference.num_tokens
+        record["dev_tokens"] = tokens
+        for dtype in ENCODINGS:
+            with open_store(stores[dtype]) as store:
+                squared_error = np.zeros(len(store.layers))
+                squared_reference = np.zeros(len(store.layers))
+                for span in reference.spans():
+                    start, stop = int(reference.token_offsets[span.start]), int(reference.token_offsets[span.stop])
+                    want = reference.read_hidden(start, stop).astype(np.float64)
+                    got = store.read_hidden(start, stop).astype(np.float64)
+                    squared_error += ((got - want) ** 2).sum(axis=(0, 2))
+                    squared_reference += (want**2).sum(axis=(0, 2))
+                record[f"extract_{dtype}"] = {
+                    "bytes_per_token": round(_hidden_bytes(store) / tokens, 1),
+                    "tokens_per_s": _spread([tokens / s for s in seconds[dtype]], 0),
+                    "tokens_per_s_vs_float16": _spread([f / s for f, s in zip(seconds["float16"], seconds[dtype])]),
+                    "relative_rms_error_per_layer": [float(f"{value:.2e}") for value in
+                                                     np.sqrt(squared_error / squared_reference)]}
+    return stores
+
+
+def read_phase(stores: dict[str, str], record: Recorder, rounds: int) -> None:
+    os.sync()
+    rates: dict[str, list[float]] = {dtype: [] for dtype in ENCODINGS}
+    byte_rates: dict[str, list[float]] = {dtype: [] for dtype in ENCODINGS}
+    opened = {dtype: open_store(stores[dtype]) for dtype in ENCODINGS}
+    for store in opened.values():  # warm the page cache
+        sum(1 for _ in store.iter_epoch())
+    for index in range(rounds):
+        for dtype in ENCODINGS if index % 2 == 0 else reversed(ENCODINGS):
+            store = opened[dtype]
+            started = time.perf_counter()
+            count = sum(1 for _ in store.iter_epoch(seed=index))
+            elapsed = time.perf_counter() - started
+            assert count == len(store)
+            rates[dtype].append(store.num_tokens / elapsed)
+            byte_rates[dtype].append(_hidden_bytes(store) / elapsed / 1e6)
+    for dtype in ENCODINGS:
+        record[f"read_{dtype}"] = {"tokens_per_s": _spread(rates[dtype], 0), "MB_per_s": _spread(byte_rates[dtype], 1),
+                                   "tokens_per_s_vs_float16": _spread([r / f for r, f in zip(rates[dtype],
+                                                                                             rates["float16"])])}
+    for store in opened.values():
+        store.close()
+
+
+def heads_phase(data: Path, workdir: Path, record: Recorder, seeds: list[int], encodings: list[str]) -> None:
+    source = {split: extract(ExtractConfig(out=str(workdir / f"{split}-float16.zarr"), progress=False,
+                                           corpus=CorpusSpec(str(data / f"{split}.txt"), format="conll"))).path
+              for split in ("train", "dev", "test")}
+    for dtype in encodings:
+        stores = {split: path if dtype == "float16" else convert_store(
+            path, workdir / f"{split}-{dtype}.zarr", dtype=dtype, progress=False).url
+            for split, path in source.items()}
+        for seed in seeds:
+            key = f"heads_{dtype}_seed{seed}"
+            if key in record.results:
+                continue
+            summary = Trainer(TrainConfig(store=stores["train"], eval_store=stores["dev"], seed=seed, heads=HEADS,
+                                          out=str(workdir / key), progress=False)).train()
+            tested = evaluate_heads([Path(result["dir"]) for result in summary.values()], stores["test"])
+            record[key] = {name: round(100 * test["metrics"]["f1"], 2) for name, test in zip(summary, tested)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="../shared/data/conll2003", help="CoNLL-2003 folder")
+    parser.add_argument("--workdir", default="bench-storage", help="stores and heads go here")
+    parser.add_argument("--json", help="write figures here as they are measured (a run continues a file)")
+    parser.add_argument("--phases", nargs="*", default=["extract", "read", "heads"],
+                        choices=["extract", "read", "heads"])
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds of the extract and read phases")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[1, 2, 3])
+    parser.add_argument("--encodings", nargs="*", default=list(ENCODINGS), choices=list(ENCODINGS),
+                        help="encodings of the heads phase")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    data, workdir = Path(args.data), Path(args.workdir)
+    conll2003_workdir(data, workdir)
+    record = Recorder(Path(args.json) if args.json else None, keep_existing=True)
+    if "extract" in args.phases or "read" in args.phases:
+        stores = extract_phase(data, workdir, record, args.rounds) if "extract" in args.phases else {
+            dtype: str(workdir / f"dev-{dtype}.zarr") for dtype in ENCODINGS}
+        if "read" in args.phases:
+            read_phase(stores, record, args.rounds)
+    if "heads" in args.phases:
+        heads_phase(data, workdir, record, args.seeds, args.encodings)
+
+
+if __name__ == "__main__":
+    main()
