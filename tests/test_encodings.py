@@ -17,8 +17,10 @@ from featstore.errors import ConfigError, CorruptStoreError, StoreConflictError,
 from featstore.extraction.convert import convert_store
 from featstore.extraction.corpus import CorpusSpec, load_corpus
 from featstore.extraction.encoder import to_storage
+from featstore.sharing.location import resolve
 from featstore.store import format as fmt
 from featstore.store.backends import open_backend
+from featstore.store.backends.zarr import ShardReader
 from featstore.store.encoding import FLOAT8_E4M3_VALUES, decode_hidden, split_wire
 from featstore.store.info import describe_store
 from featstore.store.manifest import StoreManifest
@@ -107,6 +109,17 @@ def test_an_8bit_store_takes_about_half_the_bytes_and_says_so(minilm_stores, tmp
         assert hidden["int8"] / hidden["float16"] == pytest.approx(0.5 + 4 / (2 * 384), abs=0.01)
     summary = describe_store(minilm_stores["int8"])
     assert "stored int8 (absmax scale per token and layer" in summary and "format 1.3" in summary
+
+
+@pytest.mark.parametrize("storage_dtype", SCALED)
+def test_8bit_stores_take_the_direct_read_path_and_it_reads_what_the_library_reads(minilm_stores, storage_dtype):
+    path = minilm_stores[storage_dtype]
+    assert ShardReader.for_array(resolve(path).child(fmt.HIDDEN_STATES)) is not None
+    with open_store(path) as direct, open_store(path) as library:
+        library.backend.direct_reads = False
+        for row in range(len(direct)):
+            np.testing.assert_array_equal(direct.sequence(row, layers=[3]).hidden_states,
+                                          library.sequence(row, layers=[3]).hidden_states)
 
 
 def test_a_head_trained_on_an_int8_store_equals_one_trained_on_its_dequantised_values(ner_stores, tmp_path):

@@ -20,11 +20,13 @@ from zarr.core.sync import sync
 
 from ...errors import CorruptStoreError
 from ...sharing.location import Location
-from ..format import ARRAY_NAMES, ATTRS_KEY
+from ..format import ARRAY_NAMES, ATTRS_KEY, NUMPY_STORAGE_DTYPE
 from .base import ArraySpec, StoreBackend
 
 RAW_BYTES_CODEC = {"name": "bytes", "configuration": {"endian": "little"}}
+SINGLE_BYTE_CODEC = {"name": "bytes"}  # how zarr writes the raw codec of 1-byte types (no byte order to name)
 INDEX_MISSING = np.iinfo(np.uint64).max
+HIDDEN_ARRAY_DTYPES = set(NUMPY_STORAGE_DTYPE.values())  # the direct shard reader reads every encoding's codes
 
 
 class ShardReader:
@@ -62,14 +64,14 @@ class ShardReader:
         if len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed" or len(metadata["shape"]) != 3:
             return None
         sharding = codecs[0]["configuration"]
-        layout_ok = (sharding.get("codecs") == [RAW_BYTES_CODEC]
+        layout_ok = (sharding.get("codecs") in ([RAW_BYTES_CODEC], [SINGLE_BYTE_CODEC])
                      and sharding.get("index_codecs") == [RAW_BYTES_CODEC, {"name": "crc32c"}]
                      and sharding.get("index_location", "end") == "end"
                      and sharding["chunk_shape"][1:] == [1, metadata["shape"][2]]
                      and metadata["chunk_grid"]["configuration"]["chunk_shape"][1:] == metadata["shape"][1:]
                      and metadata.get("chunk_key_encoding", {}).get("configuration", {}).get("separator", "/") == "/"
                      and metadata.get("chunk_key_encoding", {}).get("name", "default") == "default"
-                     and metadata["data_type"] in ("float16", "float32", "uint16"))
+                     and metadata["data_type"] in HIDDEN_ARRAY_DTYPES)
         return cls(location, metadata) if layout_ok else None
 
     def read(self, start: int, stop: int, layers: list[int]) -> np.ndarray:
