@@ -18,6 +18,7 @@ from featstore.extraction.convert import convert_store
 from featstore.extraction.corpus import CorpusSpec, load_corpus
 from featstore.extraction.encoder import to_storage
 from featstore.sharing.location import resolve
+from featstore.sharing.transfer import copy_store
 from featstore.store import format as fmt
 from featstore.store.backends import open_backend
 from featstore.store.backends.zarr import ShardReader
@@ -145,6 +146,20 @@ def test_a_head_trained_on_an_int8_store_equals_one_trained_on_its_dequantised_v
 
 def _zarr_chunk_file(store: str, array: str) -> Path:
     return next(path for path in sorted((Path(store) / array / "c").rglob("*")) if path.is_file())
+
+
+@pytest.mark.parametrize("name", ["copy.zarr", "copy.h5"])
+def test_8bit_stores_copy_and_convert_between_backends_verified(minilm_stores, tmp_path, name):
+    """push/pull copy every array (the scales too) and verify the copy; convert changes the backend."""
+    path = minilm_stores["int8"]
+    if name.endswith(".h5"):
+        path = convert_store(minilm_stores["float32"], tmp_path / "src.h5", dtype="int8", backend="hdf5",
+                             progress=False).url
+    copied = copy_store(path, tmp_path / "out" / name, progress=False)
+    assert verify_store(copied.url) == []
+    with open_store(path) as source, open_store(copied.url) as copy:
+        assert copy.fingerprint == source.fingerprint
+        np.testing.assert_array_equal(copy.sequence(4).hidden_states, source.sequence(4).hidden_states)
 
 
 def test_a_damaged_scale_is_refused_by_readers_and_named_by_verify(minilm_stores, tmp_path):
