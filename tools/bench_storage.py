@@ -6,7 +6,8 @@ Phases (each writes its figures to the JSON file as it goes; a run continues a f
   arrays (scales included), extraction tokens/s as a ratio to float16's in the same round (median and range
   over rounds), and the relative RMS error per layer against the float32 store (||x - ref|| / ||ref||).
 - `read`: warm-cache reads of each dev store, rounds alternating the order: a shuffled `iter_epoch` over all
-  layers in tokens/s and MB/s of stored bytes, as ratios to float16 (median and range over rounds).
+  layers in tokens/s and MB/s of stored bytes, as ratios to float16 (median and range over rounds); and the
+  same epoch with every sequence made float32, what a head consumes (float16 reads come back as float16).
 - `heads`: CoNLL-2003 train/dev/test extracted once in float16 and converted (`featstore convert`) to each
   encoding, then the linear probe (layer 4), the scalar mix and the adapter with its tailor trained from each,
   same seeds, test F1 (mean and range over seeds).
@@ -85,6 +86,7 @@ def read_phase(stores: dict[str, str], record: Recorder, rounds: int) -> None:
     os.sync()
     rates: dict[str, list[float]] = {dtype: [] for dtype in ENCODINGS}
     byte_rates: dict[str, list[float]] = {dtype: [] for dtype in ENCODINGS}
+    float32_rates: dict[str, list[float]] = {dtype: [] for dtype in ENCODINGS}
     opened = {dtype: open_store(stores[dtype]) for dtype in ENCODINGS}
     for store in opened.values():  # warm the page cache
         sum(1 for _ in store.iter_epoch())
@@ -97,10 +99,16 @@ def read_phase(stores: dict[str, str], record: Recorder, rounds: int) -> None:
             assert count == len(store)
             rates[dtype].append(store.num_tokens / elapsed)
             byte_rates[dtype].append(_hidden_bytes(store) / elapsed / 1e6)
+            started = time.perf_counter()  # what a head consumes: float32 (float16 reads come back as float16)
+            for item in store.iter_epoch(seed=index):
+                item.hidden_states.astype(np.float32, copy=False)
+            float32_rates[dtype].append(store.num_tokens / (time.perf_counter() - started))
     for dtype in ENCODINGS:
         record[f"read_{dtype}"] = {"tokens_per_s": _spread(rates[dtype], 0), "MB_per_s": _spread(byte_rates[dtype], 1),
                                    "tokens_per_s_vs_float16": _spread([r / f for r, f in zip(rates[dtype],
-                                                                                             rates["float16"])])}
+                                                                                             rates["float16"])]),
+                                   "as_float32_tokens_per_s_vs_float16": _spread(
+                                       [r / f for r, f in zip(float32_rates[dtype], float32_rates["float16"])])}
     for store in opened.values():
         store.close()
 
