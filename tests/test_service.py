@@ -197,7 +197,7 @@ def test_authentication_confinement_and_validation(service, tiny_models, tmp_pat
         status, body = service.request("POST", "/v1/jobs", spec)
         assert (status, message in body["detail"]) == (code, True), (spec, status, body)
     for spec in ({"corpus": corpus, "unknown": 1}, {"corpus": corpus, "layers": "all"}, {"corpus": corpus,
-                 "dtype": "int8"}, {"model": "x"}, {"corpus": corpus, "max_batch_tokens": -1}):
+                 "dtype": "int4"}, {"model": "x"}, {"corpus": corpus, "max_batch_tokens": -1}):
         status, body = service.request("POST", "/v1/jobs", spec)
         assert status == 422 and body["detail"], (spec, body)
     assert service.request("POST", "/v1/jobs", raw=b"{not json")[0] == 422
