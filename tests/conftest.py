@@ -146,6 +146,17 @@ def copy_path(source: str, target: Path) -> str:
     return str(target)
 
 
+def edit_attrs(store: str, edit) -> None:
+    """Apply `edit` to a store's featstore attributes in place (to make damaged or older-format stores)."""
+    from featstore.store.backends import open_backend
+
+    backend = open_backend(store, "r+")
+    attrs = backend.get_attrs()
+    edit(attrs)
+    backend.set_attrs(attrs)
+    backend.close()
+
+
 @pytest.fixture()
 def copy_store():
     return copy_path

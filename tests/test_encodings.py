@@ -20,13 +20,12 @@ from featstore.extraction.encoder import to_storage
 from featstore.sharing.location import resolve
 from featstore.sharing.transfer import copy_store
 from featstore.store import format as fmt
-from featstore.store.backends import open_backend
 from featstore.store.backends.zarr import ShardReader
 from featstore.store.encoding import FLOAT8_E4M3_VALUES, decode_hidden, split_wire
 from featstore.store.info import describe_store
 from featstore.store.manifest import StoreManifest
 from heads import Head, TrainConfig, Trainer, evaluate_heads
-from tests.conftest import copy_path
+from tests.conftest import copy_path, edit_attrs
 
 SCALED = ("int8", "float8_e4m3")
 
@@ -182,14 +181,6 @@ def test_a_store_missing_its_scales_is_refused_at_open(minilm_stores, tmp_path):
     assert any("hidden_scales" in problem for problem in verify_store(damaged))
 
 
-def _edit_attrs(store: str, edit) -> None:
-    backend = open_backend(store, "r+")
-    attrs = backend.get_attrs()
-    edit(attrs)
-    backend.set_attrs(attrs)
-    backend.close()
-
-
 def test_format_1_2_stores_still_read(minilm_stores, tmp_path):
     """A float32 store as featstore 0.2 wrote it (format 1.2: the same arrays, no encodings) opens and reads."""
     old = convert_store(minilm_stores["float32"], tmp_path / "old.zarr", layers=[0], progress=False).url
@@ -199,7 +190,7 @@ def test_format_1_2_stores_still_read(minilm_stores, tmp_path):
         attrs["extraction"].pop("converted_from")
         attrs["integrity"]["sections"] = StoreManifest.from_attrs(attrs, old).section_digests()
 
-    _edit_attrs(old, as_1_2)
+    edit_attrs(old, as_1_2)
     assert verify_store(old) == []
     with open_store(old) as store, open_store(minilm_stores["float32"]) as new:
         assert store.manifest.format_version == "1.2"
@@ -208,7 +199,7 @@ def test_format_1_2_stores_still_read(minilm_stores, tmp_path):
 
 def test_an_unknown_encoding_asks_for_an_upgrade(minilm_stores, tmp_path):
     newer = copy_path(minilm_stores["int8"], tmp_path / "n.zarr")
-    _edit_attrs(newer, lambda attrs: attrs["extraction"].update(storage_dtype="int4"))
+    edit_attrs(newer, lambda attrs: attrs["extraction"].update(storage_dtype="int4"))
     with pytest.raises(StoreFormatError, match=r"'int4', an encoding this featstore does not know.*upgrade"):
         open_store(newer)
 

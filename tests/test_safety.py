@@ -17,7 +17,7 @@ from featstore.errors import CorruptStoreError
 from featstore.extraction.corpus import CorpusSpec
 from featstore.store import format as fmt
 from featstore.store.backends import open_backend
-from tests.conftest import copy_path
+from tests.conftest import copy_path, edit_attrs
 
 BACKENDS = {"zarr": "s.zarr", "hdf5": "s.h5"}
 
@@ -82,14 +82,6 @@ def test_a_flipped_byte_in_a_shard_index_is_refused(sound_stores, tmp_path):
     assert verify_store(damaged)
 
 
-def _edit_attrs(store: str, edit) -> None:
-    backend = open_backend(store, "r+")
-    attrs = backend.get_attrs()
-    edit(attrs)
-    backend.set_attrs(attrs)
-    backend.close()
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("edit,finding", [
     (lambda attrs: attrs["corpus"]["label_names"].reverse(), "changed after it was finalized (sections: corpus)"),
@@ -98,7 +90,7 @@ def _edit_attrs(store: str, edit) -> None:
 ])
 def test_edits_that_change_what_the_bytes_mean_are_refused(sound_stores, tmp_path, backend, edit, finding):
     damaged = copy_path(sound_stores[backend], tmp_path / BACKENDS[backend])
-    _edit_attrs(damaged, edit)
+    edit_attrs(damaged, edit)
     with pytest.raises(CorruptStoreError, match=finding.replace("(", r"\(").replace(")", r"\)")):
         open_store(damaged)
     assert any(finding in problem for problem in verify_store(damaged))
@@ -142,7 +134,7 @@ def test_stores_from_before_checked_reads_still_read_with_one_warning(sound_stor
         for array in (fmt.HIDDEN_CHECKSUMS, fmt.HIDDEN_SPAN_CHECKSUMS):
             attrs["integrity"]["arrays"].pop(array)
 
-    _edit_attrs(old, as_1_1)
+    edit_attrs(old, as_1_1)
     with caplog.at_level(logging.WARNING, logger="featstore"):
         for _ in range(2):
             with open_store(old) as store, open_store(sound_stores["zarr"]) as new:
