@@ -20,19 +20,17 @@ Phases (each writes its figures to the JSON file as it goes):
 
 from __future__ import annotations
 
-import argparse
-import logging
 import random
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from benchargs import Recorder, conll2003_workdir
+from benchargs import Recorder, conll2003_parser, conll2003_setup, train_and_test
 
 from featstore import ExtractConfig, extract
 from featstore.extraction.corpus import CorpusSpec
-from heads import TrainConfig, Trainer, evaluate_heads
+from heads import TrainConfig, Trainer
 from heads.config import HEAD_TYPES
 from heads.sweep import sweep_layers
 
@@ -82,18 +80,6 @@ def prepare(data: Path, workdir: Path, record: Recorder) -> dict[str, dict[str, 
     return stores
 
 
-def run(stores: dict[str, str], out: Path, heads: list[dict[str, Any]], **options: Any) -> dict[str, Any]:
-    """One training pass over `heads` (dev picks the epoch); returns the trainer's summary with test F1 added."""
-    trainer = Trainer(TrainConfig(store=stores["train"], eval_store=stores["dev"], out=str(out), heads=heads,
-                                  progress=False, **options))
-    summary = trainer.train()
-    tested = evaluate_heads([Path(result["dir"]) for result in summary.values()], stores["test"])
-    for result, test in zip(summary.values(), tested):
-        result["test_f1"] = round(100 * test["metrics"]["f1"], 2)
-        result["best"] = None if result["best"] is None else round(100 * result["best"], 2)
-    return summary
-
-
 def lr_phase(stores: dict[str, dict[str, str]], workdir: Path, record: Recorder, seed: int) -> None:
     """Dev F1 (best epoch, 10 epochs, no early stopping) and test F1 of every grid point."""
     for corpus, corpus_stores in reversed(stores.items()):  # the small corpus first: quick answers
@@ -107,7 +93,7 @@ def lr_phase(stores: dict[str, dict[str, str]], workdir: Path, record: Recorder,
                       "name": f"{head_type}_lr{lr:g}" + ("" if layer is None else f"_L{layer}")}
                      for head_type in head_types for lr in grid[head_type][0] for layer in grid[head_type][1]]
             started = time.perf_counter()
-            summary = run(corpus_stores, workdir / key, heads, seed=seed, patience=None, epochs=10)
+            summary = train_and_test(corpus_stores, workdir / key, heads, seed=seed, patience=None, epochs=10)
             record[key] = {name: {"dev_f1": result["best"], "best_epoch": result["saved_epoch"],
                                   "test_f1": result["test_f1"]} for name, result in summary.items()}
             record[f"{key}_seconds"] = round(time.perf_counter() - started, 1)
@@ -147,8 +133,8 @@ def defaults_phase(stores: dict[str, dict[str, str]], workdir: Path, record: Rec
         for seed in seeds:
             before_key, after_key = f"defaults_{corpus}_before_seed{seed}", f"defaults_{corpus}_after_seed{seed}"
             if before_key not in record.results:
-                summary = run(corpus_stores, workdir / before_key, _head_specs("before", head_types), seed=seed,
-                              epochs=V02_DEFAULTS["epochs"])
+                summary = train_and_test(corpus_stores, workdir / before_key, _head_specs("before", head_types),
+                                         seed=seed, epochs=V02_DEFAULTS["epochs"])
                 record[before_key] = {name: {"test_f1": result["test_f1"], "layers": result["layers"],
                                              "saved_epoch": result["saved_epoch"], "lr": V02_DEFAULTS["lr"],
                                              "epochs": V02_DEFAULTS["epochs"]} for name, result in summary.items()}
@@ -160,7 +146,7 @@ def defaults_phase(stores: dict[str, dict[str, str]], workdir: Path, record: Rec
             changed = [spec for spec in _head_specs("after", head_types)
                        if HEAD_TYPES[spec["type"]].single_layer or epochs != V02_DEFAULTS["epochs"]
                        or HEAD_TYPES[spec["type"]].lr != V02_DEFAULTS["lr"]]
-            summary = run(corpus_stores, workdir / after_key, changed, seed=seed) if changed else {}
+            summary = train_and_test(corpus_stores, workdir / after_key, changed, seed=seed) if changed else {}
             record[after_key] = {
                 head_type: {"test_f1": summary[head_type]["test_f1"], "layers": summary[head_type]["layers"],
                             "saved_epoch": summary[head_type]["saved_epoch"], "lr": HEAD_TYPES[head_type].lr,
@@ -191,22 +177,14 @@ def print_tables(results: dict[str, Any], seeds: list[int]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="../shared/data/conll2003", help="CoNLL-2003 folder")
-    parser.add_argument("--workdir", default="bench-defaults", help="stores and heads go here")
-    parser.add_argument("--json", help="write figures here as they are measured (a run continues a file)")
-    parser.add_argument("--phases", nargs="*", default=["lr", "layers", "defaults"],
-                        choices=["extract", "lr", "layers", "defaults", "tables"])
-    parser.add_argument("--seeds", type=int, nargs="*", default=[1, 2, 3])
+    parser = conll2003_parser(__doc__, "bench-defaults", ["extract", "lr", "layers", "defaults", "tables"],
+                              ["lr", "layers", "defaults"])
     parser.add_argument("--head-types", nargs="*", default=list(HEAD_TYPES), choices=list(HEAD_TYPES),
                         help="head types of the defaults phase")
     parser.add_argument("--corpora", nargs="*", default=list(reversed(CORPORA)), choices=list(CORPORA),
                         help="corpora of the defaults phase")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    data, workdir = Path(args.data), Path(args.workdir)
-    conll2003_workdir(data, workdir)
-    record = Recorder(Path(args.json) if args.json else None, keep_existing=True)
+    data, workdir, record = conll2003_setup(args)
     stores = prepare(data, workdir, record)
     if "lr" in args.phases:
         lr_phase(stores, workdir, record, seed=args.seeds[0])

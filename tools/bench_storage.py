@@ -18,8 +18,6 @@ Phases (each writes its figures to the JSON file as it goes; a run continues a f
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
 import statistics
 import time
@@ -27,13 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from benchargs import Recorder, conll2003_workdir
+from benchargs import Recorder, conll2003_parser, conll2003_setup, train_and_test
 
 from featstore import ExtractConfig, extract, open_store
 from featstore.extraction.convert import convert_store
 from featstore.extraction.corpus import CorpusSpec
 from featstore.store import format as fmt
-from heads import TrainConfig, Trainer, evaluate_heads
 
 ENCODINGS = ("float16", "bfloat16", "int8", "float8_e4m3")
 HEADS = [{"type": "linear", "name": "linear", "layers": [4]}, {"type": "scalar_mix", "name": "scalar_mix"},
@@ -125,28 +122,17 @@ def heads_phase(data: Path, workdir: Path, record: Recorder, seeds: list[int], e
             key = f"heads_{dtype}_seed{seed}"
             if key in record.results:
                 continue
-            summary = Trainer(TrainConfig(store=stores["train"], eval_store=stores["dev"], seed=seed, heads=HEADS,
-                                          out=str(workdir / key), progress=False)).train()
-            tested = evaluate_heads([Path(result["dir"]) for result in summary.values()], stores["test"])
-            record[key] = {name: round(100 * test["metrics"]["f1"], 2) for name, test in zip(summary, tested)}
+            summary = train_and_test(stores, workdir / key, HEADS, seed=seed)
+            record[key] = {name: result["test_f1"] for name, result in summary.items()}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="../shared/data/conll2003", help="CoNLL-2003 folder")
-    parser.add_argument("--workdir", default="bench-storage", help="stores and heads go here")
-    parser.add_argument("--json", help="write figures here as they are measured (a run continues a file)")
-    parser.add_argument("--phases", nargs="*", default=["extract", "read", "heads"],
-                        choices=["extract", "read", "heads"])
+    parser = conll2003_parser(__doc__, "bench-storage", ["extract", "read", "heads"], ["extract", "read", "heads"])
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds of the extract and read phases")
-    parser.add_argument("--seeds", type=int, nargs="*", default=[1, 2, 3])
     parser.add_argument("--encodings", nargs="*", default=list(ENCODINGS), choices=list(ENCODINGS),
                         help="encodings of the heads phase")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    data, workdir = Path(args.data), Path(args.workdir)
-    conll2003_workdir(data, workdir)
-    record = Recorder(Path(args.json) if args.json else None, keep_existing=True)
+    data, workdir, record = conll2003_setup(args)
     if "extract" in args.phases or "read" in args.phases:
         stores = extract_phase(data, workdir, record, args.rounds) if "extract" in args.phases else {
             dtype: str(workdir / f"dev-{dtype}.zarr") for dtype in ENCODINGS}

@@ -1,10 +1,12 @@
-"""What the benchmarks share: the command line of those that run on one corpus with repeats, the CoNLL-2003
-folder check, and a recorder that keeps every figure in a JSON file as it is measured."""
+"""What the benchmarks share: the command line of those that run on one corpus with repeats, the command line
+and set-up of those that run in phases on CoNLL-2003, a recorder that keeps every figure in a JSON file as it is
+measured, and training heads then scoring them on a test store."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import platform
 import tempfile
 from pathlib import Path
@@ -22,6 +24,41 @@ def parse_bench_args(doc: str, prefix: str) -> tuple[argparse.Namespace, Path]:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix=prefix))
     workdir.mkdir(parents=True, exist_ok=True)
     return args, workdir
+
+
+def conll2003_parser(doc: str, workdir: str, phases: list[str], default_phases: list[str]
+                     ) -> argparse.ArgumentParser:
+    """--data, --workdir, --json, --phases, --seeds: the options every phased CoNLL-2003 benchmark takes."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="../shared/data/conll2003", help="CoNLL-2003 folder")
+    parser.add_argument("--workdir", default=workdir, help="stores and heads go here")
+    parser.add_argument("--json", help="write figures here as they are measured (a run continues a file)")
+    parser.add_argument("--phases", nargs="*", default=default_phases, choices=phases)
+    parser.add_argument("--seeds", type=int, nargs="*", default=[1, 2, 3])
+    return parser
+
+
+def conll2003_setup(args: argparse.Namespace) -> tuple[Path, Path, Recorder]:
+    """(data folder, work directory, recorder continuing --json) of a phased CoNLL-2003 benchmark."""
+    logging.basicConfig(level=logging.WARNING)
+    data, workdir = Path(args.data), Path(args.workdir)
+    conll2003_workdir(data, workdir)
+    return data, workdir, Recorder(Path(args.json) if args.json else None, keep_existing=True)
+
+
+def train_and_test(stores: dict[str, str], out: Path, heads: list[dict[str, Any]], **options: Any) -> dict[str, Any]:
+    """One training pass over `heads` on stores["train"] (stores["dev"] picks the epoch); returns the trainer's
+    summary with each head's test F1 on stores["test"] added (`test_f1`, and `best` in percent)."""
+    from heads import TrainConfig, Trainer, evaluate_heads  # only the benchmarks that train need it
+
+    trainer = Trainer(TrainConfig(store=stores["train"], eval_store=stores["dev"], out=str(out), heads=heads,
+                                  progress=False, **options))
+    summary = trainer.train()
+    tested = evaluate_heads([Path(result["dir"]) for result in summary.values()], stores["test"])
+    for result, test in zip(summary.values(), tested):
+        result["test_f1"] = round(100 * test["metrics"]["f1"], 2)
+        result["best"] = None if result["best"] is None else round(100 * result["best"], 2)
+    return summary
 
 
 def conll2003_workdir(data: Path, workdir: Path) -> None:
