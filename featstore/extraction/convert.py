@@ -80,15 +80,9 @@ def converted_manifest(src: Store, dtype: str | None, layers: Sequence[int] | No
     manifest = copy.deepcopy(old)
     kept = list(old.extraction.layers)
     if layers is not None:
-        kept = []
-        for layer in layers:
-            resolved = old.encoder.resolve_layer(layer)
-            if resolved not in old.extraction.layers:
-                raise ConfigError(f"layer {layer} is not in {src.path}, which holds layers {old.extraction.layers}")
-            if resolved in kept:
-                raise ConfigError(f"layers {list(layers)} name the same hidden state twice")
-            kept.append(resolved)
-        kept.sort()
+        kept = sorted(src.stored_layers(layers))
+        if len(set(kept)) != len(kept):
+            raise ConfigError(f"layers {list(layers)} name the same hidden state twice")
     storage_dtype = dtype or old.extraction.storage_dtype
     for section in (manifest.extraction, manifest.fingerprint_inputs):
         section.storage_dtype, section.layers = storage_dtype, kept
@@ -100,8 +94,8 @@ def converted_manifest(src: Store, dtype: str | None, layers: Sequence[int] | No
                                                    "storage_dtype": old.extraction.storage_dtype,
                                                    "layers": list(old.extraction.layers)}
     manifest.layout.backend = backend or old.layout.backend
-    code_bytes = np.dtype(manifest.encoding.array_dtype).itemsize
-    manifest.counts.hidden_bytes = old.counts.num_tokens * len(kept) * old.encoder.hidden_size * code_bytes
+    manifest.counts.hidden_bytes = old.counts.num_tokens * fmt.code_bytes_per_token(storage_dtype, len(kept),
+                                                                                    old.encoder.hidden_size)
     if manifest.fingerprint == old.fingerprint:
         raise ConfigError(f"nothing to convert: {src.path} is already {storage_dtype} with layers {kept}; use "
                           "`featstore push` to copy a store")

@@ -166,8 +166,7 @@ def _manifest(spec: ExtractSpec, corpus: Corpus, encoder: FrozenEncoder, layers:
         corpus_fingerprint=corpus.fingerprint(), layers=layers, compute_dtype=encoder.compute_dtype,
         storage_dtype=encoder.storage_dtype, max_length=max_length, stride=stride, truncation=spec.truncate,
         window_rule=WINDOW_RULE)
-    code_bytes = np.dtype(fmt.ENCODINGS[encoder.storage_dtype].array_dtype).itemsize
-    bytes_per_token = len(layers) * encoder.hidden_size * code_bytes  # of hidden_states (a scale array is ~1% more)
+    bytes_per_token = fmt.code_bytes_per_token(encoder.storage_dtype, len(layers), encoder.hidden_size)
     chunk_tokens, block_tokens = _layout(spec, num_tokens, bytes_per_token)
     return StoreManifest(
         format=fmt.FORMAT_NAME, format_version=fmt.FORMAT_VERSION, status=fmt.STATUS_WRITING,

@@ -77,11 +77,15 @@ NUMPY_STORAGE_DTYPE = {name: encoding.array_dtype for name, encoding in ENCODING
 SCALE_BYTES = 4  # one float32 scale per token and layer
 
 
+def code_bytes_per_token(storage_dtype: str, num_layers: int, hidden_size: int) -> int:
+    """Bytes one token takes in `hidden_states` (what `counts.hidden_bytes` counts, per token)."""
+    return num_layers * hidden_size * np.dtype(ENCODINGS[storage_dtype].array_dtype).itemsize
+
+
 def stored_bytes_per_token(storage_dtype: str, num_layers: int, hidden_size: int) -> int:
     """Bytes one token takes in the hidden-state arrays (scales included)."""
-    encoding = ENCODINGS[storage_dtype]
-    itemsize = np.dtype(encoding.array_dtype).itemsize
-    return num_layers * (hidden_size * itemsize + (SCALE_BYTES if encoding.scaled else 0))
+    scales = num_layers * SCALE_BYTES if ENCODINGS[storage_dtype].scaled else 0
+    return code_bytes_per_token(storage_dtype, num_layers, hidden_size) + scales
 
 
 def canonical_json(value: Any) -> bytes:

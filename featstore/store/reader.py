@@ -185,17 +185,22 @@ class Store:
         self.close()
 
     # --- selection ------------------------------------------------------------------------------------
+    def stored_layers(self, layers: Sequence[int]) -> list[int]:
+        """Encoder layer indices of `layers` (negative = counted back from the encoder's last layer), each checked
+        to be in the store."""
+        resolved = []
+        for layer in layers:
+            index = self.manifest.encoder.resolve_layer(layer)
+            if index not in self.layers:
+                raise ConfigError(f"layer {layer} is not in store {self.path}; it holds layers {self.layers}")
+            resolved.append(index)
+        return resolved
+
     def layer_columns(self, layers: Sequence[int] | None) -> slice | list[int]:
         """Stored positions of encoder layers (negative = counted back from the encoder's last layer)."""
         if layers is None:
             return slice(None)
-        columns = []
-        for layer in layers:
-            resolved = self.manifest.encoder.resolve_layer(layer)
-            if resolved not in self.layers:
-                raise ConfigError(f"layer {layer} is not in store {self.path}; it holds layers {self.layers}")
-            columns.append(self.layers.index(resolved))
-        return compact_columns(columns)
+        return compact_columns([self.layers.index(layer) for layer in self.stored_layers(layers)])
 
     # --- random access --------------------------------------------------------------------------------
     def sequence(self, row: int, layers: Sequence[int] | None = None, pooling: str | None = None
