@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -71,6 +71,9 @@ class TrainConfig:
     seed: int = option(1, help="seed of each head's initialisation, dropout and the shuffling")
     patience: int | None = option(3, minimum=1, help="epochs without improvement on the eval store before a "
                                   "head stops")
+    final_anneal: bool = option(True, help="stop a head at once when it stops improving; by default its learning "
+                                "rate first falls linearly to zero over --patience more epochs, since early stopping "
+                                "otherwise ends a long schedule near its peak")  # the flag is --no-final-anneal
     device: str = option("cpu", help="torch device the heads train on")
     resume: bool = option(False, help="continue an interrupted run from OUT/trainer_state.pt")
     progress: bool = option(True, help="no progress bars")  # the flag is --no-progress
@@ -107,6 +110,7 @@ class HeadRun:
     best: float = -np.inf
     best_epoch: int = -1
     bad_epochs: int = 0
+    anneal_ends: int | None = None  # the epoch after which a head in its final anneal stops
     stopped: bool = False
 
     @contextmanager
@@ -224,6 +228,11 @@ def _evaluate(heads: list[Head], store: Store, batch_size: int, device: str, ret
     return results
 
 
+def _anneal_schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The final anneal: from the optimiser's current learning rate linearly to zero in `steps` steps."""
+    return torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.0, total_iters=max(steps, 1))
+
+
 def _columns(head_layers: list[int], batch_layers: list[int]) -> slice | list[int]:
     return compact_columns([batch_layers.index(layer) for layer in head_layers])
 
@@ -314,7 +323,7 @@ class Trainer:
                     loss = self._step(run, batch)
                     if step % config.log_every == 0:
                         self._log({"event": "train", "head": run.name, "epoch": epoch + 1, "step": step,
-                                   "loss": loss, "lr": run.scheduler.get_last_lr()[0]})
+                                   "loss": loss, "lr": run.optimizer.param_groups[0]["lr"]})
             self._end_epoch(epoch, active, time.perf_counter() - started)
         return self.summary()
 
@@ -352,10 +361,23 @@ class Trainer:
                     run.head.save_pretrained(run.output_dir)
                 else:
                     run.bad_epochs += 1
-                    run.stopped = self.config.patience is not None and run.bad_epochs >= self.config.patience
+                    if run.anneal_ends is None and self.config.patience is not None \
+                            and run.bad_epochs >= self.config.patience:
+                        self._stop_or_anneal(run, epoch + 1)
+                run.stopped = run.stopped or (run.anneal_ends is not None and epoch + 1 >= run.anneal_ends)
                 self._log({"event": "eval", "head": run.name, "epoch": epoch + 1, **result["metrics"],
-                           "best": improved, "stopped": run.stopped})
+                           "best": improved, "annealing": run.anneal_ends is not None, "stopped": run.stopped})
         self._save_state(epoch + 1)
+
+    def _stop_or_anneal(self, run: HeadRun, epochs_done: int) -> None:
+        """A head out of patience stops, or (final_anneal) its learning rate falls linearly from where the
+        schedule had it to zero over `patience` more epochs (its best epoch is still the one saved)."""
+        if not self.config.final_anneal or epochs_done >= self.epochs:
+            run.stopped = True
+            return
+        patience = cast(int, self.config.patience)
+        run.anneal_ends = min(epochs_done + patience, self.epochs)
+        run.scheduler = _anneal_schedule(run.optimizer, (run.anneal_ends - epochs_done) * self.steps_per_epoch)
 
     # --- logging and resume ---------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
@@ -371,6 +393,7 @@ class Trainer:
             {"name": run.name, "head": run.head.state_dict(), "optimizer": run.optimizer.state_dict(),
              "scheduler": run.scheduler.state_dict(), "rng_state": run.rng_state, "best": run.best,
              "best_epoch": run.best_epoch, "bad_epochs": run.bad_epochs, "stopped": run.stopped,
+             "anneal_ends": run.anneal_ends, "anneal_steps": getattr(run.scheduler, "total_iters", None),
              "layers": run.head.config.layers}
             for run in self.runs]}
         temporary = self.out / (STATE_NAME + ".tmp")
@@ -395,6 +418,9 @@ class Trainer:
         for run, saved_run in zip(self.runs, state["runs"]):
             run.head.load_state_dict(saved_run["head"])
             run.optimizer.load_state_dict(saved_run["optimizer"])
+            run.anneal_ends = saved_run.get("anneal_ends")
+            if run.anneal_ends is not None:
+                run.scheduler = _anneal_schedule(run.optimizer, saved_run["anneal_steps"])
             run.scheduler.load_state_dict(saved_run["scheduler"])
             run.rng_state = saved_run["rng_state"]
             run.best, run.best_epoch = saved_run["best"], saved_run["best_epoch"]

@@ -1,9 +1,12 @@
 """What `heads train` does with what a user leaves out: learning rate by head type, epochs that reach enough
-steps, and the layer of a probe that names none (a sweep on the eval store, else the rule)."""
+steps, a final anneal when early stopping ends a schedule, and the layer of a probe that names none (a sweep on
+the eval store, else the rule)."""
 
+import itertools
 import json
 
 import pytest
+import torch
 
 import heads.sweep
 from featstore import open_store
@@ -92,3 +95,68 @@ def test_resume_with_other_heads_is_refused_before_the_checkpoint_is_used(ner_st
     more = [{"type": "linear", "layers": [1]}, {"type": "mlp", "name": "probe"}]  # a probe whose layer is unsaved
     with pytest.raises(ConfigError, match="different settings"):
         Trainer(_config(ner_stores, tmp_path, more, epochs=1, patience=None, resume=True))
+
+
+def _scripted_eval(monkeypatch, scores):
+    """The eval store's F1 per epoch comes from `scores` (so when patience runs out is known in advance)."""
+    calls = iter(scores)
+
+    def evaluate(heads, *args, **kwargs):
+        score = next(calls)
+        return [{"metrics": {"f1": score}} for _ in heads]
+
+    monkeypatch.setattr(heads.trainer, "evaluate_heads", evaluate)
+
+
+def _records(out, event):
+    return [record for record in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if record["event"] == event]
+
+
+def test_out_of_patience_a_head_anneals_to_zero_then_stops(ner_stores, tmp_path, monkeypatch):
+    spec = [{"type": "adapter"}]
+    scores = [0.5, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6]  # patience 2 runs out after epoch 4
+    _scripted_eval(monkeypatch, scores)
+    summary = train(_config(ner_stores, tmp_path / "anneal", spec, epochs=20, patience=2, log_every=1))
+    evals = _records(tmp_path / "anneal", "eval")
+    assert [(r["epoch"], r["annealing"], r["stopped"]) for r in evals] == [
+        (1, False, False), (2, False, False), (3, False, False), (4, True, False), (5, True, False),
+        (6, True, True)]
+    lrs = [record["lr"] for record in _records(tmp_path / "anneal", "train")]
+    steps = 15  # 240 sentences / 16
+    anneal = lrs[4 * steps:]
+    assert len(anneal) == 2 * steps and anneal[-1] == 0.0
+    assert all(later < earlier for earlier, later in itertools.pairwise(anneal))  # linear, straight down
+    assert anneal[0] == pytest.approx(lrs[4 * steps - 1] * (1 - 1 / (2 * steps)))  # from where the schedule was
+    assert summary["adapter"]["saved_epoch"] == 2
+
+    _scripted_eval(monkeypatch, scores)
+    train(_config(ner_stores, tmp_path / "at-once", spec, epochs=20, patience=2, final_anneal=False))
+    assert [r["stopped"] for r in _records(tmp_path / "at-once", "eval")] == [False, False, False, True]
+
+
+def test_a_run_resumed_during_its_anneal_matches_an_uninterrupted_one(ner_stores, tmp_path, monkeypatch):
+    spec = [{"type": "adapter", "seed": 2}]
+    scores = [0.5, 0.4, 0.4, 0.4, 0.4]  # patience 1 runs out after epoch 2: the anneal is epoch 3
+    _scripted_eval(monkeypatch, scores)
+    train(_config(ner_stores, tmp_path / "straight", spec, epochs=6, patience=1))
+
+    original = Trainer._end_epoch
+
+    def crash_during_the_anneal(self, epoch, active, seconds):
+        original(self, epoch, active, seconds)
+        if epoch == 1:  # epoch 2 done: the anneal has just begun
+            raise KeyboardInterrupt
+
+    _scripted_eval(monkeypatch, scores)
+    monkeypatch.setattr(Trainer, "_end_epoch", crash_during_the_anneal)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(ner_stores, tmp_path / "resumed", spec, epochs=6, patience=1))
+    monkeypatch.setattr(Trainer, "_end_epoch", original)
+    _scripted_eval(monkeypatch, scores[2:])
+    train(_config(ner_stores, tmp_path / "resumed", spec, epochs=6, patience=1, resume=True))
+    straight, resumed = (torch.load(tmp_path / name / "trainer_state.pt", weights_only=False)["runs"][0]
+                         for name in ("straight", "resumed"))
+    assert straight["anneal_ends"] == resumed["anneal_ends"] == 3 and straight["stopped"] and resumed["stopped"]
+    for name, tensor in straight["head"].items():
+        assert torch.equal(tensor, resumed["head"][name]), name

@@ -12,7 +12,7 @@ Phases (each writes its figures to the JSON file as it goes):
 - `layers`: the quick one-epoch sweep the trainer runs when a probe names no layer (dev F1 per layer, choice,
   time), to set against full training of a linear probe per layer (the `lr` phase trains those).
 - `defaults`: `heads train --head TYPE --eval-store DEV` for every head type, with the defaults of v0.2
-  (lr 1e-3, the last layer for probes, 10 epochs) and with today's, same seeds; test F1.
+  (lr 1e-3, the last layer for probes, 10 epochs, no final anneal) and with today's, same seeds; test F1.
 
     HF_HUB_OFFLINE=1 python tools/bench_defaults.py --data ../shared/data/conll2003 --workdir /tmp/bench-defaults \
         --json benchmarks/defaults-2026-11-23.json
@@ -48,7 +48,8 @@ LR_GRID = {
                   "scalar_mix": ([3e-3, 1e-2, 3e-2], [None]), "fusion": ([1e-3, 3e-3, 1e-2], [None])},
 }
 LR_ONE_PASS = ("conll-ner",)
-V02_DEFAULTS = {"lr": 1e-3, "epochs": 10}  # v0.2: one lr for every head, probes on the last layer
+# v0.2: one lr for every head, probes on the last layer, 10 epochs, stopped at once when out of patience
+V02_DEFAULTS = {"lr": 1e-3, "epochs": 10, "final_anneal": False}
 
 
 def _sentences(path: Path) -> list[str]:
@@ -126,15 +127,15 @@ def _head_specs(settings: str, head_types: list[str]) -> list[dict[str, Any]]:
 def defaults_phase(stores: dict[str, dict[str, str]], workdir: Path, record: Recorder, seeds: list[int],
                    head_types: list[str], corpora: list[str]) -> None:
     """Test F1 of each head type trained with `heads train --head TYPE --eval-store DEV` and nothing else, under
-    v0.2's defaults and today's, same seeds. A head whose settings (lr, epochs, layer) come out the same both
-    ways is trained once: the trainer is deterministic, so it would give the same weights."""
+    v0.2's defaults and today's, same seeds (today's final anneal makes every head's settings differ)."""
     for corpus in corpora:
         corpus_stores = stores[corpus]
         for seed in seeds:
             before_key, after_key = f"defaults_{corpus}_before_seed{seed}", f"defaults_{corpus}_after_seed{seed}"
             if before_key not in record.results:
                 summary = train_and_test(corpus_stores, workdir / before_key, _head_specs("before", head_types),
-                                         seed=seed, epochs=V02_DEFAULTS["epochs"])
+                                         seed=seed, epochs=V02_DEFAULTS["epochs"],
+                                         final_anneal=V02_DEFAULTS["final_anneal"])
                 record[before_key] = {name: {"test_f1": result["test_f1"], "layers": result["layers"],
                                              "saved_epoch": result["saved_epoch"], "lr": V02_DEFAULTS["lr"],
                                              "epochs": V02_DEFAULTS["epochs"]} for name, result in summary.items()}
@@ -143,16 +144,11 @@ def defaults_phase(stores: dict[str, dict[str, str]], workdir: Path, record: Rec
             config = TrainConfig(store=corpus_stores["train"], eval_store=corpus_stores["dev"], out=str(workdir),
                                  heads=[{"type": "adapter"}], seed=seed, progress=False)
             epochs = Trainer(config).epochs
-            changed = [spec for spec in _head_specs("after", head_types)
-                       if HEAD_TYPES[spec["type"]].single_layer or epochs != V02_DEFAULTS["epochs"]
-                       or HEAD_TYPES[spec["type"]].lr != V02_DEFAULTS["lr"]]
-            summary = train_and_test(corpus_stores, workdir / after_key, changed, seed=seed) if changed else {}
+            summary = train_and_test(corpus_stores, workdir / after_key, _head_specs("after", head_types), seed=seed)
             record[after_key] = {
                 head_type: {"test_f1": summary[head_type]["test_f1"], "layers": summary[head_type]["layers"],
                             "saved_epoch": summary[head_type]["saved_epoch"], "lr": HEAD_TYPES[head_type].lr,
-                            "epochs": epochs} if head_type in summary else
-                {**record.results[before_key][head_type], "same_settings_as_before": True}
-                for head_type in head_types}
+                            "epochs": epochs} for head_type in head_types}
 
 
 def print_tables(results: dict[str, Any], seeds: list[int]) -> None:
