@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--layers", type=parse_layers, metavar="0,3,-1",
                          help="stored layers to keep (default: all the source holds)")
     convert.add_argument("--backend", choices=BACKEND_NAMES, help="zarr or hdf5 (default: the source's)")
+    convert.add_argument("--compression", metavar="zstd[:LEVEL]|none",
+                         help="lossless codec on the hidden states (default: the source's)")
     convert.add_argument("--overwrite", action="store_true", help="replace a different store at the destination")
     convert.add_argument("--no-progress", action="store_true", help="no progress bar")
     serve = commands.add_parser("serve", help="run the extraction service (HTTP API, persistent job queue)")
@@ -188,8 +190,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "convert":
         from .extraction.convert import convert_store
-        print(convert_store(args.source, args.destination, args.dtype, args.layers, args.backend, args.overwrite,
-                            args.storage_options, progress=not args.no_progress).url)
+        print(convert_store(args.source, args.destination, args.dtype, args.layers, args.backend, args.compression,
+                            args.overwrite, args.storage_options, progress=not args.no_progress).url)
         return 0
     if args.command in ("ls", "gc"):
         return _catalog_command(args)

@@ -108,7 +108,7 @@ def test_an_8bit_store_takes_about_half_the_bytes_and_says_so(minilm_stores, tmp
         # codes: half the bytes; scales: 4 bytes per token and layer against 384 codes
         assert hidden["int8"] / hidden["float16"] == pytest.approx(0.5 + 4 / (2 * 384), abs=0.01)
     summary = describe_store(minilm_stores["int8"])
-    assert "stored int8 (absmax scale per token and layer" in summary and "format 1.3" in summary
+    assert "stored int8 (absmax scale per token and layer" in summary and f"format {fmt.FORMAT_VERSION}" in summary
 
 
 @pytest.mark.parametrize("storage_dtype", SCALED)

@@ -8,12 +8,16 @@ Phases (each writes its figures to the JSON file as it goes; a run continues a f
 - `read`: warm-cache reads of each dev store, rounds alternating the order: a shuffled `iter_epoch` over all
   layers in tokens/s and MB/s of stored bytes, as ratios to float16 (median and range over rounds); and the
   same epoch with every sequence made float32, what a head consumes (float16 reads come back as float16).
+- `codec`: the lossless codec (`--compression zstd`, level 5) on each encoding's dev store: bytes/token with it (as
+  a ratio to the same encoding raw and to float16 raw), tokens/s of a shuffled epoch read as float32 with it as a
+  ratio to the same store raw, and extraction tokens/s with it as a ratio to without, for float16 and int8 (median
+  and range over rounds alternating the order).
 - `heads`: CoNLL-2003 train/dev/test extracted once in float16 and converted (`featstore convert`) to each
   encoding, then the linear probe (layer 4), the scalar mix and the adapter with its tailor trained from each,
   same seeds, test F1 (mean and range over seeds).
 
     HF_HUB_OFFLINE=1 python tools/bench_storage.py --data ../shared/data/conll2003 --workdir /tmp/bench-storage \
-        --json benchmarks/storage-2026-11-23.json --phases extract read
+        --json benchmarks/storage-2026-11-23.json --phases extract read codec
 """
 
 from __future__ import annotations
@@ -110,6 +114,49 @@ def read_phase(stores: dict[str, str], record: Recorder, rounds: int) -> None:
         store.close()
 
 
+def _epoch_seconds(store: Any, seed: int) -> float:
+    """One shuffled epoch over all layers, every sequence made float32 (what a head consumes)."""
+    started = time.perf_counter()
+    for item in store.iter_epoch(seed=seed):
+        item.hidden_states.astype(np.float32, copy=False)
+    return time.perf_counter() - started
+
+
+def codec_phase(data: Path, workdir: Path, record: Recorder, rounds: int, level: int = 5) -> None:
+    codec = f"zstd:{level}"
+    raw = {dtype: str(workdir / f"dev-{dtype}.zarr") for dtype in ENCODINGS}
+    compressed = {dtype: convert_store(path, workdir / f"dev-{dtype}-zstd{level}.zarr", compression=codec,
+                                       progress=False).url for dtype, path in raw.items()}
+    with open_store(raw["float16"]) as reference:
+        float16_bytes = _hidden_bytes(reference)
+    os.sync()
+    for dtype in ENCODINGS:
+        with open_store(raw[dtype]) as plain, open_store(compressed[dtype]) as packed:
+            for store in (plain, packed):  # warm the page cache
+                _epoch_seconds(store, 0)
+            ratios = []
+            for index in range(rounds):
+                pair = (plain, packed) if index % 2 == 0 else (packed, plain)
+                seconds = {id(store): _epoch_seconds(store, index) for store in pair}
+                ratios.append(seconds[id(plain)] / seconds[id(packed)])
+            record[f"codec_{dtype}_{codec}"] = {
+                "bytes_per_token": round(_hidden_bytes(packed) / packed.num_tokens, 1),
+                "bytes_vs_raw": round(_hidden_bytes(packed) / _hidden_bytes(plain), 3),
+                "bytes_vs_float16_raw": round(_hidden_bytes(packed) / float16_bytes, 3),
+                "read_as_float32_tokens_per_s_vs_raw": _spread(ratios)}
+    corpus = CorpusSpec(str(data / "dev.txt"), format="conll")
+    for dtype in ("float16", "int8"):
+        seconds: dict[str | None, list[float]] = {None: [], codec: []}
+        for index in range(rounds):
+            for compression in (None, codec) if index % 2 == 0 else (codec, None):
+                started = time.perf_counter()
+                extract(ExtractConfig(out=str(workdir / f"dev-extract-{dtype}.zarr"), corpus=corpus, dtype=dtype,
+                                      compression=compression, overwrite=True, progress=False))
+                seconds[compression].append(time.perf_counter() - started)
+        record[f"codec_{dtype}_{codec}_extract_tokens_per_s_vs_raw"] = _spread(
+            [plain / packed for plain, packed in zip(seconds[None], seconds[codec])])
+
+
 def heads_phase(data: Path, workdir: Path, record: Recorder, seeds: list[int], encodings: list[str]) -> None:
     source = {split: extract(ExtractConfig(out=str(workdir / f"{split}-float16.zarr"), progress=False,
                                            corpus=CorpusSpec(str(data / f"{split}.txt"), format="conll"))).path
@@ -127,7 +174,8 @@ def heads_phase(data: Path, workdir: Path, record: Recorder, seeds: list[int], e
 
 
 def main() -> None:
-    parser = conll2003_parser(__doc__, "bench-storage", ["extract", "read", "heads"], ["extract", "read", "heads"])
+    phases = ["extract", "read", "codec", "heads"]
+    parser = conll2003_parser(__doc__, "bench-storage", phases, phases)
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds of the extract and read phases")
     parser.add_argument("--encodings", nargs="*", default=list(ENCODINGS), choices=list(ENCODINGS),
                         help="encodings of the heads phase")
@@ -138,6 +186,8 @@ def main() -> None:
             dtype: str(workdir / f"dev-{dtype}.zarr") for dtype in ENCODINGS}
         if "read" in args.phases:
             read_phase(stores, record, args.rounds)
+    if "codec" in args.phases:
+        codec_phase(data, workdir, record, args.rounds)
     if "heads" in args.phases:
         heads_phase(data, workdir, record, args.seeds, args.encodings)
 

@@ -40,19 +40,25 @@ logger = logging.getLogger(__name__)
 
 
 def convert_store(source: str | Path | Location, destination: str | Path | Location, dtype: str | None = None,
-                  layers: Sequence[int] | None = None, backend: str | None = None, overwrite: bool = False,
-                  storage_options: dict[str, Any] | None = None, progress: bool = True) -> Location:
+                  layers: Sequence[int] | None = None, backend: str | None = None, compression: str | None = None,
+                  overwrite: bool = False, storage_options: dict[str, Any] | None = None, progress: bool = True
+                  ) -> Location:
     """Write `destination` from the complete store at `source` with storage encoding `dtype` and the stored
-    `layers` (negatives count back; default: the source's), in `backend` (default: the source's). Returns where
-    the new store is, once verified."""
+    `layers` (negatives count back; default: the source's), in `backend` and under `compression` ("zstd[:LEVEL]"
+    or "none"; defaults: the source's). Returns where the new store is, once verified."""
     if dtype is not None and dtype not in fmt.STORAGE_DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(fmt.STORAGE_DTYPES)}")
     if backend is not None and backend not in fmt.BACKEND_NAMES:
         raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(fmt.BACKEND_NAMES)}")
+    if compression is not None and compression.lower() != "none":
+        try:
+            compression = str(fmt.Compression.parse(compression))
+        except ValueError as error:
+            raise ConfigError(f"--compression: {error}") from None
     dst = resolve(destination, storage_options)
     check_store_location(dst)
     with open_store(source, storage_options=storage_options) as src:
-        manifest = converted_manifest(src, dtype, layers, backend)
+        manifest = converted_manifest(src, dtype, layers, backend, compression)
         if dst.url == src.path:
             raise ConfigError(f"convert writes a new store: the destination {dst.url} is the source")
         with Lease(dst, "featstore convert") as lease:
@@ -73,9 +79,10 @@ def convert_store(source: str | Path | Location, destination: str | Path | Locat
     return dst
 
 
-def converted_manifest(src: Store, dtype: str | None, layers: Sequence[int] | None, backend: str | None
-                       ) -> StoreManifest:
-    """The source's attributes with the new encoding, layers and backend: a store being written."""
+def converted_manifest(src: Store, dtype: str | None, layers: Sequence[int] | None, backend: str | None,
+                       compression: str | None = None) -> StoreManifest:
+    """The source's attributes with the new encoding, layers, backend and compression (canonical, or "none"):
+    a store being written."""
     old = src.manifest
     manifest = copy.deepcopy(old)
     kept = list(old.extraction.layers)
@@ -94,11 +101,13 @@ def converted_manifest(src: Store, dtype: str | None, layers: Sequence[int] | No
                                                    "storage_dtype": old.extraction.storage_dtype,
                                                    "layers": list(old.extraction.layers)}
     manifest.layout.backend = backend or old.layout.backend
+    if compression is not None:
+        manifest.layout.compression = None if compression.lower() == "none" else compression
     manifest.counts.hidden_bytes = old.counts.num_tokens * fmt.code_bytes_per_token(storage_dtype, len(kept),
                                                                                     old.encoder.hidden_size)
-    if manifest.fingerprint == old.fingerprint:
-        raise ConfigError(f"nothing to convert: {src.path} is already {storage_dtype} with layers {kept}; use "
-                          "`featstore push` to copy a store")
+    if manifest.fingerprint == old.fingerprint and manifest.layout.compression == old.layout.compression:
+        raise ConfigError(f"nothing to convert: {src.path} is already {storage_dtype} with layers {kept} and "
+                          f"compression {old.layout.compression or 'none'}; use `featstore push` to copy a store")
     return manifest
 
 
@@ -109,9 +118,11 @@ def _already_there(dst: Location, manifest: StoreManifest, overwrite: bool) -> b
         return False
     if detect_backend(dst) is not None:
         existing = read_manifest(dst)
-        if existing.fingerprint == manifest.fingerprint and existing.complete and not overwrite:
+        same = (existing.fingerprint, existing.layout.compression) == (manifest.fingerprint,
+                                                                        manifest.layout.compression)
+        if same and existing.complete and not overwrite:
             return True
-        if existing.fingerprint != manifest.fingerprint and not overwrite:
+        if not same and not overwrite:
             raise StoreConflictError(f"{dst.url} already holds a different store; choose another destination, or "
                                      "--overwrite to replace it")
     elif not overwrite:

@@ -127,7 +127,8 @@ class ExtractionPlan:
 def array_specs(manifest: StoreManifest) -> list[ArraySpec]:
     """Every array of a store with these attributes, as created. Shapes and dtypes come from the manifest
     (`StoreManifest.expected_arrays`, which readers check); the hidden states and their scales are written block
-    by block, in write blocks of `layout.block_tokens`, the hidden states in inner chunks of `layout.chunk_tokens`."""
+    by block, in write blocks of `layout.block_tokens`, the hidden states in inner chunks of `layout.chunk_tokens`
+    (each compressed alone under `layout.compression`)."""
     block = manifest.layout.block_tokens
     sequence_block = max(1, min(manifest.counts.num_sequences + 1, 1 << 16))
     per_token = (fmt.INPUT_IDS, fmt.WORD_IDS, fmt.TOKEN_WINDOW, fmt.HIDDEN_SCALES)
@@ -137,7 +138,7 @@ def array_specs(manifest: StoreManifest) -> list[ArraySpec]:
                        sequence_block) for name, (shape, dtype) in arrays.items()]
     # the hidden states last: the one array the engines fill later
     return [*specs, ArraySpec(fmt.HIDDEN_STATES, hidden_shape, hidden_dtype, block,
-                              (manifest.layout.chunk_tokens, 1, hidden_shape[2]))]
+                              (manifest.layout.chunk_tokens, 1, hidden_shape[2]), manifest.layout.compression)]
 
 
 def _offsets(lengths: Sequence[int]) -> np.ndarray:
@@ -180,7 +181,8 @@ def _manifest(spec: ExtractSpec, corpus: Corpus, encoder: FrozenEncoder, layers:
                                   max_batch_tokens=spec.max_batch_tokens, created_at=now(), completed_at=None,
                                   versions=_versions(), host=platform.node()),
         layout=LayoutInfo(backend=spec.backend, order="token-major", chunk_tokens=chunk_tokens,
-                          block_tokens=block_tokens, storage_order="longest-first"),
+                          block_tokens=block_tokens, storage_order="longest-first",
+                          compression=spec.compression),
         counts=Counts(num_sequences=len(sequences), num_tokens=num_tokens,
                       num_words=int(sum(sequence.num_words for sequence in sequences)),
                       num_windowed_sequences=sum(len(sequence.windows) > 1 for sequence in sequences),

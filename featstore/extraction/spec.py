@@ -18,7 +18,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..options import check_values, from_flat, nested, option, parse_layers, read_options_file, to_flat
 from ..sharing.lease import DEFAULT_TTL_SECONDS
-from ..store.format import BACKEND_NAMES, COMPUTE_DTYPES, STORAGE_DTYPES
+from ..store.format import BACKEND_NAMES, COMPUTE_DTYPES, STORAGE_DTYPES, Compression
 from .corpus import CorpusSpec
 
 DEFAULT_CHUNK_TOKENS = 4096
@@ -55,6 +55,9 @@ class ExtractSpec:
                                 default_text="min(128, window/4)")
     truncate: bool = option(False, help="keep only the first window of long sequences instead of splitting them")
     overwrite: bool = option(False, submit=False, help="replace an existing store made differently")
+    compression: str | None = option(None, metavar="zstd[:LEVEL]", help="a lossless codec on the hidden states "
+                                     "(zstd after a byte shuffle, level 1-9, default 5): smaller stores for some "
+                                     "CPU on every read (BENCHMARKS.md, 'Storage encodings')", default_text="none")
     chunk_tokens: int = option(DEFAULT_CHUNK_TOKENS, minimum=1, help="tokens per inner chunk (the smallest "
                                "independently readable piece)")
     block_tokens: int | None = option(None, minimum=1, help="tokens per write/commit block",
@@ -78,6 +81,15 @@ class ExtractSpec:
         check_values(self)
         if self.out is None and self.catalog is None:
             raise ConfigError("give --out (where to write the store) or --catalog ROOT")
+        if self.compression is not None:
+            try:
+                self.compression = str(Compression.parse(self.compression))  # canonical: "zstd:5"
+            except ValueError as error:
+                raise ConfigError(f"--compression: {error}") from None
+            if self.backend == "hdf5":
+                raise ConfigError("--compression needs --backend zarr: an HDF5 file's compressed chunks change its "
+                                  "metadata on every write, so a killed extraction could not resume. Extract, then "
+                                  "`featstore convert SRC DST.h5 --compression ...` for a compressed HDF5 copy")
         return self
 
     def to_dict(self) -> dict[str, Any]:

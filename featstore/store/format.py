@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 FORMAT_NAME = "featstore"
-FORMAT_VERSION = "1.3"
+FORMAT_VERSION = "1.4"
 ATTRS_KEY = "featstore"
 
 STATUS_WRITING = "writing"
@@ -86,6 +86,37 @@ def stored_bytes_per_token(storage_dtype: str, num_layers: int, hidden_size: int
     """Bytes one token takes in the hidden-state arrays (scales included)."""
     scales = num_layers * SCALE_BYTES if ENCODINGS[storage_dtype].scaled else 0
     return code_bytes_per_token(storage_dtype, num_layers, hidden_size) + scales
+
+
+# Lossless codecs on the hidden states (`layout.compression`, 1.4): name -> (lowest level, highest, default).
+# "zstd" is Blosc's zstd after a byte shuffle: the bytes of 2- and 4-byte values are grouped by significance
+# first, where zstd finds the runs that sign and exponent bytes make (1-byte codes are compressed as they are).
+COMPRESSION_CODECS = {"zstd": (1, 9, 5)}
+
+
+@dataclass(frozen=True)
+class Compression:
+    codec: str
+    level: int
+
+    @classmethod
+    def parse(cls, text: str) -> Compression:
+        """"zstd" or "zstd:LEVEL" (ValueError saying what is accepted otherwise)."""
+        codec, _, level_text = text.strip().lower().partition(":")
+        if codec not in COMPRESSION_CODECS:
+            raise ValueError(f"unknown compression {text!r}; choose from {', '.join(COMPRESSION_CODECS)} "
+                             "(optionally :LEVEL)")
+        lowest, highest, default = COMPRESSION_CODECS[codec]
+        try:
+            level = int(level_text) if level_text else default
+        except ValueError:
+            level = lowest - 1
+        if not lowest <= level <= highest:
+            raise ValueError(f"compression {text!r}: the {codec} level is an integer from {lowest} to {highest}")
+        return cls(codec, level)
+
+    def __str__(self) -> str:
+        return f"{self.codec}:{self.level}"
 
 
 def canonical_json(value: Any) -> bytes:

@@ -37,6 +37,9 @@ def describe_store(path: str | Path | Location, storage_options: dict[str, Any] 
             ("hidden size", str(store.hidden_size)),
             ("dtype", f"stored {_encoding_summary(store.storage_dtype)}, computed {extraction.compute_dtype} on "
                       f"{extraction.device}"),
+            ("compression", "none" if manifest.layout.compression is None else
+             f"{manifest.layout.compression} (Blosc zstd, byte shuffle): hidden states at "
+             f"{hidden_bytes / max(counts.num_tokens * minimum, 1):.3f} of their raw bytes"),
             ("corpus", f"{corpus.source} ({corpus.task}, {corpus.num_examples} examples, "
                        f"fingerprint {corpus.fingerprint[:12]})"),
             ("labels", ", ".join(labels) if labels else ("numeric" if corpus.labeled else "none")),

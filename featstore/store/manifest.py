@@ -169,7 +169,12 @@ class LayoutInfo(Section):
     chunk_tokens: int
     block_tokens: int
     storage_order: str
+    compression: str | None = None  # (1.4) "codec:level" of the hidden states (format.Compression), None: raw
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def codec(self) -> fmt.Compression | None:
+        return None if self.compression is None else fmt.Compression.parse(self.compression)
 
 
 @dataclass
@@ -252,6 +257,12 @@ class StoreManifest(Section):
             raise StoreFormatError(f"{where} stores hidden states as {manifest.extraction.storage_dtype!r}, an "
                                    f"encoding this featstore does not know ({', '.join(fmt.ENCODINGS)}); upgrade "
                                    "featstore to read it")
+        try:
+            manifest.layout.codec  # noqa: B018 - parsed to refuse an unknown codec at open
+        except ValueError:
+            raise StoreFormatError(f"{where} compresses its hidden states with {manifest.layout.compression!r}, a "
+                                   f"codec this featstore does not know ({', '.join(fmt.COMPRESSION_CODECS)}); "
+                                   "upgrade featstore to read it") from None
         return manifest
 
     @property

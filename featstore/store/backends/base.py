@@ -22,6 +22,7 @@ class ArraySpec:
     dtype: str
     block: int
     inner_chunk: tuple[int, ...] | None = None
+    compression: str | None = None  # format.Compression's "codec:level" (hidden states only), None: raw
 
 
 class StoreBackend(ABC):

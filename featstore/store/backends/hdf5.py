@@ -6,10 +6,14 @@ mid-write leaves a file that opens cleanly and resumes from its committed progre
 It also makes reads plain file reads: rows are read with one `preadv` into the caller's buffer.
 Remote HDF5 stores (object storage) are read-only, through an fsspec file object: HDF5
 needs in-place updates that object stores do not offer, so they are written locally and pushed.
+A compressed store (`layout.compression`; only `featstore convert` writes one, since an
+interrupted conversion starts over) keeps its hidden states chunked instead, each chunk
+through the Blosc filter of the optional `hdf5plugin` package.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from typing import Any
@@ -19,10 +23,24 @@ import numpy as np
 
 from ...errors import StoreError
 from ...sharing.location import Location
-from ..format import ARRAY_NAMES, ATTRS_KEY
+from ..format import ARRAY_NAMES, ATTRS_KEY, Compression
 from .base import ArraySpec, StoreBackend
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _blosc_filter(compression: str | None) -> dict[str, Any]:
+    """h5py's dataset options for `compression` (format.Compression: Blosc's zstd after a byte shuffle), through
+    hdf5plugin, which also registers the filter for reading (None: only that)."""
+    try:
+        import hdf5plugin  # optional: only compressed HDF5 stores need it
+    except ImportError:
+        raise StoreError("compressed HDF5 stores need the hdf5plugin package: pip install hdf5plugin (or "
+                         "'featstore[hdf5-compression]')") from None
+    if compression is None:
+        return {}
+    codec = Compression.parse(compression)
+    return dict(hdf5plugin.Blosc(cname=codec.codec, clevel=codec.level, shuffle=hdf5plugin.Blosc.SHUFFLE))
 
 
 class HDF5Backend(StoreBackend):
@@ -68,6 +86,11 @@ class HDF5Backend(StoreBackend):
         self.handle.flush()
 
     def create_array(self, spec: ArraySpec, data: np.ndarray | None = None) -> None:
+        if spec.compression is not None:
+            self.handle.create_dataset(spec.name, shape=spec.shape, dtype=spec.dtype, chunks=spec.inner_chunk,
+                                       **_blosc_filter(spec.compression))
+            self.handle.flush()
+            return
         dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
         dcpl.set_layout(h5py.h5d.CONTIGUOUS)
         dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
@@ -87,6 +110,8 @@ class HDF5Backend(StoreBackend):
         dataset = self.handle[name]
         offset = dataset.id.get_offset() if dataset.size and self.direct_reads else None
         if offset is None:
+            if dataset.id.get_create_plist().get_nfilters():
+                _blosc_filter(None)  # registers the filters, or says what to install
             rows = dataset[start:stop]
             return rows if columns is None else rows[:, columns]
         stop = dataset.shape[0] if stop is None else min(stop, dataset.shape[0])
@@ -121,8 +146,13 @@ class HDF5Backend(StoreBackend):
         return int(self.handle[name].id.get_storage_size())
 
     def missing_blocks(self, name: str) -> list[int]:
-        # Contiguous data is allocated at creation: the only way to lose a block is a truncated file.
         dataset = self.handle[name]
+        if dataset.chunks is not None:  # compressed: a block is missing where any of its chunks is
+            block = self.get_manifest().layout.block_tokens
+            stored = {dataset.id.get_chunk_info(index).chunk_offset for index in range(dataset.id.get_num_chunks())}
+            wanted = itertools.product(*(range(0, size, chunk) for size, chunk in zip(dataset.shape, dataset.chunks)))
+            return sorted({offset[0] // block for offset in wanted if offset not in stored})
+        # Contiguous data is allocated at creation: the only way to lose a block is a truncated file.
         offset = dataset.id.get_offset()
         if offset is None:
             return [0] if dataset.size else []

@@ -3,8 +3,9 @@
 Each write of the extractor covers whole shards (except at a resume point and at the
 end), so zarr writes complete shard objects instead of read-modify-writing them.
 Inside a shard, inner chunks are `chunk_tokens x 1 layer x hidden`, so reading a layer
-subset touches only those layers' bytes. No compressor: fp16 activations barely
-compress and decompression would cost read throughput.
+subset touches only those layers' bytes. No compressor unless the store asks for one
+(`layout.compression`): activations compress little (BENCHMARKS.md, "Storage encodings")
+and decompression costs read throughput; compressed arrays are read through zarr-python.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from typing import Any
 import google_crc32c
 import numpy as np
 import zarr
+from zarr.codecs import BloscCodec
 from zarr.core.sync import sync
 
 from ...errors import CorruptStoreError
 from ...sharing.location import Location
-from ..format import ARRAY_NAMES, ATTRS_KEY, NUMPY_STORAGE_DTYPE
+from ..format import ARRAY_NAMES, ATTRS_KEY, NUMPY_STORAGE_DTYPE, Compression
 from .base import ArraySpec, StoreBackend
 
 RAW_BYTES_CODEC = {"name": "bytes", "configuration": {"endian": "little"}}
@@ -169,6 +171,15 @@ class ShardReader:
             target[...] = np.frombuffer(view, dtype=self.dtype).reshape(target.shape)
 
 
+def _compressors(spec: ArraySpec) -> list[BloscCodec] | None:
+    """The zarr codecs of `spec.compression` (format.COMPRESSION_CODECS): Blosc's zstd after a byte shuffle."""
+    if spec.compression is None:
+        return None
+    codec = Compression.parse(spec.compression)
+    return [BloscCodec(cname=codec.codec, clevel=codec.level, shuffle="shuffle",
+                       typesize=np.dtype(spec.dtype).itemsize)]
+
+
 class ZarrBackend(StoreBackend):
     name = "zarr"
     checksum_per_layer = True  # an inner chunk holds one layer: the piece a layer-subset read fetches
@@ -209,7 +220,7 @@ class ZarrBackend(StoreBackend):
         else:
             chunks, shards = spec.inner_chunk, (spec.block, *spec.shape[1:])
         array = self.group.create_array(spec.name, shape=spec.shape, dtype=spec.dtype, chunks=chunks,
-                                        shards=shards, compressors=None, fill_value=0)
+                                        shards=shards, compressors=_compressors(spec), fill_value=0)
         if data is not None:
             array[...] = data
         self._arrays[spec.name] = array
