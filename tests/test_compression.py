@@ -17,6 +17,7 @@ from featstore.errors import ConfigError, CorruptStoreError, StoreError, StoreFo
 from featstore.extraction.convert import convert_store
 from featstore.extraction.corpus import CorpusSpec
 from featstore.sharing.location import resolve
+from featstore.sharing.transfer import copy_store
 from featstore.store import format as fmt
 from featstore.store.backends.zarr import ShardReader
 from featstore.store.info import describe_store
@@ -148,3 +149,27 @@ def test_extract_and_convert_take_compression_on_the_command_line(raw_and_compre
     with pytest.raises(SystemExit):
         featstore_main(["extract", "--help"])
     assert "--compression zstd[:LEVEL]" in capsys.readouterr().out
+
+
+def test_push_copies_a_compressed_store_as_it_is(raw_and_compressed, tmp_path):
+    copied = copy_store(raw_and_compressed["int8-zstd"], tmp_path / "copies/", progress=False)
+    assert verify_store(copied.url) == []
+    with open_store(copied.url) as store:
+        assert store.manifest.layout.compression == "zstd:9"
+    _assert_same_values(raw_and_compressed["int8-zstd"], copied.url)
+
+
+def test_a_raw_store_keeps_the_attributes_format_1_3_wrote(raw_and_compressed, tmp_path):
+    """No `layout.compression` key unless compressed, so a store written as 1.3 (digests over its attributes as
+    they are) still opens and verifies, and a raw store's attributes are what a 1.3 reader checks."""
+    old = copy_path(raw_and_compressed["float16"], tmp_path / "old.zarr")
+
+    def as_1_3(attrs):
+        assert "compression" not in attrs["layout"]
+        attrs["format_version"] = "1.3"
+        attrs["integrity"]["sections"] = {key: fmt.sha256_json(value) for key, value in attrs.items()
+                                          if key not in ("status", "integrity")}
+
+    edit_attrs(old, as_1_3)
+    assert verify_store(old) == []
+    _assert_same_values(raw_and_compressed["float16"], old)

@@ -19,6 +19,9 @@ from ..options import fits_type, type_name
 from . import format as fmt
 
 SectionT = TypeVar("SectionT", bound="Section")
+# A field a minor version added is written only when set: the attributes (and their section digests) of a store
+# that does not use it stay exactly what older versions wrote and check.
+ADDED_IN_MINOR = {"added_in_minor": True}
 
 
 @dataclass
@@ -58,9 +61,9 @@ class Section:
     def to_dict(self) -> dict[str, Any]:
         result: dict[str, Any] = {}
         for item in fields(self):
-            if item.name == "extra":
-                continue
             value = getattr(self, item.name)
+            if item.name == "extra" or (item.metadata.get("added_in_minor") and value is None):
+                continue
             result[item.name] = value.to_dict() if isinstance(value, Section) else value
         return {**result, **self.extra}
 
@@ -169,7 +172,8 @@ class LayoutInfo(Section):
     chunk_tokens: int
     block_tokens: int
     storage_order: str
-    compression: str | None = None  # (1.4) "codec:level" of the hidden states (format.Compression), None: raw
+    compression: str | None = field(default=None, metadata=ADDED_IN_MINOR)  # (1.4) format.Compression's
+    # "codec:level" of the hidden states; None: raw
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
