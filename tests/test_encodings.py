@@ -222,7 +222,7 @@ def test_convert_from_the_command_line(minilm_stores, tmp_path, capsys, caplog):
         assert featstore_main(command) == 0  # the same conversion again: nothing to do
     assert any("nothing to do" in record.getMessage() for record in caplog.records)
     assert featstore_main(["convert", source, str(target), "--dtype", "float8_e4m3"]) == 2
-    assert "already holds a different store" in capsys.readouterr().err
+    assert "already exists and holds a different store" in capsys.readouterr().err
 
 
 def test_convert_refuses_what_it_cannot_do(minilm_stores, tmp_path):
@@ -233,6 +233,6 @@ def test_convert_refuses_what_it_cannot_do(minilm_stores, tmp_path):
         convert_store(source, tmp_path / "a.zarr", progress=False)
     with pytest.raises(ConfigError, match="unknown dtype"):
         convert_store(source, tmp_path / "a.zarr", dtype="int4", progress=False)
-    with pytest.raises(StoreConflictError, match="already holds a different store"):
+    with pytest.raises(StoreConflictError, match="already exists and holds a different store"):
         convert_store(source, minilm_stores["int8"], dtype="float16", progress=False)
     assert not (tmp_path / "a.zarr").exists()

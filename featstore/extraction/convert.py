@@ -21,12 +21,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, CorruptStoreError, StoreConflictError
+from ..errors import ConfigError, CorruptStoreError
 from ..sharing.catalog import check_store_location
 from ..sharing.lease import Lease
 from ..sharing.location import Location, resolve
+from ..sharing.transfer import reuse_or_clear
 from ..store import format as fmt
-from ..store.backends import BACKENDS, StoreBackend, detect_backend, read_manifest
+from ..store.backends import BACKENDS, StoreBackend
 from ..store.chunks import level_rows
 from ..store.integrity import check_rows
 from ..store.manifest import StoreManifest
@@ -62,7 +63,7 @@ def convert_store(source: str | Path | Location, destination: str | Path | Locat
         if dst.url == src.path:
             raise ConfigError(f"convert writes a new store: the destination {dst.url} is the source")
         with Lease(dst, "featstore convert") as lease:
-            if _already_there(dst, manifest, overwrite):
+            if reuse_or_clear(dst, manifest, overwrite):
                 logger.info("%s already holds this conversion (fingerprint %s, complete); nothing to do", dst.url,
                             manifest.fingerprint[:12])
                 return dst
@@ -109,27 +110,6 @@ def converted_manifest(src: Store, dtype: str | None, layers: Sequence[int] | No
         raise ConfigError(f"nothing to convert: {src.path} is already {storage_dtype} with layers {kept} and "
                           f"compression {old.layout.compression or 'none'}; use `featstore push` to copy a store")
     return manifest
-
-
-def _already_there(dst: Location, manifest: StoreManifest, overwrite: bool) -> bool:
-    """True when `dst` holds this conversion, complete; clears `dst` for a new one (an unfinished conversion
-    starts over: it is cheap next to an extraction)."""
-    if not dst.exists():
-        return False
-    if detect_backend(dst) is not None:
-        existing = read_manifest(dst)
-        same = (existing.fingerprint, existing.layout.compression) == (manifest.fingerprint,
-                                                                        manifest.layout.compression)
-        if same and existing.complete and not overwrite:
-            return True
-        if not same and not overwrite:
-            raise StoreConflictError(f"{dst.url} already holds a different store; choose another destination, or "
-                                     "--overwrite to replace it")
-    elif not overwrite:
-        raise StoreConflictError(f"{dst.url} exists and is not a featstore store; choose another destination or "
-                                 "remove it")
-    dst.remove(recursive=True)
-    return False
 
 
 def _create(dst: Location, src: Store, manifest: StoreManifest) -> StoreBackend:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ..errors import CorruptStoreError, StoreConflictError, StoreFormatError
 from ..store import format as fmt
 from ..store.backends import detect_backend, read_manifest
+from ..store.manifest import StoreManifest
 from ..store.verify import verify_store
 from .catalog import PARTIAL_SUFFIX, check_store_location
 from .lease import Lease
@@ -46,7 +47,7 @@ def copy_store(source: str | Path | Location, destination: str | Path | Location
     dst = _destination(src, str(destination), storage_options)
     check_store_location(dst)
     with Lease(dst, "featstore copy"):
-        if _already_there(src, dst, overwrite):
+        if reuse_or_clear(dst, read_manifest(src), overwrite):
             logger.info("%s already holds this store (same fingerprint, complete); nothing to copy", dst.url)
             return dst
         if kind == "zarr":
@@ -63,29 +64,32 @@ def _destination(src: Location, destination: str, storage_options: dict[str, Any
     return dst.child(src.name) if into else dst
 
 
-def _fingerprint_and_status(location: Location) -> tuple[str | None, str | None]:
-    try:
-        manifest = read_manifest(location)
-    except StoreFormatError:
-        return None, None
-    return manifest.fingerprint, manifest.status
-
-
-def _already_there(src: Location, dst: Location, overwrite: bool) -> bool:
+def reuse_or_clear(dst: Location, manifest: StoreManifest, overwrite: bool) -> bool:
+    """The destination rule of every command that writes a whole store from another (push/pull, convert), run
+    under the destination's lease. True: `dst` already holds the store `manifest` describes (the same values,
+    encoding and codec), complete and passing a quick verify, so there is nothing to do. An unfinished or damaged
+    earlier write of it is cleared, to be redone; anything else is refused unless `overwrite`, then cleared."""
     if not dst.exists():
         return False
-    fingerprint, _ = _fingerprint_and_status(src)
     if detect_backend(dst) is not None:
-        theirs, status = _fingerprint_and_status(dst)
-        if theirs == fingerprint and status == fmt.STATUS_COMPLETE and not verify_store(dst, deep=False):
-            return True
-        if theirs == fingerprint:  # an interrupted earlier copy of the same store: redo it
+        try:
+            existing: StoreManifest | None = read_manifest(dst)
+        except StoreFormatError:
+            existing = None
+        if existing is not None and _identity(existing) == _identity(manifest):
+            if existing.complete and not verify_store(dst, deep=False):
+                return True
+            dst.remove(recursive=True)
             return False
     if not overwrite:
-        raise StoreConflictError(f"{dst.url} already exists and holds something else; choose another destination "
-                             "or pass --overwrite to replace it")
+        raise StoreConflictError(f"{dst.url} already exists and holds a different store (or something else); "
+                                 "choose another destination, or pass --overwrite to replace it")
     dst.remove(recursive=True)
     return False
+
+
+def _identity(manifest: StoreManifest) -> tuple[str, str | None]:
+    return manifest.fingerprint, manifest.layout.compression
 
 
 def _copy_zarr(src: Location, dst: Location, progress: bool) -> None:
