@@ -393,7 +393,7 @@ class Trainer:
             {"name": run.name, "head": run.head.state_dict(), "optimizer": run.optimizer.state_dict(),
              "scheduler": run.scheduler.state_dict(), "rng_state": run.rng_state, "best": run.best,
              "best_epoch": run.best_epoch, "bad_epochs": run.bad_epochs, "stopped": run.stopped,
-             "anneal_ends": run.anneal_ends, "anneal_steps": getattr(run.scheduler, "total_iters", None),
+             "anneal_ends": run.anneal_ends,
              "layers": run.head.config.layers}
             for run in self.runs]}
         temporary = self.out / (STATE_NAME + ".tmp")
@@ -420,7 +420,7 @@ class Trainer:
             run.optimizer.load_state_dict(saved_run["optimizer"])
             run.anneal_ends = saved_run.get("anneal_ends")
             if run.anneal_ends is not None:
-                run.scheduler = _anneal_schedule(run.optimizer, saved_run["anneal_steps"])
+                run.scheduler = _anneal_schedule(run.optimizer, saved_run["scheduler"]["total_iters"])
             run.scheduler.load_state_dict(saved_run["scheduler"])
             run.rng_state = saved_run["rng_state"]
             run.best, run.best_epoch = saved_run["best"], saved_run["best_epoch"]
