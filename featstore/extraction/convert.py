@@ -35,6 +35,7 @@ from ..store.reader import Store, open_store
 from ..store.verify import verify_store
 from .encoder import to_storage
 from .plan import array_specs, now
+from .spec import canonical_compression
 from .writer import BlockWriter, ProgressLedger, finalize
 
 logger = logging.getLogger(__name__)
@@ -52,10 +53,7 @@ def convert_store(source: str | Path | Location, destination: str | Path | Locat
     if backend is not None and backend not in fmt.BACKEND_NAMES:
         raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(fmt.BACKEND_NAMES)}")
     if compression is not None and compression.lower() != "none":
-        try:
-            compression = str(fmt.Compression.parse(compression))
-        except ValueError as error:
-            raise ConfigError(f"--compression: {error}") from None
+        compression = canonical_compression(compression)
     dst = resolve(destination, storage_options)
     check_store_location(dst)
     with open_store(source, storage_options=storage_options) as src:

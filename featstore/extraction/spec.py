@@ -82,10 +82,7 @@ class ExtractSpec:
         if self.out is None and self.catalog is None:
             raise ConfigError("give --out (where to write the store) or --catalog ROOT")
         if self.compression is not None:
-            try:
-                self.compression = str(Compression.parse(self.compression))  # canonical: "zstd:5"
-            except ValueError as error:
-                raise ConfigError(f"--compression: {error}") from None
+            self.compression = canonical_compression(self.compression)
             if self.backend == "hdf5":
                 raise ConfigError("--compression needs --backend zarr: an HDF5 file's compressed chunks change its "
                                   "metadata on every write, so a killed extraction could not resume. Extract, then "
@@ -106,6 +103,14 @@ class ExtractSpec:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+
+def canonical_compression(text: str) -> str:
+    """A --compression value as stores record it ("zstd" -> "zstd:5"); ConfigError saying what is accepted."""
+    try:
+        return str(Compression.parse(text))
+    except ValueError as error:
+        raise ConfigError(f"--compression: {error}") from None
 
 
 # The 0.2 name, kept so code written against it runs unchanged.
