@@ -29,18 +29,20 @@ from .base import ArraySpec, StoreBackend
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
-def _blosc_filter(compression: str | None) -> dict[str, Any]:
-    """h5py's dataset options for `compression` (format.Compression: Blosc's zstd after a byte shuffle), through
-    hdf5plugin, which also registers the filter for reading (None: only that)."""
+def _hdf5plugin() -> Any:
+    """The optional hdf5plugin package; importing it registers its filters (Blosc) with HDF5 for reading."""
     try:
         import hdf5plugin  # optional: only compressed HDF5 stores need it
     except ImportError:
         raise StoreError("compressed HDF5 stores need the hdf5plugin package: pip install hdf5plugin (or "
                          "'featstore[hdf5-compression]')") from None
-    if compression is None:
-        return {}
-    codec = Compression.parse(compression)
-    return dict(hdf5plugin.Blosc(cname=codec.codec, clevel=codec.level, shuffle=hdf5plugin.Blosc.SHUFFLE))
+    return hdf5plugin
+
+
+def _blosc_filter(compression: str) -> dict[str, Any]:
+    """h5py's dataset options for `compression` (format.Compression: Blosc's zstd after a byte shuffle)."""
+    codec, plugin = Compression.parse(compression), _hdf5plugin()
+    return dict(plugin.Blosc(cname=codec.codec, clevel=codec.level, shuffle=plugin.Blosc.SHUFFLE))
 
 
 class HDF5Backend(StoreBackend):
@@ -111,7 +113,7 @@ class HDF5Backend(StoreBackend):
         offset = dataset.id.get_offset() if dataset.size and self.direct_reads else None
         if offset is None:
             if dataset.id.get_create_plist().get_nfilters():
-                _blosc_filter(None)  # registers the filters, or says what to install
+                _hdf5plugin()  # registers the filter, or says what to install
             rows = dataset[start:stop]
             return rows if columns is None else rows[:, columns]
         stop = dataset.shape[0] if stop is None else min(stop, dataset.shape[0])
