@@ -83,6 +83,14 @@ def extract_phase(data: Path, workdir: Path, record: Recorder, rounds: int) -> d
     return stores
 
 
+def _epoch_seconds(store: Any, seed: int) -> float:
+    """One shuffled epoch over all layers, every sequence made float32 (what a head consumes)."""
+    started = time.perf_counter()
+    for item in store.iter_epoch(seed=seed):
+        item.hidden_states.astype(np.float32, copy=False)
+    return time.perf_counter() - started
+
+
 def read_phase(stores: dict[str, str], record: Recorder, rounds: int) -> None:
     os.sync()
     rates: dict[str, list[float]] = {dtype: [] for dtype in ENCODINGS}
@@ -100,10 +108,8 @@ def read_phase(stores: dict[str, str], record: Recorder, rounds: int) -> None:
             assert count == len(store)
             rates[dtype].append(store.num_tokens / elapsed)
             byte_rates[dtype].append(_hidden_bytes(store) / elapsed / 1e6)
-            started = time.perf_counter()  # what a head consumes: float32 (float16 reads come back as float16)
-            for item in store.iter_epoch(seed=index):
-                item.hidden_states.astype(np.float32, copy=False)
-            float32_rates[dtype].append(store.num_tokens / (time.perf_counter() - started))
+            # what a head consumes: float32 (float16 reads come back as float16)
+            float32_rates[dtype].append(store.num_tokens / _epoch_seconds(store, index))
     for dtype in ENCODINGS:
         record[f"read_{dtype}"] = {"tokens_per_s": _spread(rates[dtype], 0), "MB_per_s": _spread(byte_rates[dtype], 1),
                                    "tokens_per_s_vs_float16": _spread([r / f for r, f in zip(rates[dtype],
@@ -112,14 +118,6 @@ def read_phase(stores: dict[str, str], record: Recorder, rounds: int) -> None:
                                        [r / f for r, f in zip(float32_rates[dtype], float32_rates["float16"])])}
     for store in opened.values():
         store.close()
-
-
-def _epoch_seconds(store: Any, seed: int) -> float:
-    """One shuffled epoch over all layers, every sequence made float32 (what a head consumes)."""
-    started = time.perf_counter()
-    for item in store.iter_epoch(seed=seed):
-        item.hidden_states.astype(np.float32, copy=False)
-    return time.perf_counter() - started
 
 
 def codec_phase(data: Path, workdir: Path, record: Recorder, rounds: int, level: int = 5) -> None:
