@@ -13,6 +13,14 @@ from .errors import FeatstoreError
 from .lazy import lazy_exports
 
 __version__ = "0.2.0"
+# The name on the package index: "featstore" there is an unrelated project. Import names stay featstore and heads.
+DISTRIBUTION = "activation-featstore"
+
+
+def install_hint(extra: str) -> str:
+    """The pip command that installs an optional extra of this distribution."""
+    return f"pip install '{DISTRIBUTION}[{extra}]'"
+
 
 _EXPORTS = {
     "Catalog": ".sharing.catalog", "copy_store": ".sharing.transfer",

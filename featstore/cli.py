@@ -123,9 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     ls = commands.add_parser("ls", help="list the stores under a catalog root (directory or s3:// prefix)")
     ls.add_argument("root")
     ls.add_argument("--json", action="store_true", help="one JSON object per store")
+    ls.add_argument("--heads", action="store_true", help="with each store, the registered heads trained or "
+                    "evaluated on it (heads train --catalog, heads register)")
     gc = commands.add_parser("gc", help="find incomplete or abandoned stores, unfinished copies and stale leases")
     gc.add_argument("root")
     gc.add_argument("--delete", action="store_true", help="delete what was found (never a store being written)")
+    gc.add_argument("--unused", action="store_true", help="also complete stores that no registered head names")
+    gc.add_argument("--include-named", action="store_true", help="also stores that registered heads still name "
+                    "(by default they are kept, and listed as kept)")
     for name, command in plugin_commands().items():
         command.add_parser(commands, name)
     return parser
@@ -248,7 +253,12 @@ def _catalog_command(args: argparse.Namespace) -> int:
 
     catalog = Catalog(args.root, args.storage_options)
     if args.command == "gc":
-        found = catalog.garbage()
+        found = catalog.garbage(args.unused, args.include_named)
+        if not args.include_named:  # say what a head's lineage kept from being collected
+            collected = {entry.location.path for entry, _ in found}
+            for entry, why in catalog.garbage(args.unused, include_named=True):
+                if entry.location.path not in collected:
+                    print(f"kept {entry.location.url}: {why}; --include-named collects it too")
         for entry, why in found:
             print(f"{'deleting' if args.delete else 'found'} {entry.location.url}: {why}")
             if args.delete:
@@ -257,12 +267,16 @@ def _catalog_command(args: argparse.Namespace) -> int:
             print(f"nothing to clean under {catalog.root.url}")
         return 0
     rows = [entry.summary(catalog.root) for entry in catalog.entries()]
+    if args.heads:
+        records = catalog.head_records()
+        for row in rows:
+            row["heads"] = [record.name for record in catalog.consumers(row["fingerprint"], records)]
     if args.json:
         for row in rows:
             print(json.dumps(row))
         return 0
     columns = ("status", "encoder", "corpus", "split", "layers", "dtype", "tokens", "size", "created", "fingerprint",
-               "path")
+               *(("heads",) if args.heads else ()), "path")
     table = [[_cell(name, row) for name in columns] for row in rows]
     widths = [max(len(name), *(len(line[i]) for line in table)) for i, name in enumerate(columns)]
     print("  ".join(name.upper().ljust(width) for name, width in zip(columns, widths)).rstrip())
@@ -281,6 +295,8 @@ def _cell(name: str, row: dict) -> str:
         return ",".join(map(str, value)) if len(value) <= 4 else f"{len(value)} ({value[0]}..{value[-1]})"
     if name == "fingerprint":
         return str(value)[:12]
+    if name == "heads":
+        return ",".join(value) or "-"
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 

@@ -1,4 +1,4 @@
-"""`heads` command line: train, evaluate, predict. A thin layer over the library."""
+"""`heads` command line: train, sweep, evaluate, report, register, ls, predict. A thin layer over the library."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ from featstore.cli import run_cli
 from featstore.errors import ConfigError
 from featstore.options import add_arguments, given_values, parse_layers
 
-from .config import HEAD_TYPES
+from .config import HEAD_TYPES, is_probe
 from .predict import Predictor, read_inputs
 from .trainer import TrainConfig, evaluate_heads, train
+
+PROBE_TYPES = [name for name in HEAD_TYPES if is_probe(name)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,11 +37,33 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--config", help="JSON file of training options with \"heads\": [{\"type\": ..., "
                               "\"name\": ..., \"layers\": [...], ...}]; flags given beside it override it")
 
+    sweep = commands.add_parser("sweep", help="one probe per stored layer in one pass; the probing curve (PNG) "
+                                "and its table (CSV, JSON)")
+    add_arguments(sweep, TrainConfig)
+    sweep.add_argument("--head", choices=PROBE_TYPES, default=PROBE_TYPES[0], help="probe type (default: "
+                       f"{PROBE_TYPES[0]})")
+
     evaluate = commands.add_parser("evaluate", help="metrics of a saved head on a store")
     evaluate.add_argument("--head", required=True, help="saved head directory")
     evaluate.add_argument("--store", required=True, help="labeled store (path or URL) to evaluate on")
     evaluate.add_argument("--batch-size", type=int, default=64, help="sequences per forward pass (default: 64)")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
+
+    report = commands.add_parser("report", help="an HTML page with figures of what a head (or a multi-head run) "
+                                 "learned")
+    report.add_argument("head_dir", metavar="HEAD_DIR", help="saved head, or a multi-head run's output directory")
+    report.add_argument("--store", help="labeled store to evaluate on (default: the head's own eval store, if it is "
+                        "still there)")
+    report.add_argument("--out", required=True, help="directory for index.html, the PNG figures and report.json")
+    report.add_argument("--batch-size", type=int, default=64, help="sequences per forward pass (default: 64)")
+
+    register = commands.add_parser("register", help="record saved heads and the stores they were trained and "
+                                   "evaluated on in a catalog (lineage)")
+    register.add_argument("head_dirs", nargs="+", metavar="HEAD_DIR", help="saved head directories")
+    register.add_argument("--catalog", required=True, metavar="ROOT", help="catalog root (directory or s3:// prefix)")
+    heads_ls = commands.add_parser("ls", help="the heads registered with a catalog, with their stores and metrics")
+    heads_ls.add_argument("root", metavar="ROOT", help="catalog root (directory or s3:// prefix)")
+    heads_ls.add_argument("--json", action="store_true", help="one JSON object per head")
 
     predict = commands.add_parser("predict", help="predict with a head on the live encoder, JSONL out")
     predict.add_argument("--head", required=True, help="saved head directory")
@@ -78,6 +102,22 @@ def format_report(head: str, store: str, metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def print_heads(rows: list[dict[str, Any]], as_json: bool) -> None:
+    """`heads ls`: one line per head (name, type, primary metrics, its stores: a path, or "missing")."""
+    if as_json:
+        for row in rows:
+            print(json.dumps(row))
+        return
+    for row in rows:
+        metrics = " ".join(f"{key} {value:.4f}" for key, value in row["metrics"].items() if key in ("f1", "accuracy",
+                                                                                                     "pearson"))
+        stores = "  ".join(f"{role}: {store['location'] if store['in_catalog'] else 'missing'} "
+                           f"({store['fingerprint'][:12]})" for role, store in row["stores"].items())
+        print(f"{row['name']}  {row['type']}  {metrics or '-'}  {stores}  {row['location']}")
+    if not rows:
+        print("no heads registered")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(build_parser(), _dispatch, argv)
 
@@ -86,12 +126,35 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "train":
         print(json.dumps(train(_train_config(args)), indent=2))
         return 0
+    if args.command == "sweep":
+        from .sweep import probe_sweep
+
+        config = TrainConfig.from_dict({**given_values(args, TrainConfig), "heads": [{"type": args.head}]},
+                                       "heads sweep")
+        print(json.dumps(probe_sweep(config), indent=2))
+        return 0
     if args.command == "evaluate":
         result = evaluate_heads([args.head], args.store, args.batch_size)[0]
         if args.json:
             print(json.dumps({"head": result["head"], "store": args.store, **result["metrics"]}, indent=2))
         else:
             print(format_report(result["head"], args.store, result["metrics"]))
+        return 0
+    if args.command == "report":
+        from .report import build_report
+
+        print(f"report written to {build_report(args.head_dir, args.out, args.store, args.batch_size)}")
+        return 0
+    if args.command == "register":
+        from .registry import register_heads
+
+        for record in register_heads(args.head_dirs, args.catalog):
+            print(f"registered {record}")
+        return 0
+    if args.command == "ls":
+        from .registry import list_heads
+
+        print_heads(list_heads(args.root), args.json)
         return 0
     if args.command == "predict":
         inputs = read_inputs(args.input)  # checked before the encoder loads

@@ -6,6 +6,8 @@
 3. Train the layer-attention adapter from the store (the encoder is not run again), evaluate it on dev,
    whose names and sentence templates are held out of train (a test of generalisation, not memory).
 4. Attach the trained head to the live encoder and tag a new sentence (held out too): tags and entities.
+5. Write the head's report (HTML page and figures: learning curves, per-type scores, confusion matrix, the
+   adapter's layer attention per label) and print where it is.
 
 Only `DemoCommand` is loaded when featstore builds its parser; the work imports what it needs.
 """
@@ -23,7 +25,8 @@ class DemoCommand:
 
     def add_parser(self, subparsers: Any, name: str) -> argparse.ArgumentParser:
         parser = subparsers.add_parser(name, help="end to end on the bundled corpus and packaged MiniLM: extract, "
-                                       "verify, train an adapter from the store, predict with the live encoder")
+                                       "verify, train an adapter from the store, predict with the live encoder, "
+                                       "write its report")
         parser.add_argument("--workdir", default="featstore-demo", help="where the demo writes its stores and head "
                             "(default: %(default)s)")
         return parser
@@ -43,6 +46,7 @@ def run_demo(workdir: str = "featstore-demo") -> int:
     from featstore.store.info import describe_store
 
     from .predict import Predictor
+    from .report import build_report
     from .trainer import TrainConfig, train
 
     root = Path(workdir)
@@ -82,5 +86,7 @@ def run_demo(workdir: str = "featstore-demo") -> int:
     print(f"live encoder + trained head on a new sentence: {sentence!r}")
     print(f"  tags: {json.dumps(dict(zip(prediction['words'], prediction['tags'])))}")
     print(f"  entities: {json.dumps([(entity['text'], entity['type']) for entity in prediction['entities']])}")
+    report = build_report(out, root / "report")
+    print(f"\nreport (learning curves, per-type scores, confusion matrix, layer attention): {report}")
     print(f"\ndone: stores and head under {root}/")
     return 0

@@ -20,6 +20,7 @@ from featstore.errors import HeadFormatError, IncompatibleHeadError
 from featstore.sharing.location import resolve
 from featstore.store.reader import Store
 
+from .card import CARD_NAME, TrainingRecord, render_model_card
 from .config import EncoderIdentity, HeadConfig
 from .layers import SequencePooling, pool_words
 from .mixers import AdapterMixer, AttentionFusion, ScalarMix, SelectLayer
@@ -31,6 +32,7 @@ WEIGHTS_NAME = "model.safetensors"
 HEAD_FORMAT = "featstore-head/2"  # /2: extraction settings in their own section
 READABLE_HEAD_FORMATS = ("featstore-head/1", HEAD_FORMAT)
 WEIGHTS_DIGEST_KEY = "weights_sha256"  # in config.json: sha256 of model.safetensors
+TRAINING_KEY = "training"  # in config.json: the TrainingRecord (heads.card), when the trainer saved the head
 
 
 class Head(nn.Module):
@@ -58,6 +60,7 @@ class Head(nn.Module):
         else:
             self.classifier = nn.Linear(hidden, outputs)
         self.sequence_pooling = None if config.task_def.per_word else SequencePooling(config.sequence_pooling, hidden)
+        self.training_record: TrainingRecord | None = None  # how a loaded head was trained, when it says
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor, word_ids: torch.Tensor | None = None,
                 num_words: int | None = None) -> torch.Tensor:
@@ -74,17 +77,21 @@ class Head(nn.Module):
         return self.config.task_def.shape_output(self.classifier(self.sequence_pooling(tokens, mask)))
 
     # --- persistence -------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Weights (safetensors) and config.json, which records the weights' sha256; both written whole and
-        then renamed into place, config last, so a reader never pairs a config with other weights."""
+    def save_pretrained(self, directory: str | Path, training: TrainingRecord | None = None) -> None:
+        """Weights (safetensors), config.json (which records the weights' sha256 and, from the trainer, how the
+        head was trained) and the model card (README.md). Each file is written whole and then renamed into place,
+        config after the weights, so a reader never pairs a config with other weights."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
         weights = save(state, metadata={"format": HEAD_FORMAT})
-        config = {"format": HEAD_FORMAT, WEIGHTS_DIGEST_KEY: hashlib.sha256(weights).hexdigest(),
-                  **self.config.to_dict()}
+        digest = hashlib.sha256(weights).hexdigest()
+        config = {"format": HEAD_FORMAT, WEIGHTS_DIGEST_KEY: digest, **self.config.to_dict(),
+                  **({TRAINING_KEY: training.to_dict()} if training is not None else {})}
         resolve(directory / WEIGHTS_NAME).write_bytes(weights)  # whole, then renamed into place
         resolve(directory / CONFIG_NAME).write_bytes(json.dumps(config, indent=2).encode())
+        resolve(directory / CARD_NAME).write_bytes(render_model_card(self.config, training, digest).encode())
+        self.training_record = training
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> Head:
@@ -112,6 +119,8 @@ class Head(nn.Module):
         try:
             head = cls(HeadConfig.from_dict(values))
             head.load_state_dict(load(weights))
+            if isinstance(values.get(TRAINING_KEY), dict):
+                head.training_record = TrainingRecord.from_dict(values[TRAINING_KEY])
         except (ValueError, TypeError, KeyError, RuntimeError, SafetensorError) as error:
             raise HeadFormatError(f"{directory} holds a malformed head: {type(error).__name__}: {error}") from None
         return head.eval()

@@ -22,19 +22,23 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from featstore import Store, collate_features, open_store
+from featstore import Store, collate_features, install_hint, open_store
 from featstore.errors import ConfigError, IncompatibleHeadError, TrainingError
 from featstore.options import check_values, from_flat, option, read_options_file
 from featstore.store.reader import SequenceFeatures, compact_columns
 
+from .card import TrainingRecord
 from .config import HEAD_TYPES, EncoderIdentity, ExtractionIdentity, HeadConfig, default_probe_layer, is_probe
 from .head import Head, check_store
+from .tracking import TRACKERS, Tracker, make_tracker
 
 logger = logging.getLogger(__name__)
 
 STATE_NAME = "trainer_state.pt"
 METRICS_NAME = "metrics.jsonl"
 TRAINING_KEYS = ("lr", "weight_decay", "seed")
+# Options a resumed run may change: they do not affect the heads
+RESUME_FREE = ("resume", "progress", "report_to", "catalog")
 # Epochs when none are given: enough optimiser steps for a small store to converge (BENCHMARKS.md, "Defaults")
 DEFAULT_EPOCHS, MIN_DEFAULT_STEPS, MAX_DEFAULT_EPOCHS = 10, 3000, 50
 LR_BY_TYPE = ", ".join(f"{name} {kind.lr:g}" for name, kind in HEAD_TYPES.items())
@@ -78,6 +82,11 @@ class TrainConfig:
     resume: bool = option(False, help="continue an interrupted run from OUT/trainer_state.pt")
     progress: bool = option(True, help="no progress bars")  # the flag is --no-progress
     log_every: int = option(50, minimum=1, help="steps between loss records in metrics.jsonl")
+    catalog: str | None = option(None, help="register the saved heads with this catalog root (their stores and "
+                                 "metrics: `heads ls ROOT`, `featstore ls ROOT --heads`; gc keeps their stores)",
+                                 metavar="ROOT")
+    report_to: str = option("none", choices=TRACKERS, help="also send metrics.jsonl's records to this experiment "
+                            f"tracker (an optional extra: {install_hint('tensorboard')}, ...)")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "training config") -> TrainConfig:
@@ -107,6 +116,7 @@ class HeadRun:
     columns: slice | list[int]  # the head's layers within the batch's layers
     rng_state: torch.Tensor
     output_dir: Path
+    recipe: dict[str, Any]  # the settings this head trained with, for its TrainingRecord
     best: float = -np.inf
     best_epoch: int = -1
     bad_epochs: int = 0
@@ -186,7 +196,8 @@ def _remap(labels: torch.Tensor, mapping: np.ndarray | None) -> torch.Tensor:
 def evaluate_heads(heads: Sequence[Head | str | Path], store: Store | str | Path, batch_size: int = 64,
                    device: str = "cpu", return_predictions: bool = False) -> list[dict[str, Any]]:
     """Metrics of each head (a Head or a saved head's directory) on a store (open, or a path or URL), in one
-    pass over it: [{"head": name, "metrics": {...}}, ...], with "predictions" per corpus row when asked."""
+    pass over it: [{"head": name, "metrics": {...}}, ...], with "predictions" and "gold" per corpus row (in the
+    head's label ids) when asked."""
     loaded = [head if isinstance(head, Head) else Head.from_pretrained(head) for head in heads]
     if isinstance(store, Store):
         return _evaluate(loaded, store, batch_size, device, return_predictions)
@@ -205,7 +216,7 @@ def _evaluate(heads: list[Head], store: Store, batch_size: int, device: str, ret
     columns = [_columns(head.config.layers, layers) for head in heads]
     mappings = [_label_map(head.config.label_names, store) for head in heads]
     predictions: list[dict[int, Any]] = [{} for _ in heads]
-    gold: dict[int, Any] = {}
+    gold: list[dict[int, Any]] = [{} for _ in heads]  # per head: its own label ids
     for head in heads:
         head.eval()
     for batch in _batches(store.iter_epoch(layers=layers, shuffle=False), batch_size):
@@ -217,14 +228,14 @@ def _evaluate(heads: list[Head], store: Store, batch_size: int, device: str, ret
             output = head(hidden, mask, word_ids, task.num_words(labels)).cpu()
             for row, (gold_row, predicted_row) in zip(rows, task.rows(output, _remap(labels, mappings[k]))):
                 predictions[k][row] = predicted_row
-                gold.setdefault(row, gold_row)
-    order = sorted(gold)
+                gold[k][row] = gold_row
     results = []
-    for head, predicted in zip(heads, predictions):
-        metrics = head.config.task_def.metrics([gold[row] for row in order], [predicted[row] for row in order],
+    for head, predicted, expected in zip(heads, predictions, gold):
+        order = sorted(expected)
+        metrics = head.config.task_def.metrics([expected[row] for row in order], [predicted[row] for row in order],
                                                head.config.label_names)
         results.append({"head": head.config.name, "metrics": metrics,
-                        **({"predictions": predicted} if return_predictions else {})})
+                        **({"predictions": predicted, "gold": expected} if return_predictions else {})})
     return results
 
 
@@ -264,6 +275,7 @@ class Trainer:
         self.layers = sorted({layer for head in head_configs for layer in head.layers})
         self.runs = [self._new_run(spec, head_config) for spec, head_config in zip(specs, head_configs)]
         self.start_epoch = self.epochs_done = 0
+        self.tracker = Tracker()  # the configured one while train() runs
         if saved_state is not None:
             self._load_state(saved_state)
 
@@ -296,13 +308,25 @@ class Trainer:
             optimizer, max_lr=lr, total_steps=max(self.steps_per_epoch * self.epochs, 1),
             pct_start=self.config.warmup_ratio, anneal_strategy="cos")
         output_dir = self.out if len(self.config.heads) == 1 else self.out / head_config.name
+        config = self.config
+        recipe = {"lr": lr, "epochs": self.epochs, "batch_size": config.batch_size, "seed": seed,
+                  "weight_decay": spec.get("weight_decay", config.weight_decay), "warmup_ratio": config.warmup_ratio,
+                  "patience": config.patience, "final_anneal": config.final_anneal}
         return HeadRun(head_config.name, head, optimizer, scheduler, _columns(head_config.layers, self.layers),
-                       torch.get_rng_state(), output_dir)
+                       torch.get_rng_state(), output_dir, recipe)
 
     # --- the loop -------------------------------------------------------------------------------------
     def train(self) -> dict[str, dict[str, Any]]:
-        config = self.config
         self.out.mkdir(parents=True, exist_ok=True)
+        self.tracker = make_tracker(self.config.report_to, self.out, asdict(self.config))
+        try:
+            return self._train()
+        finally:
+            self.tracker.close()
+            self.tracker = Tracker()
+
+    def _train(self) -> dict[str, dict[str, Any]]:
+        config = self.config
         if not config.resume:  # a new run starts a new log; a resumed one continues it
             (self.out / METRICS_NAME).unlink(missing_ok=True)
             for index, scores in self.layer_sweeps.items():
@@ -323,9 +347,16 @@ class Trainer:
                     loss = self._step(run, batch)
                     if step % config.log_every == 0:
                         self._log({"event": "train", "head": run.name, "epoch": epoch + 1, "step": step,
-                                   "loss": loss, "lr": run.optimizer.param_groups[0]["lr"]})
+                                   "global_step": epoch * self.steps_per_epoch + step, "loss": loss,
+                                   "lr": run.optimizer.param_groups[0]["lr"]})
             self._end_epoch(epoch, active, time.perf_counter() - started)
-        return self.summary()
+        summary = self.summary()
+        if config.catalog:
+            from .registry import register_heads
+
+            for run, record in zip(self.runs, register_heads([run.output_dir for run in self.runs], config.catalog)):
+                summary[run.name]["catalog_record"] = record
+        return summary
 
     def _step(self, run: HeadRun, batch: dict[str, Any]) -> float:
         hidden, mask, word_ids = _head_inputs(batch, run.columns, self.config.device)
@@ -349,7 +380,7 @@ class Trainer:
         self._log({"event": "epoch", "epoch": epoch + 1, "seconds": seconds, "heads": [run.name for run in active]})
         if self.eval_store is None:
             for run in active:
-                run.head.save_pretrained(run.output_dir)
+                run.head.save_pretrained(run.output_dir, self._training_record(run, epoch + 1, {}))
         else:
             results = evaluate_heads([run.head for run in active], self.eval_store, self.config.batch_size * 2,
                                      self.config.device)
@@ -358,7 +389,7 @@ class Trainer:
                 improved = metric > run.best
                 if improved:
                     run.best, run.best_epoch, run.bad_epochs = metric, epoch + 1, 0
-                    run.head.save_pretrained(run.output_dir)
+                    run.head.save_pretrained(run.output_dir, self._training_record(run, epoch + 1, result["metrics"]))
                 else:
                     run.bad_epochs += 1
                     if run.anneal_ends is None and self.config.patience is not None \
@@ -368,6 +399,13 @@ class Trainer:
                 self._log({"event": "eval", "head": run.name, "epoch": epoch + 1, **result["metrics"],
                            "best": improved, "annealing": run.anneal_ends is not None, "stopped": run.stopped})
         self._save_state(epoch + 1)
+
+    def _training_record(self, run: HeadRun, epoch: int, metrics: dict[str, Any]) -> TrainingRecord:
+        evaluated = self.eval_store is not None
+        return TrainingRecord(train_store=self.config.store, train_store_fingerprint=self.store.fingerprint,
+                              eval_store=self.config.eval_store,
+                              eval_store_fingerprint=self.eval_store.fingerprint if evaluated else None,
+                              recipe=run.recipe, epoch=epoch, metrics=metrics)
 
     def _stop_or_anneal(self, run: HeadRun, epochs_done: int) -> None:
         """A head out of patience stops, or (final_anneal) its learning rate falls linearly from where the
@@ -383,6 +421,7 @@ class Trainer:
     def _log(self, record: dict[str, Any]) -> None:
         with (self.out / METRICS_NAME).open("a") as handle:
             handle.write(json.dumps(record) + "\n")
+        self.tracker.log(record)
         if record["event"] == "eval":
             logger.info("epoch %d %s: %s", record["epoch"], record["head"],
                         {k: round(v, 4) for k, v in record.items() if isinstance(v, float)})
@@ -407,8 +446,8 @@ class Trainer:
         if not path.is_file():
             raise ConfigError(f"--resume: no checkpoint at {path}; start without --resume")
         state = torch.load(path, weights_only=False)
-        saved = {key: value for key, value in state["config"].items() if key not in ("resume", "progress")}
-        current = {key: value for key, value in asdict(self.config).items() if key not in ("resume", "progress")}
+        saved = {key: value for key, value in state["config"].items() if key not in RESUME_FREE}
+        current = {key: value for key, value in asdict(self.config).items() if key not in RESUME_FREE}
         if saved != current:
             differing = sorted(key for key in current if saved.get(key) != current[key])
             raise ConfigError(f"--resume: {path} was written by a run with different settings ({differing})")

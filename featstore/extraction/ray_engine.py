@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import install_hint
 from ..errors import ConfigError, FeatstoreError, ModelError
 from ..sharing.location import resolve
 from ..store.backends import StoreBackend, open_backend
@@ -121,7 +122,7 @@ def fill_with_ray(backend: StoreBackend, encoder: FrozenEncoder, plan: Extractio
         import ray
         from ray.util.queue import Queue
     except ImportError:
-        raise ConfigError("--engine ray needs Ray: pip install 'featstore[ray]' (or pip install ray)") from None
+        raise ConfigError(f"--engine ray needs Ray: {install_hint('ray')} (or pip install ray)") from None
     spec = plan.spec
     if not ray.is_initialized():
         ray.init(address=spec.ray_address, include_dashboard=False, log_to_driver=False,

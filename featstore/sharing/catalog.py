@@ -21,6 +21,7 @@ from ..store import format as fmt
 from ..store.backends import detect_backend, read_manifest
 from ..store.manifest import StoreManifest
 from .lease import LEASE_SUFFIX, LeaseInfo, lock_location, read_lease
+from .lineage import HeadRecord, read_records
 from .location import Location, resolve
 
 logger = logging.getLogger(__name__)
@@ -174,21 +175,43 @@ class Catalog:
         suffix = ".zarr" if manifest.layout.backend == "zarr" else ".h5"
         return self.root.child(encoder, f"{name}-{manifest.fingerprint[:12]}{suffix}")
 
-    def garbage(self) -> list[tuple[CatalogEntry, str]]:
-        """Incomplete or abandoned things nobody is working on, with the reason."""
+    def head_records(self) -> list[HeadRecord]:
+        """The heads registered with this catalog (lineage.py)."""
+        return read_records(self.root)
+
+    def consumers(self, fingerprint: str | None, records: list[HeadRecord] | None = None) -> list[HeadRecord]:
+        """The registered heads that were trained or evaluated on the store with this fingerprint."""
+        records = self.head_records() if records is None else records
+        return [record for record in records if record.names(fingerprint)]
+
+    def garbage(self, unused: bool = False, include_named: bool = False) -> list[tuple[CatalogEntry, str]]:
+        """Incomplete or abandoned things nobody is working on, with the reason; with `unused`, complete stores
+        no registered head names as well. A store a registered head names is never included unless
+        `include_named` (a head's lineage would point at nothing)."""
+        records = self.head_records()
         found = []
         for entry in self.entries():
             if entry.in_progress:
                 continue
             if entry.kind == "lock-only":
-                found.append((entry, "stale lease with no store"))
+                why = "stale lease with no store"
             elif entry.kind in SIDE_SUFFIXES.values():
-                found.append((entry, f"unfinished {SIDE_DESCRIPTIONS[entry.kind]}, nobody writing it"))
+                why = f"unfinished {SIDE_DESCRIPTIONS[entry.kind]}, nobody writing it"
             elif entry.status == "unreadable":
-                found.append((entry, f"unreadable store: {entry.error}"))
+                why = f"unreadable store: {entry.error}"
             elif entry.status != fmt.STATUS_COMPLETE:
-                why = entry.lease.stale_reason() if entry.lease else "no writer holds its lease"
-                found.append((entry, f"incomplete store ({entry.status}) abandoned: {why}"))
+                reason = entry.lease.stale_reason() if entry.lease else "no writer holds its lease"
+                why = f"incomplete store ({entry.status}) abandoned: {reason}"
+            elif unused and not self.consumers(entry.fingerprint, records):
+                why = "complete store that no registered head names"
+            else:
+                continue
+            consumers = self.consumers(entry.fingerprint, records) if entry.kind in ("zarr", "hdf5") else []
+            if consumers and not include_named:
+                continue
+            if consumers:
+                why += f" (named by heads {', '.join(record.name for record in consumers)})"
+            found.append((entry, why))
         return found
 
     def remove(self, entry: CatalogEntry) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from ... import install_hint
 from ...errors import StoreError
 from ...sharing.location import Location
 from ..format import ARRAY_NAMES, ATTRS_KEY, Compression
@@ -35,7 +36,7 @@ def _hdf5plugin() -> Any:
         import hdf5plugin  # optional: only compressed HDF5 stores need it
     except ImportError:
         raise StoreError("compressed HDF5 stores need the hdf5plugin package: pip install hdf5plugin (or "
-                         "'featstore[hdf5-compression]')") from None
+                         f"{install_hint('hdf5-compression')})") from None
     return hdf5plugin
 
 
