@@ -199,6 +199,34 @@ def test_report_of_a_single_head_uses_its_recorded_eval_store(ner_stores, tmp_pa
     assert (page / "linear_confusion.png").is_file()
 
 
+@pytest.mark.parametrize("regression", [False, True], ids=["classification", "regression"])
+def test_report_of_sequence_heads(tiny_models, tmp_path, regression):
+    from featstore import ExtractConfig, extract
+    from featstore.extraction.corpus import CorpusSpec
+
+    from .test_heads import _sequence_corpus
+
+    stores = {}
+    for split, count, seed in (("train", 120, 1), ("dev", 60, 2)):
+        corpus = _sequence_corpus(tmp_path / f"{split}.jsonl", count, seed, regression)
+        stores[split] = extract(ExtractConfig(out=str(tmp_path / f"{split}.zarr"), model=tiny_models["bert"],
+                                              corpus=CorpusSpec(str(corpus)), dtype="float32", progress=False)).path
+    train(_config(stores, tmp_path / "head", [{"type": "adapter"}], epochs=2))
+    assert heads_main(["report", str(tmp_path / "head"), "--out", str(tmp_path / "report")]) == 0
+    (head,) = json.loads((tmp_path / "report" / "report.json").read_text())["heads"]
+    if regression:  # no labels: metrics and learning curves only
+        assert set(head["metrics"]) == {"pearson", "spearman", "mse"} and head["per_label"] == {}
+        assert head["figures"] == {}
+        return
+    per_label = head["per_label"]  # from the confusion matrix: its supports and recalls give the accuracy
+    assert sorted(per_label) == ["no", "yes"] and sum(row["support"] for row in per_label.values()) == 60
+    correct = sum(row["recall"] * row["support"] for row in per_label.values())
+    assert correct / 60 == pytest.approx(head["metrics"]["accuracy"])
+    by_label = head["layer_weights"]["by_label"]
+    assert all(sum(weights.values()) == pytest.approx(1, abs=1e-5) for weights in by_label.values())
+    assert len(head["figures"]) == 3
+
+
 def test_report_refuses_a_directory_without_heads(tmp_path):
     assert heads_main(["report", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
 
