@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "(default: all for mixing heads; for linear/mlp the layer a quick sweep scores best "
                               "on --eval-store, without one the layer two thirds up the encoder)")
     train_parser.add_argument("--no-tailor", action="store_true", help="an adapter without its tailor block")
+    train_parser.add_argument("--crf", action="store_true", help="tagging: a CRF output layer (Viterbi decoding; "
+                              "with BIO tags never an invalid transition)")
     train_parser.add_argument("--config", help="JSON file of training options with \"heads\": [{\"type\": ..., "
                               "\"name\": ..., \"layers\": [...], ...}]; flags given beside it override it")
 
@@ -79,14 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _train_config(args: argparse.Namespace) -> TrainConfig:
     given = given_values(args, TrainConfig)
     if args.config:
-        if args.head or args.layers or args.no_tailor:
-            raise ConfigError("--config lists the heads; do not combine it with --head/--layers/--no-tailor")
+        if args.head or args.layers or args.no_tailor or args.crf:
+            raise ConfigError("--config lists the heads; do not combine it with --head/--layers/--no-tailor/--crf")
         return TrainConfig.from_file(args.config, **given)
     spec: dict[str, Any] = {"type": args.head or "adapter"}
     if args.layers is not None:
         spec["layers"] = args.layers
     if args.no_tailor:
         spec["enable_tailor"] = False
+    if args.crf:
+        spec["crf"] = True
     return TrainConfig.from_dict({**given, "heads": [spec]}, "heads train")
 
 

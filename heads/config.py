@@ -19,6 +19,7 @@ class HeadType:
 
     lr: float
     single_layer: bool = False  # a probe: reads one layer (chosen by a quick sweep when none is named)
+    context: bool = False  # a sequence-context block (heads/context.py) runs between the mixer and the classifier
 
 
 HEAD_TYPES: dict[str, HeadType] = {
@@ -27,7 +28,11 @@ HEAD_TYPES: dict[str, HeadType] = {
     "scalar_mix": HeadType(lr=1e-2),
     "mlp": HeadType(lr=3e-3, single_layer=True),
     "fusion": HeadType(lr=1e-2),
+    # Not yet on the grid: the usual Adam rates for a BiLSTM tagger and for small post-LN-free transformer layers
+    "bilstm": HeadType(lr=1e-3, context=True),
+    "transformer": HeadType(lr=5e-4, context=True),
 }
+CONTEXT_INPUTS = ("mix", "concat", "adapter")  # what a context head reads: scalar mix, layers side by side, adapter
 
 
 def is_probe(head_type: str) -> bool:
@@ -92,6 +97,13 @@ class HeadConfig:
     dropout: float = 0.1
     feature_dropout: float = 0.0  # dropout on the cached features, a stand-in for encoder dropout
     mlp_dim: int = 256
+    # bilstm / transformer heads (heads/context.py)
+    context_input: str = "mix"  # one of CONTEXT_INPUTS
+    context_layers: int = 1  # LSTM or transformer layers
+    context_dim: int = 256  # bilstm: units per direction; transformer: feed-forward width
+    context_heads: int = 4  # transformer: attention heads
+    crf: bool = False  # tagging: a linear-chain CRF on the word outputs (heads/crf.py)
+    crf_constraints: bool = True  # with a CRF and BIO tags: decoding never takes an invalid transition
     # provenance: the encoder, extraction settings and store the head was trained on
     encoder: EncoderIdentity = field(default_factory=EncoderIdentity)
     extraction: ExtractionIdentity = field(default_factory=ExtractionIdentity)
@@ -105,6 +117,17 @@ class HeadConfig:
         if is_probe(self.head_type) and len(self.layers) != 1:
             raise ValueError(f"a {self.head_type} head reads exactly one layer, got {self.layers}")
         self.task_def.check_labels(self.label_names)
+        if self.crf and not self.task_def.per_word:
+            raise ValueError(f"a CRF decodes tag sequences: it needs a token-classification task, not {self.task}")
+        if HEAD_TYPES[self.head_type].context:
+            if self.context_input not in CONTEXT_INPUTS:
+                raise ValueError(f"context_input must be one of {', '.join(CONTEXT_INPUTS)}, got "
+                                 f"{self.context_input!r}")
+            if self.context_layers < 1 or self.context_dim < 1 or self.context_heads < 1:
+                raise ValueError("context_layers, context_dim and context_heads must be at least 1")
+            if self.head_type == "transformer" and self.hidden_size % self.context_heads:
+                raise ValueError(f"a transformer head's width {self.hidden_size} is not divisible by "
+                                 f"{self.context_heads} attention heads (context_heads)")
 
     @property
     def task_def(self) -> Task:

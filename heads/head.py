@@ -18,10 +18,13 @@ from torch import nn
 
 from featstore.errors import HeadFormatError, IncompatibleHeadError
 from featstore.sharing.location import resolve
+from featstore.store.dataset import LABEL_PADDING
 from featstore.store.reader import Store
 
 from .card import CARD_NAME, TrainingRecord, render_model_card
-from .config import EncoderIdentity, HeadConfig
+from .config import HEAD_TYPES, EncoderIdentity, HeadConfig
+from .context import BiLSTMContext, ConcatLayers, TransformerContext
+from .crf import CRF
 from .layers import SequencePooling, pool_words
 from .mixers import AdapterMixer, AttentionFusion, ScalarMix, SelectLayer
 
@@ -42,15 +45,20 @@ class Head(nn.Module):
         hidden, num_layers, outputs = config.hidden_size, len(config.layers), config.num_outputs
         # Identity at p=0: dropout would still copy the whole (B, T, L, H) feature tensor.
         self.feature_dropout = nn.Dropout(config.feature_dropout) if config.feature_dropout else nn.Identity()
-        if config.head_type in ("linear", "mlp"):
+        mixer = config.context_input if HEAD_TYPES[config.head_type].context else config.head_type
+        if mixer in ("linear", "mlp"):
             self.mixer: nn.Module = SelectLayer()
-        elif config.head_type == "scalar_mix":
+        elif mixer in ("scalar_mix", "mix"):
             self.mixer = ScalarMix(num_layers)
-        elif config.head_type == "fusion":
+        elif mixer == "fusion":
             self.mixer = AttentionFusion(num_layers, hidden, config.dropout)
+        elif mixer == "concat":
+            self.mixer = ConcatLayers()
         else:
             self.mixer = AdapterMixer(hidden, config.attention_dim, config.num_heads, config.dropout,
                                       config.enable_tailor, config.tailor_attention)
+        self.context = self._context(config, num_layers * hidden if mixer == "concat" else hidden)
+        features = self.context.output_size if self.context is not None else hidden
         if config.head_type == "adapter":  # the notes' classifier: H -> 256 -> C, no nonlinearity
             self.classifier: nn.Module = nn.Sequential(nn.Linear(hidden, config.classifier_dim),
                                                        nn.Linear(config.classifier_dim, outputs))
@@ -58,9 +66,20 @@ class Head(nn.Module):
             self.classifier = nn.Sequential(nn.Linear(hidden, config.mlp_dim), nn.GELU(), nn.Dropout(config.dropout),
                                             nn.Linear(config.mlp_dim, outputs))
         else:
-            self.classifier = nn.Linear(hidden, outputs)
-        self.sequence_pooling = None if config.task_def.per_word else SequencePooling(config.sequence_pooling, hidden)
+            self.classifier = nn.Linear(features, outputs)
+        self.sequence_pooling = None if config.task_def.per_word else SequencePooling(config.sequence_pooling,
+                                                                                      features)
+        self.crf = CRF(outputs, config.label_names if config.crf_constraints else None) if config.crf else None
         self.training_record: TrainingRecord | None = None  # how a loaded head was trained, when it says
+
+    @staticmethod
+    def _context(config: HeadConfig, input_size: int) -> BiLSTMContext | TransformerContext | None:
+        if config.head_type == "bilstm":
+            return BiLSTMContext(input_size, config.context_dim, config.context_layers, config.dropout)
+        if config.head_type == "transformer":
+            return TransformerContext(input_size, config.hidden_size, config.context_layers, config.context_heads,
+                                      config.context_dim, config.dropout)
+        return None
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor, word_ids: torch.Tensor | None = None,
                 num_words: int | None = None) -> torch.Tensor:
@@ -69,12 +88,30 @@ class Head(nn.Module):
         Token tasks need `word_ids` (B, T) with -1 for special/padded tokens.
         """
         tokens = self.mixer(self.feature_dropout(hidden), mask)
+        if self.context is not None:
+            tokens = self.context(tokens, mask)
         if self.sequence_pooling is None:
             if word_ids is None:
                 raise ValueError("token classification needs word_ids")
             width = num_words if num_words is not None else int(word_ids.max().item()) + 1
             return self.classifier(pool_words(tokens, word_ids, max(width, 1), self.config.word_pooling))
         return self.config.task_def.shape_output(self.classifier(self.sequence_pooling(tokens, mask)))
+
+    def loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The training loss: the task's, or a CRF's negative log-likelihood per word."""
+        if self.crf is None:
+            return self.config.task_def.loss(output, labels)
+        words = labels != LABEL_PADDING
+        return self.crf.nll(output, labels, words) / words.sum().clamp(min=1)
+
+    def decode(self, output: torch.Tensor, words: torch.Tensor | None = None) -> torch.Tensor | None:
+        """A CRF's best tag sequences (B, W) for outputs (B, W, C) whose real words `words` marks (default: all);
+        None for heads that decode by argmax (the task does)."""
+        if self.crf is None:
+            return None
+        if words is None:
+            words = torch.ones(output.shape[:2], dtype=torch.bool, device=output.device)
+        return self.crf.viterbi(output, words)
 
     # --- persistence -------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, training: TrainingRecord | None = None) -> None:

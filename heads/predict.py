@@ -91,8 +91,10 @@ class Predictor:
             if not config.task_def.per_word:
                 records.append({"input": item, **config.task_def.record(output, config.label_names)})
                 continue
+            decoded = self.head.decode(output[None].to(self.encoder.device))  # a CRF's path, on the head's device
+            path = None if decoded is None else decoded[0].cpu()
             record = {**({"text": item} if isinstance(item, str) else {}), "words": list(example.words),
-                      **config.task_def.record(output, config.label_names)}
+                      **config.task_def.record(output, config.label_names, path)}
             if is_bio(config.label_names):
                 record["entities"] = entity_spans(record["words"], record["tags"], record["scores"], spans,
                                                   item if isinstance(item, str) else None)

@@ -47,16 +47,19 @@ class Task(ABC):
     def loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor: ...
 
     @abstractmethod
-    def rows(self, output: torch.Tensor, labels: torch.Tensor) -> Iterator[tuple[Any, Any]]:
-        """(gold, predicted) per sequence of a batch, labels padding removed."""
+    def rows(self, output: torch.Tensor, labels: torch.Tensor, decoded: torch.Tensor | None = None
+             ) -> Iterator[tuple[Any, Any]]:
+        """(gold, predicted) per sequence of a batch, labels padding removed. `decoded`: label ids the head
+        decoded itself (a CRF's Viterbi path), used instead of each output's argmax."""
 
     @abstractmethod
     def metrics(self, gold: list[Any], predicted: list[Any], label_names: Sequence[str] | None) -> dict[str, float]:
         ...
 
     @abstractmethod
-    def record(self, output: torch.Tensor, label_names: Sequence[str] | None) -> dict[str, Any]:
-        """The prediction of one input as JSON-able fields."""
+    def record(self, output: torch.Tensor, label_names: Sequence[str] | None, decoded: torch.Tensor | None = None
+               ) -> dict[str, Any]:
+        """The prediction of one input as JSON-able fields (`decoded` as for `rows`)."""
 
 
 class TokenClassification(Task):
@@ -71,24 +74,29 @@ class TokenClassification(Task):
         return nn.functional.cross_entropy(output.reshape(-1, output.shape[-1]), labels.reshape(-1),
                                            ignore_index=LABEL_PADDING)
 
-    def rows(self, output: torch.Tensor, labels: torch.Tensor) -> Iterator[tuple[Any, Any]]:
-        for row_output, row_labels in zip(output, labels):
+    def rows(self, output: torch.Tensor, labels: torch.Tensor, decoded: torch.Tensor | None = None
+             ) -> Iterator[tuple[Any, Any]]:
+        predicted = output.argmax(-1) if decoded is None else decoded
+        for row_predicted, row_labels in zip(predicted, labels):
             keep = row_labels != LABEL_PADDING
-            yield row_labels[keep].tolist(), row_output[keep].argmax(-1).tolist()
+            yield row_labels[keep].tolist(), row_predicted[keep].tolist()
 
     def metrics(self, gold: list[Any], predicted: list[Any], label_names: Sequence[str] | None) -> dict[str, float]:
         names = list(label_names or ())
         return tagging_metrics([[names[i] for i in row] for row in gold],
                                [[names[i] for i in row] for row in predicted])
 
-    def record(self, output: torch.Tensor, label_names: Sequence[str] | None) -> dict[str, Any]:
-        """Tags and their probabilities; BIO tag sets are repaired to valid BIO (heads/entities.py), and the
-        predictor adds the entity spans."""
+    def record(self, output: torch.Tensor, label_names: Sequence[str] | None, decoded: torch.Tensor | None = None
+               ) -> dict[str, Any]:
+        """Tags and the probability of each (the softmax of its word's output); BIO tag sets are repaired to
+        valid BIO (heads/entities.py; a constrained CRF path already is), and the predictor adds the entity
+        spans."""
         probabilities = output.softmax(-1)
+        chosen = probabilities.argmax(-1) if decoded is None else decoded
         names = list(label_names or ())
-        tags = [names[i] for i in probabilities.argmax(-1).tolist()]
+        tags = [names[i] for i in chosen.tolist()]
         return {"tags": repair_bio(tags) if is_bio(names) else tags,
-                "scores": [round(p, 6) for p in probabilities.max(-1).values.tolist()]}
+                "scores": [round(p, 6) for p in probabilities.gather(-1, chosen[:, None]).squeeze(-1).tolist()]}
 
 
 class SequenceClassification(Task):
@@ -99,14 +107,16 @@ class SequenceClassification(Task):
     def loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return nn.functional.cross_entropy(output, labels)
 
-    def rows(self, output: torch.Tensor, labels: torch.Tensor) -> Iterator[tuple[Any, Any]]:
+    def rows(self, output: torch.Tensor, labels: torch.Tensor, decoded: torch.Tensor | None = None
+             ) -> Iterator[tuple[Any, Any]]:
         for row_output, label in zip(output, labels):
             yield int(label), int(row_output.argmax())
 
     def metrics(self, gold: list[Any], predicted: list[Any], label_names: Sequence[str] | None) -> dict[str, float]:
         return classification_metrics(np.array(gold), np.array(predicted), self.num_outputs(label_names))
 
-    def record(self, output: torch.Tensor, label_names: Sequence[str] | None) -> dict[str, Any]:
+    def record(self, output: torch.Tensor, label_names: Sequence[str] | None, decoded: torch.Tensor | None = None
+               ) -> dict[str, Any]:
         probabilities = output.softmax(-1).tolist()
         names = list(label_names or ())
         return {"label": names[int(np.argmax(probabilities))], "probabilities": dict(zip(names, probabilities))}
@@ -127,14 +137,16 @@ class Regression(Task):
     def loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return nn.functional.mse_loss(output, labels.float())
 
-    def rows(self, output: torch.Tensor, labels: torch.Tensor) -> Iterator[tuple[Any, Any]]:
+    def rows(self, output: torch.Tensor, labels: torch.Tensor, decoded: torch.Tensor | None = None
+             ) -> Iterator[tuple[Any, Any]]:
         for value, target in zip(output, labels):
             yield float(target), float(value)
 
     def metrics(self, gold: list[Any], predicted: list[Any], label_names: Sequence[str] | None) -> dict[str, float]:
         return regression_metrics(np.array(gold), np.array(predicted))
 
-    def record(self, output: torch.Tensor, label_names: Sequence[str] | None) -> dict[str, Any]:
+    def record(self, output: torch.Tensor, label_names: Sequence[str] | None, decoded: torch.Tensor | None = None
+               ) -> dict[str, Any]:
         return {"value": float(output)}
 
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from featstore import Store, collate_features, install_hint, open_store
 from featstore.errors import ConfigError, IncompatibleHeadError, TrainingError
 from featstore.options import check_values, from_flat, option, read_options_file
+from featstore.store.dataset import LABEL_PADDING
 from featstore.store.reader import SequenceFeatures, compact_columns
 
 from .card import TrainingRecord
@@ -225,8 +226,10 @@ def _evaluate(heads: list[Head], store: Store, batch_size: int, device: str, ret
         for k, head in enumerate(heads):
             task = head.config.task_def
             hidden, mask, word_ids = _head_inputs(batch, columns[k], device)
-            output = head(hidden, mask, word_ids, task.num_words(labels)).cpu()
-            for row, (gold_row, predicted_row) in zip(rows, task.rows(output, _remap(labels, mappings[k]))):
+            output = head(hidden, mask, word_ids, task.num_words(labels))
+            decoded = head.decode(output, (labels != LABEL_PADDING).to(device)) if task.per_word else None
+            output, decoded = output.cpu(), None if decoded is None else decoded.cpu()
+            for row, (gold_row, predicted_row) in zip(rows, task.rows(output, _remap(labels, mappings[k]), decoded)):
                 predictions[k][row] = predicted_row
                 gold[k][row] = gold_row
     results = []
@@ -364,7 +367,7 @@ class Trainer:
         task = run.head.config.task_def
         with run.own_rng():
             output = run.head(hidden, mask, word_ids, task.num_words(labels))
-            loss = task.loss(output, labels)
+            loss = run.head.loss(output, labels)
             run.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             run.optimizer.step()
