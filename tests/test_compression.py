@@ -107,6 +107,10 @@ def test_compression_mistakes_are_refused_before_anything_is_loaded(minilm_path,
     with pytest.raises(ConfigError, match=r"--compression needs --backend zarr.*featstore convert"):
         ExtractConfig(out=str(tmp_path / "a.h5"), model="no-such-model", corpus=CorpusSpec(str(conll_corpus)),
                       backend="hdf5", compression="zstd").validate()
+    for raw in ("none", "NONE"):  # as convert takes it: raw chunks, on either backend
+        spec = ExtractConfig(out=str(tmp_path / "a.h5"), model="no-such-model", corpus=CorpusSpec(str(conll_corpus)),
+                             backend="hdf5", compression=raw).validate()
+        assert spec.compression is None
     assert not (tmp_path / "a.zarr").exists() and not (tmp_path / "a.h5").exists()
 
 

@@ -52,12 +52,12 @@ def convert_store(source: str | Path | Location, destination: str | Path | Locat
         raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(fmt.STORAGE_DTYPES)}")
     if backend is not None and backend not in fmt.BACKEND_NAMES:
         raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(fmt.BACKEND_NAMES)}")
-    if compression is not None and compression.lower() != "none":
-        compression = canonical_compression(compression)
+    keep_compression = compression is None
+    compression = None if keep_compression else canonical_compression(compression)
     dst = resolve(destination, storage_options)
     check_store_location(dst)
     with open_store(source, storage_options=storage_options) as src:
-        manifest = converted_manifest(src, dtype, layers, backend, compression)
+        manifest = converted_manifest(src, dtype, layers, backend, compression, keep_compression)
         if dst.url == src.path:
             raise ConfigError(f"convert writes a new store: the destination {dst.url} is the source")
         with Lease(dst, "featstore convert") as lease:
@@ -79,9 +79,9 @@ def convert_store(source: str | Path | Location, destination: str | Path | Locat
 
 
 def converted_manifest(src: Store, dtype: str | None, layers: Sequence[int] | None, backend: str | None,
-                       compression: str | None = None) -> StoreManifest:
-    """The source's attributes with the new encoding, layers, backend and compression (canonical, or "none"):
-    a store being written."""
+                       compression: str | None = None, keep_compression: bool = True) -> StoreManifest:
+    """The source's attributes with the new encoding, layers, backend and (unless `keep_compression`) compression
+    (canonical; None: raw): a store being written."""
     old = src.manifest
     manifest = copy.deepcopy(old)
     kept = list(old.extraction.layers)
@@ -100,8 +100,8 @@ def converted_manifest(src: Store, dtype: str | None, layers: Sequence[int] | No
                                                    "storage_dtype": old.extraction.storage_dtype,
                                                    "layers": list(old.extraction.layers)}
     manifest.layout.backend = backend or old.layout.backend
-    if compression is not None:
-        manifest.layout.compression = None if compression.lower() == "none" else compression
+    if not keep_compression:
+        manifest.layout.compression = compression
     manifest.counts.hidden_bytes = old.counts.num_tokens * fmt.code_bytes_per_token(storage_dtype, len(kept),
                                                                                     old.encoder.hidden_size)
     if manifest.fingerprint == old.fingerprint and manifest.layout.compression == old.layout.compression:

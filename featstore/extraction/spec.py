@@ -18,7 +18,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..options import check_values, from_flat, nested, option, parse_layers, read_options_file, to_flat
 from ..sharing.lease import DEFAULT_TTL_SECONDS
-from ..store.format import BACKEND_NAMES, COMPUTE_DTYPES, STORAGE_DTYPES, Compression
+from ..store.format import BACKEND_NAMES, COMPUTE_DTYPES, NO_COMPRESSION, STORAGE_DTYPES, Compression
 from .corpus import CorpusSpec
 
 DEFAULT_CHUNK_TOKENS = 4096
@@ -55,7 +55,7 @@ class ExtractSpec:
                                 default_text="min(128, window/4)")
     truncate: bool = option(False, help="keep only the first window of long sequences instead of splitting them")
     overwrite: bool = option(False, submit=False, help="replace an existing store made differently")
-    compression: str | None = option(None, metavar="zstd[:LEVEL]", help="a lossless codec on the hidden states "
+    compression: str | None = option(None, metavar="zstd[:LEVEL]|none", help="a lossless codec on the hidden states "
                                      "(zstd after a byte shuffle, level 1-9, default 5): smaller stores for some "
                                      "CPU on every read (BENCHMARKS.md, 'Storage encodings')", default_text="none")
     chunk_tokens: int = option(DEFAULT_CHUNK_TOKENS, minimum=1, help="tokens per inner chunk (the smallest "
@@ -83,7 +83,7 @@ class ExtractSpec:
             raise ConfigError("give --out (where to write the store) or --catalog ROOT")
         if self.compression is not None:
             self.compression = canonical_compression(self.compression)
-            if self.backend == "hdf5":
+            if self.compression is not None and self.backend == "hdf5":
                 raise ConfigError("--compression needs --backend zarr: an HDF5 file's compressed chunks change its "
                                   "metadata on every write, so a killed extraction could not resume. Extract, then "
                                   "`featstore convert SRC DST.h5 --compression ...` for a compressed HDF5 copy")
@@ -105,8 +105,11 @@ class ExtractSpec:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
 
-def canonical_compression(text: str) -> str:
-    """A --compression value as stores record it ("zstd" -> "zstd:5"); ConfigError saying what is accepted."""
+def canonical_compression(text: str) -> str | None:
+    """A --compression value as stores record it ("zstd" -> "zstd:5", "none" -> None: raw); ConfigError saying
+    what is accepted."""
+    if text.strip().lower() == NO_COMPRESSION:
+        return None
     try:
         return str(Compression.parse(text))
     except ValueError as error:

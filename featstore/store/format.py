@@ -92,6 +92,7 @@ def stored_bytes_per_token(storage_dtype: str, num_layers: int, hidden_size: int
 # "zstd" is Blosc's zstd after a byte shuffle: the bytes of 2- and 4-byte values are grouped by significance
 # first, where zstd finds the runs that sign and exponent bytes make (1-byte codes are compressed as they are).
 COMPRESSION_CODECS = {"zstd": (1, 9, 5)}
+NO_COMPRESSION = "none"  # the --compression value that asks for raw chunks
 
 
 @dataclass(frozen=True)
