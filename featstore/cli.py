@@ -253,12 +253,12 @@ def _catalog_command(args: argparse.Namespace) -> int:
 
     catalog = Catalog(args.root, args.storage_options)
     if args.command == "gc":
-        found = catalog.garbage(args.unused, args.include_named)
-        if not args.include_named:  # say what a head's lineage kept from being collected
-            collected = {entry.location.path for entry, _ in found}
-            for entry, why in catalog.garbage(args.unused, include_named=True):
-                if entry.location.path not in collected:
-                    print(f"kept {entry.location.url}: {why}; --include-named collects it too")
+        found = []
+        for entry, why, heads in catalog.collectable(args.unused):
+            if heads and not args.include_named:  # say what a head's lineage kept from being collected
+                print(f"kept {entry.location.url}: {why}; --include-named collects it too")
+            else:
+                found.append((entry, why))
         for entry, why in found:
             print(f"{'deleting' if args.delete else 'found'} {entry.location.url}: {why}")
             if args.delete:

@@ -38,12 +38,6 @@ class TrainingRecord:
         names = {item.name for item in fields(cls)}
         return cls(**{key: value for key, value in values.items() if key in names})
 
-    @property
-    def store_fingerprints(self) -> list[str]:
-        """Every store the head depends on: the one it learned from and the one that chose its epoch."""
-        return [fingerprint for fingerprint in (self.train_store_fingerprint, self.eval_store_fingerprint)
-                if fingerprint]
-
 
 def render_model_card(config: HeadConfig, training: TrainingRecord | None, weights_sha256: str) -> str:
     """A Hub-style model card: YAML front matter, then what the head does, what it was trained on and how,

@@ -71,6 +71,7 @@ class Head(nn.Module):
                                                                                       features)
         self.crf = CRF(outputs, config.label_names if config.crf_constraints else None) if config.crf else None
         self.training_record: TrainingRecord | None = None  # how a loaded head was trained, when it says
+        self.weights_sha256: str | None = None  # of model.safetensors, once saved or loaded
 
     @staticmethod
     def _context(config: HeadConfig, input_size: int) -> BiLSTMContext | TransformerContext | None:
@@ -128,7 +129,7 @@ class Head(nn.Module):
         resolve(directory / WEIGHTS_NAME).write_bytes(weights)  # whole, then renamed into place
         resolve(directory / CONFIG_NAME).write_bytes(json.dumps(config, indent=2).encode())
         resolve(directory / CARD_NAME).write_bytes(render_model_card(self.config, training, digest).encode())
-        self.training_record = training
+        self.training_record, self.weights_sha256 = training, digest
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> Head:
@@ -146,11 +147,11 @@ class Head(nn.Module):
             raise HeadFormatError(f"{config_path} is not a featstore head config (format "
                                   f"{values.get('format') if isinstance(values, dict) else None!r})")
         weights = weights_path.read_bytes()
-        recorded = values.get(WEIGHTS_DIGEST_KEY)
+        recorded, digest = values.get(WEIGHTS_DIGEST_KEY), hashlib.sha256(weights).hexdigest()
         if recorded is None:
             logger.warning("%s records no weights digest (saved by an older featstore): its weights cannot be "
                            "checked", config_path)
-        elif hashlib.sha256(weights).hexdigest() != recorded:
+        elif digest != recorded:
             raise HeadFormatError(f"{weights_path} does not match the sha256 recorded in {config_path}: the weights "
                                   "are damaged or were replaced; save the head again")
         try:
@@ -158,6 +159,7 @@ class Head(nn.Module):
             head.load_state_dict(load(weights))
             if isinstance(values.get(TRAINING_KEY), dict):
                 head.training_record = TrainingRecord.from_dict(values[TRAINING_KEY])
+            head.weights_sha256 = digest
         except (ValueError, TypeError, KeyError, RuntimeError, SafetensorError) as error:
             raise HeadFormatError(f"{directory} holds a malformed head: {type(error).__name__}: {error}") from None
         return head.eval()

@@ -3,7 +3,6 @@ with the stores they were trained and evaluated on and their metrics."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +10,7 @@ from featstore.errors import ConfigError
 from featstore.sharing.catalog import Catalog
 from featstore.sharing.lineage import HeadRecord, register
 
-from .head import WEIGHTS_NAME, Head
-
-# Lineage roles, in the order they are listed
-ROLES = ("train", "eval")
+from .head import Head
 
 
 def head_record(directory: str | Path) -> HeadRecord:
@@ -23,13 +19,12 @@ def head_record(directory: str | Path) -> HeadRecord:
     directory = Path(directory).resolve()
     head = Head.from_pretrained(directory)
     config, training = head.config, head.training_record
-    weights = hashlib.sha256((directory / WEIGHTS_NAME).read_bytes()).hexdigest()
     stores = {"train": config.store_fingerprint} if config.store_fingerprint else {}
     locations: dict[str, str] = {}
     metrics: dict[str, float] = {}
     if training is not None:
-        for role in ROLES:
-            fingerprint, location = getattr(training, f"{role}_store_fingerprint"), getattr(training, f"{role}_store")
+        for role, fingerprint, location in (("train", training.train_store_fingerprint, training.train_store),
+                                            ("eval", training.eval_store_fingerprint, training.eval_store)):
             if fingerprint:
                 stores[role] = fingerprint
             if location:
@@ -38,7 +33,7 @@ def head_record(directory: str | Path) -> HeadRecord:
     if not stores:
         raise ConfigError(f"{directory} records no store fingerprint; it cannot be registered with a catalog")
     return HeadRecord(name=config.name, location=str(directory), head_type=config.head_type, task=config.task,
-                      weights_sha256=weights, stores=stores, store_locations=locations, metrics=metrics)
+                      weights_sha256=head.weights_sha256, stores=stores, store_locations=locations, metrics=metrics)
 
 
 def register_heads(directories: list[str | Path], root: str, storage_options: dict[str, Any] | None = None

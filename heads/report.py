@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from featstore import Store, collate_features, open_store
+from featstore import Store, open_store
 from featstore.errors import ConfigError
 
 from . import figures
 from .head import CONFIG_NAME, Head
-from .trainer import METRICS_NAME, evaluate_heads
+from .trainer import METRICS_NAME, collated_batches, evaluate_heads, label_map, remap_labels
 
 logger = logging.getLogger(__name__)
 
@@ -94,29 +94,24 @@ def confusion_matrix(gold: dict[int, Any], predicted: dict[int, Any], num_labels
 def layer_attention_by_label(head: Head, store: Store, batch_size: int = 64) -> np.ndarray:
     """An adapter's layer-attention weight per layer, averaged over the tokens of each gold label (tagging: a
     word's tokens carry its label; classification: every token its sequence's label): (labels, layers)."""
-    names = list(head.config.label_names or ())
-    sums, counts = np.zeros((len(names), len(head.config.layers))), np.zeros(len(names))
-    store_names = store.label_names or []
-    to_head = np.array([names.index(name) for name in store_names])
-    items = list(store.iter_epoch(layers=head.config.layers, shuffle=False))
+    num_labels = len(head.config.label_names or ())
+    sums, counts = np.zeros((num_labels, len(head.config.layers))), np.zeros(num_labels)
+    mapping = label_map(head.config.label_names, store)
     task = head.config.task_def
     head.eval()
-    for start in range(0, len(items), batch_size):
-        batch = collate_features(items[start:start + batch_size])
-        labels, mask = batch["labels"], batch["mask"]
-        word_ids = batch.get("word_ids")
-        head(batch["hidden_states"], mask, word_ids, task.num_words(labels))
+    for batch in collated_batches(store.iter_epoch(layers=head.config.layers, shuffle=False), batch_size):
+        labels, mask, word_ids = remap_labels(batch["labels"], mapping).numpy(), batch["mask"], batch.get("word_ids")
+        head(batch["hidden_states"], mask, word_ids, task.num_words(batch["labels"]))
         weights = head.mixer.aggregator.last_weights.numpy()  # (B, T, L)
         if task.per_word:  # each token takes the label of its word
             rows, tokens = np.nonzero(word_ids.numpy() >= 0)
-            token_labels = labels.numpy()[rows, word_ids.numpy()[rows, tokens]]
+            token_labels = labels[rows, word_ids.numpy()[rows, tokens]]
         else:
             rows, tokens = np.nonzero(mask.numpy())
-            token_labels = labels.numpy()[rows]
+            token_labels = labels[rows]
         keep = token_labels >= 0
-        label_ids = to_head[token_labels[keep]]
-        np.add.at(sums, label_ids, weights[rows[keep], tokens[keep]])
-        np.add.at(counts, label_ids, 1)
+        np.add.at(sums, token_labels[keep], weights[rows[keep], tokens[keep]])
+        np.add.at(counts, token_labels[keep], 1)
     return sums / np.maximum(counts, 1)[:, None]
 
 

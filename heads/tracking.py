@@ -8,6 +8,7 @@ the epoch (eval and epoch records).
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +40,14 @@ def _flatten(prefix: str, values: dict[str, Any]) -> Iterator[tuple[str, float]]
             yield f"{prefix}/{key}", float(value)
 
 
+def _require(module: str, tracker: str, product: str) -> Any:
+    """The tracker's package, imported only now that it is asked for; ConfigError with its install command."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(f"--report-to {tracker} needs {product}: {install_hint(tracker)}") from None
+
+
 class Tracker:
     """Receives every training record; the base class tracks nothing (--report-to none)."""
 
@@ -51,11 +60,8 @@ class Tracker:
 
 class TensorBoardTracker(Tracker):
     def __init__(self, out: Path, config: dict[str, Any]) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise ConfigError(f"--report-to tensorboard needs TensorBoard: {install_hint('tensorboard')}") from None
-        self.writer = SummaryWriter(log_dir=str(out / TENSORBOARD_DIR))
+        tensorboard = _require("torch.utils.tensorboard", "tensorboard", "TensorBoard")
+        self.writer = tensorboard.SummaryWriter(log_dir=str(out / TENSORBOARD_DIR))
         self.writer.add_text("config", f"```\n{_as_text(config)}\n```")
 
     def log(self, record: dict[str, Any]) -> None:
@@ -69,10 +75,7 @@ class TensorBoardTracker(Tracker):
 
 class WandbTracker(Tracker):
     def __init__(self, out: Path, config: dict[str, Any]) -> None:
-        try:
-            import wandb
-        except ImportError:
-            raise ConfigError(f"--report-to wandb needs Weights & Biases: {install_hint('wandb')}") from None
+        wandb = _require("wandb", "wandb", "Weights & Biases")
         # project, entity and mode come from the usual WANDB_* environment variables
         self.run = wandb.init(dir=str(out), name=out.name, config=config)
 
@@ -86,10 +89,7 @@ class WandbTracker(Tracker):
 
 class MlflowTracker(Tracker):
     def __init__(self, out: Path, config: dict[str, Any]) -> None:
-        try:
-            import mlflow
-        except ImportError:
-            raise ConfigError(f"--report-to mlflow needs MLflow: {install_hint('mlflow')}") from None
+        mlflow = _require("mlflow", "mlflow", "MLflow")
         self.mlflow = mlflow  # the tracking URI and experiment come from MLFLOW_* environment variables
         self.run = mlflow.start_run(run_name=out.name)
         mlflow.log_params({key: _as_text(value)[:250] for key, value in config.items()})

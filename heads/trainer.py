@@ -160,7 +160,8 @@ def head_type_of(spec: dict[str, Any]) -> str:
     return spec.get("type", spec.get("head_type", "adapter"))
 
 
-def _batches(items: Iterable[SequenceFeatures], batch_size: int) -> Iterator[dict[str, Any]]:
+def collated_batches(items: Iterable[SequenceFeatures], batch_size: int) -> Iterator[dict[str, Any]]:
+    """Padded batches (collate_features) of `batch_size` sequences, streamed: the store is never held whole."""
     batch: list[SequenceFeatures] = []
     for item in items:
         batch.append(item)
@@ -176,7 +177,7 @@ def _head_inputs(batch: dict[str, Any], columns: slice | list[int], device: str)
             batch["word_ids"].to(device))
 
 
-def _label_map(head_labels: list[str] | None, store: Store) -> np.ndarray | None:
+def label_map(head_labels: list[str] | None, store: Store) -> np.ndarray | None:
     """Store label id -> head label id, by name, so stores extracted with different label orders agree."""
     if head_labels is None or store.label_names is None:
         return None
@@ -187,7 +188,8 @@ def _label_map(head_labels: list[str] | None, store: Store) -> np.ndarray | None
     return np.array([head_labels.index(name) for name in store.label_names])
 
 
-def _remap(labels: torch.Tensor, mapping: np.ndarray | None) -> torch.Tensor:
+def remap_labels(labels: torch.Tensor, mapping: np.ndarray | None) -> torch.Tensor:
+    """Store label ids as the head's (label_map), padding kept."""
     if mapping is None:
         return labels
     table = torch.as_tensor(mapping)
@@ -215,12 +217,12 @@ def _evaluate(heads: list[Head], store: Store, batch_size: int, device: str, ret
         check_store(head.config, store, f"store {store.path}")
     layers = sorted({layer for head in heads for layer in head.config.layers})
     columns = [_columns(head.config.layers, layers) for head in heads]
-    mappings = [_label_map(head.config.label_names, store) for head in heads]
+    mappings = [label_map(head.config.label_names, store) for head in heads]
     predictions: list[dict[int, Any]] = [{} for _ in heads]
     gold: list[dict[int, Any]] = [{} for _ in heads]  # per head: its own label ids
     for head in heads:
         head.eval()
-    for batch in _batches(store.iter_epoch(layers=layers, shuffle=False), batch_size):
+    for batch in collated_batches(store.iter_epoch(layers=layers, shuffle=False), batch_size):
         labels = batch["labels"]
         rows = batch["index"].tolist()
         for k, head in enumerate(heads):
@@ -229,7 +231,8 @@ def _evaluate(heads: list[Head], store: Store, batch_size: int, device: str, ret
             output = head(hidden, mask, word_ids, task.num_words(labels))
             decoded = head.decode(output, (labels != LABEL_PADDING).to(device)) if task.per_word else None
             output, decoded = output.cpu(), None if decoded is None else decoded.cpu()
-            for row, (gold_row, predicted_row) in zip(rows, task.rows(output, _remap(labels, mappings[k]), decoded)):
+            head_labels = remap_labels(labels, mappings[k])
+            for row, (gold_row, predicted_row) in zip(rows, task.rows(output, head_labels, decoded)):
                 predictions[k][row] = predicted_row
                 gold[k][row] = gold_row
     results = []
@@ -343,8 +346,8 @@ class Trainer:
             for run in active:
                 run.head.train()
             items = self.store.iter_epoch(layers=self.layers, seed=config.seed, epoch=epoch)
-            bar = tqdm(islice(_batches(items, config.batch_size), self.steps_per_epoch), total=self.steps_per_epoch,
-                       desc=f"epoch {epoch + 1}", unit="batch", disable=not config.progress)
+            bar = tqdm(islice(collated_batches(items, config.batch_size), self.steps_per_epoch),
+                       total=self.steps_per_epoch, desc=f"epoch {epoch + 1}", unit="batch", disable=not config.progress)
             for step, batch in enumerate(bar):
                 for run in active:
                     loss = self._step(run, batch)

@@ -184,15 +184,16 @@ class Catalog:
         records = self.head_records() if records is None else records
         return [record for record in records if record.names(fingerprint)]
 
-    def garbage(self, unused: bool = False, include_named: bool = False) -> list[tuple[CatalogEntry, str]]:
-        """Incomplete or abandoned things nobody is working on, with the reason; with `unused`, complete stores
-        no registered head names as well. A store a registered head names is never included unless
-        `include_named` (a head's lineage would point at nothing)."""
+    def collectable(self, unused: bool = False) -> list[tuple[CatalogEntry, str, list[str]]]:
+        """Incomplete or abandoned things nobody is working on, with the reason and the registered heads that
+        still name each (by fingerprint); with `unused`, complete stores no registered head names as well."""
         records = self.head_records()
         found = []
         for entry in self.entries():
             if entry.in_progress:
                 continue
+            stored = entry.kind in ("zarr", "hdf5")
+            heads = [record.name for record in self.consumers(entry.fingerprint, records)] if stored else []
             if entry.kind == "lock-only":
                 why = "stale lease with no store"
             elif entry.kind in SIDE_SUFFIXES.values():
@@ -202,17 +203,17 @@ class Catalog:
             elif entry.status != fmt.STATUS_COMPLETE:
                 reason = entry.lease.stale_reason() if entry.lease else "no writer holds its lease"
                 why = f"incomplete store ({entry.status}) abandoned: {reason}"
-            elif unused and not self.consumers(entry.fingerprint, records):
+            elif unused and not heads:
                 why = "complete store that no registered head names"
             else:
                 continue
-            consumers = self.consumers(entry.fingerprint, records) if entry.kind in ("zarr", "hdf5") else []
-            if consumers and not include_named:
-                continue
-            if consumers:
-                why += f" (named by heads {', '.join(record.name for record in consumers)})"
-            found.append((entry, why))
+            found.append((entry, why + (f" (named by heads {', '.join(heads)})" if heads else ""), heads))
         return found
+
+    def garbage(self, unused: bool = False, include_named: bool = False) -> list[tuple[CatalogEntry, str]]:
+        """What `collectable` finds, less the stores a registered head names unless `include_named` (a head's
+        lineage would point at nothing)."""
+        return [(entry, why) for entry, why, heads in self.collectable(unused) if include_named or not heads]
 
     def remove(self, entry: CatalogEntry) -> None:
         """Delete an entry and its lease."""
