@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--no-tailor", action="store_true", help="an adapter without its tailor block")
     train_parser.add_argument("--crf", action="store_true", help="tagging: a CRF output layer (Viterbi decoding; "
                               "with BIO tags never an invalid transition)")
+    train_parser.add_argument("--tail-layers", type=int, metavar="K", help="--head tail: retrain the encoder's top K "
+                              "layers over stored layer L-K, which is all the store needs (default: 1)")
+    train_parser.add_argument("--lora-rank", type=int, metavar="R", help="--head tail: train only LoRA deltas of rank R "
+                              f"on the tail's linear maps (PEFT; {featstore.install_hint('lora')}) (default: 0, every "
+                              "tail weight trains)")
     train_parser.add_argument("--config", help="JSON file of training options with \"heads\": [{\"type\": ..., "
                               "\"name\": ..., \"layers\": [...], ...}]; flags given beside it override it")
 
@@ -80,17 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
     given = given_values(args, TrainConfig)
+    head_flags = {"layers": args.layers, "enable_tailor": False if args.no_tailor else None,
+                  "crf": True if args.crf else None, "tail_layers": args.tail_layers, "lora_rank": args.lora_rank}
+    head_options = {key: value for key, value in head_flags.items() if value is not None}
     if args.config:
-        if args.head or args.layers or args.no_tailor or args.crf:
-            raise ConfigError("--config lists the heads; do not combine it with --head/--layers/--no-tailor/--crf")
+        if args.head or head_options:
+            raise ConfigError("--config lists the heads; do not combine it with --head/--layers/--no-tailor/--crf/"
+                              "--tail-layers/--lora-rank")
         return TrainConfig.from_file(args.config, **given)
-    spec: dict[str, Any] = {"type": args.head or "adapter"}
-    if args.layers is not None:
-        spec["layers"] = args.layers
-    if args.no_tailor:
-        spec["enable_tailor"] = False
-    if args.crf:
-        spec["crf"] = True
+    spec: dict[str, Any] = {"type": args.head or "adapter", **head_options}
     return TrainConfig.from_dict({**given, "heads": [spec]}, "heads train")
 
 

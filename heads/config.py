@@ -20,6 +20,9 @@ class HeadType:
     lr: float
     single_layer: bool = False  # a probe: reads one layer (chosen by a quick sweep when none is named)
     context: bool = False  # a sequence-context block (heads/context.py) runs between the mixer and the classifier
+    tail: bool = False  # retrains the encoder's top layers (heads/tail.py) over the stored layer below them
+    lora_lr: float | None = None  # the learning rate with LoRA (lora_rank > 0), for heads that take it
+    epochs: int | None = None  # epochs when none are given (None: the trainer's rule, heads.trainer.default_epochs)
 
 
 HEAD_TYPES: dict[str, HeadType] = {
@@ -31,8 +34,16 @@ HEAD_TYPES: dict[str, HeadType] = {
     # Not yet on the grid: the usual Adam rates for a BiLSTM tagger and for small post-LN-free transformer layers
     "bilstm": HeadType(lr=1e-3, context=True),
     "transformer": HeadType(lr=5e-4, context=True),
+    # Fine-tuning's usual few epochs: the tail is pre-trained, and each of its epochs costs encoder layers
+    "tail": HeadType(lr=1e-4, tail=True, lora_lr=5e-4, epochs=3),
 }
 CONTEXT_INPUTS = ("mix", "concat", "adapter")  # what a context head reads: scalar mix, layers side by side, adapter
+
+
+def default_lr(config: HeadConfig) -> float:
+    """A head's learning rate when none is given: its type's (its type's LoRA rate under LoRA)."""
+    kind = HEAD_TYPES[config.head_type]
+    return kind.lora_lr if config.lora_rank and kind.lora_lr is not None else kind.lr
 
 
 def is_probe(head_type: str) -> bool:
@@ -104,6 +115,11 @@ class HeadConfig:
     context_heads: int = 4  # transformer: attention heads
     crf: bool = False  # tagging: a linear-chain CRF on the word outputs (heads/crf.py)
     crf_constraints: bool = True  # with a CRF and BIO tags: decoding never takes an invalid transition
+    # tail heads (heads/tail.py): the encoder's top `tail_layers` layers retrained over stored layer L-K
+    tail_layers: int = 1
+    lora_rank: int = 0  # 0: every tail weight trains; > 0: only LoRA deltas of this rank (PEFT)
+    lora_alpha: float = 16.0  # LoRA's scale numerator (the deltas are scaled by lora_alpha / lora_rank)
+    encoder_config: dict[str, Any] | None = None  # tail heads: the encoder's HF config, to rebuild its layers
     # provenance: the encoder, extraction settings and store the head was trained on
     encoder: EncoderIdentity = field(default_factory=EncoderIdentity)
     extraction: ExtractionIdentity = field(default_factory=ExtractionIdentity)
@@ -128,6 +144,17 @@ class HeadConfig:
             if self.head_type == "transformer" and self.hidden_size % self.context_heads:
                 raise ValueError(f"a transformer head's width {self.hidden_size} is not divisible by "
                                  f"{self.context_heads} attention heads (context_heads)")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be 0 (off) or positive, got {self.lora_rank}")
+        if HEAD_TYPES[self.head_type].tail:
+            if self.encoder_config is None:
+                raise ValueError("a tail head needs the encoder's config (encoder_config) to rebuild its layers")
+            start = (self.encoder.num_hidden_states or 0) - 1 - self.tail_layers
+            if self.encoder.num_hidden_states and self.layers != [start]:
+                raise ValueError(f"a tail of {self.tail_layers} layer(s) reads stored layer {start} (the last minus "
+                                 f"tail_layers), not {self.layers}")
+        elif self.lora_rank:
+            raise ValueError(f"LoRA (lora_rank) adapts a tail head's encoder layers; a {self.head_type} head has none")
 
     @property
     def task_def(self) -> Task:

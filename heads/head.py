@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors import SafetensorError
@@ -27,6 +28,7 @@ from .context import BiLSTMContext, ConcatLayers, TransformerContext
 from .crf import CRF
 from .layers import SequencePooling, pool_words
 from .mixers import AdapterMixer, AttentionFusion, ScalarMix, SelectLayer
+from .tail import EncoderTail, load_encoder_model
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ class Head(nn.Module):
         # Identity at p=0: dropout would still copy the whole (B, T, L, H) feature tensor.
         self.feature_dropout = nn.Dropout(config.feature_dropout) if config.feature_dropout else nn.Identity()
         mixer = config.context_input if HEAD_TYPES[config.head_type].context else config.head_type
-        if mixer in ("linear", "mlp"):
+        if mixer in ("linear", "mlp", "tail"):
             self.mixer: nn.Module = SelectLayer()
         elif mixer in ("scalar_mix", "mix"):
             self.mixer = ScalarMix(num_layers)
@@ -74,13 +76,21 @@ class Head(nn.Module):
         self.weights_sha256: str | None = None  # of model.safetensors, once saved or loaded
 
     @staticmethod
-    def _context(config: HeadConfig, input_size: int) -> BiLSTMContext | TransformerContext | None:
+    def _context(config: HeadConfig, input_size: int) -> BiLSTMContext | TransformerContext | EncoderTail | None:
+        if config.head_type == "tail":
+            return EncoderTail(cast(dict, config.encoder_config), config.tail_layers, config.dropout, config.lora_rank,
+                               config.lora_alpha)
         if config.head_type == "bilstm":
             return BiLSTMContext(input_size, config.context_dim, config.context_layers, config.dropout)
         if config.head_type == "transformer":
             return TransformerContext(input_size, config.hidden_size, config.context_layers, config.context_heads,
                                       config.context_dim, config.dropout)
         return None
+
+    @property
+    def tail(self) -> EncoderTail | None:
+        """A tail head's encoder layers (heads/tail.py); None for other heads."""
+        return self.context if isinstance(self.context, EncoderTail) else None
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor, word_ids: torch.Tensor | None = None,
                 num_words: int | None = None) -> torch.Tensor:
@@ -115,13 +125,19 @@ class Head(nn.Module):
         return self.crf.viterbi(output, words)
 
     # --- persistence -------------------------------------------------------------------------------
+    def _encoder_keys(self) -> set[str]:
+        """State keys holding the encoder's own (frozen) weights, which a saved head leaves out: a LoRA tail's."""
+        tail = self.tail
+        return {f"context.{key}" for key in tail.frozen_keys()} if tail is not None else set()
+
     def save_pretrained(self, directory: str | Path, training: TrainingRecord | None = None) -> None:
         """Weights (safetensors), config.json (which records the weights' sha256 and, from the trainer, how the
         head was trained) and the model card (README.md). Each file is written whole and then renamed into place,
         config after the weights, so a reader never pairs a config with other weights."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
+        state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()
+                 if name not in self._encoder_keys()}
         weights = save(state, metadata={"format": HEAD_FORMAT})
         digest = hashlib.sha256(weights).hexdigest()
         config = {"format": HEAD_FORMAT, WEIGHTS_DIGEST_KEY: digest, **self.config.to_dict(),
@@ -156,7 +172,15 @@ class Head(nn.Module):
                                   "are damaged or were replaced; save the head again")
         try:
             head = cls(HeadConfig.from_dict(values))
-            head.load_state_dict(load(weights))
+            encoder_keys = head._encoder_keys()
+            if encoder_keys:  # a LoRA tail saves only its deltas: the rest is its encoder's own layers
+                tail = cast(EncoderTail, head.tail)
+                tail.copy_encoder_layers(load_encoder_model(head.config.encoder.name_or_path,
+                                                            head.config.encoder.weights_sha256))
+            missing, unexpected = head.load_state_dict(load(weights), strict=False)
+            if unexpected or set(missing) - encoder_keys:
+                raise KeyError(f"weights missing {sorted(set(missing) - encoder_keys)[:5]}, unexpected "
+                               f"{sorted(unexpected)[:5]}")
             if isinstance(values.get(TRAINING_KEY), dict):
                 head.training_record = TrainingRecord.from_dict(values[TRAINING_KEY])
             head.weights_sha256 = digest

@@ -29,8 +29,10 @@ from featstore.store.dataset import LABEL_PADDING
 from featstore.store.reader import SequenceFeatures, compact_columns
 
 from .card import TrainingRecord
-from .config import HEAD_TYPES, EncoderIdentity, ExtractionIdentity, HeadConfig, default_probe_layer, is_probe
+from .config import (HEAD_TYPES, EncoderIdentity, ExtractionIdentity, HeadConfig, default_lr, default_probe_layer,
+                     is_probe)
 from .head import Head, check_store
+from .tail import load_encoder_model, tail_architecture, tail_start_layer
 from .tracking import TRACKERS, Tracker, make_tracker
 
 logger = logging.getLogger(__name__)
@@ -42,7 +44,9 @@ TRAINING_KEYS = ("lr", "weight_decay", "seed")
 RESUME_FREE = ("resume", "progress", "report_to", "catalog")
 # Epochs when none are given: enough optimiser steps for a small store to converge (BENCHMARKS.md, "Defaults")
 DEFAULT_EPOCHS, MIN_DEFAULT_STEPS, MAX_DEFAULT_EPOCHS = 10, 3000, 50
-LR_BY_TYPE = ", ".join(f"{name} {kind.lr:g}" for name, kind in HEAD_TYPES.items())
+LR_BY_TYPE = ", ".join(f"{name} {kind.lr:g}" + (f" (LoRA {kind.lora_lr:g})" if kind.lora_lr else "")
+                       for name, kind in HEAD_TYPES.items())
+EPOCHS_BY_TYPE = ", ".join(f"{name} heads {kind.epochs}" for name, kind in HEAD_TYPES.items() if kind.epochs)
 
 
 def default_epochs(steps_per_epoch: int) -> int:
@@ -65,7 +69,7 @@ class TrainConfig:
                                          help="head specs (set with --head or --config)")
     epochs: int | None = option(None, minimum=1, help="passes over the training store",
                                 default_text=f"{DEFAULT_EPOCHS}, or as many as make {MIN_DEFAULT_STEPS:,} steps on a "
-                                f"small store (at most {MAX_DEFAULT_EPOCHS})")
+                                f"small store (at most {MAX_DEFAULT_EPOCHS}); {EPOCHS_BY_TYPE}")
     batch_size: int = option(32, minimum=1, help="sequences per optimiser step")
     lr: float | None = option(None, minimum=0, help="peak learning rate of the one-cycle schedule (a head spec's "
                               "own 'lr' wins)", default_text=f"by head type: {LR_BY_TYPE}")
@@ -141,6 +145,13 @@ def build_head_config(spec: dict[str, Any], store: Store) -> HeadConfig:
     spec = {key: value for key, value in spec.items() if key not in (*TRAINING_KEYS, "type", "head_type")}
     layers = spec.pop("layers", None)
     encoder = store.manifest.encoder
+    if HEAD_TYPES[head_type].tail:  # its layer follows from its depth; its layers are rebuilt from the config
+        tail_architecture(encoder.model_type, encoder.model_class)
+        start = tail_start_layer(encoder.num_hidden_states, spec.get("tail_layers", HeadConfig.tail_layers))
+        if layers is not None and [encoder.resolve_layer(layer) for layer in layers] != [start]:
+            raise ConfigError(f"a tail of {spec.get('tail_layers', HeadConfig.tail_layers)} layer(s) reads stored "
+                              f"layer {start}; leave --layers out (or choose --tail-layers)")
+        layers, spec["encoder_config"] = [start], {**encoder.config, "model_type": encoder.model_type}
     if layers is None:
         layers = [default_probe_layer(store.layers, encoder.num_hidden_states)] if is_probe(head_type) \
             else store.layers
@@ -273,7 +284,7 @@ class Trainer:
             for head in head_configs:
                 check_store(head, self.eval_store, f"eval store {config.eval_store}")
         self.steps_per_epoch = min(-(-len(self.store) // config.batch_size), max_steps_per_epoch or math.inf)
-        self.epochs = config.epochs or default_epochs(self.steps_per_epoch)
+        self.epochs = max(self._epochs_of(head.head_type) for head in head_configs)
         saved_state = self._read_state() if config.resume else None
         self.layer_sweeps: dict[int, dict[int, float]] = {}  # head index -> eval metric per layer
         specs = self._with_probe_layers(saved_state)
@@ -284,6 +295,10 @@ class Trainer:
         self.tracker = Tracker()  # the configured one while train() runs
         if saved_state is not None:
             self._load_state(saved_state)
+
+    def _epochs_of(self, head_type: str) -> int:
+        """A head's epochs: the ones asked for, else its type's, else the rule for the store's size."""
+        return self.config.epochs or HEAD_TYPES[head_type].epochs or default_epochs(self.steps_per_epoch)
 
     def _with_probe_layers(self, saved_state: dict[str, Any] | None) -> list[dict[str, Any]]:
         """The head specs, with a layer for each probe that names none: the one a quick sweep scores best on
@@ -306,16 +321,21 @@ class Trainer:
     def _new_run(self, spec: dict[str, Any], head_config: HeadConfig) -> HeadRun:
         seed = spec.get("seed", self.config.seed)
         torch.manual_seed(seed)
-        head = Head(head_config).to(self.config.device)
-        lr = spec.get("lr", self.config.lr if self.config.lr is not None else HEAD_TYPES[head_config.head_type].lr)
-        optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=spec.get("weight_decay",
-                                                                                      self.config.weight_decay))
+        head = Head(head_config)
+        if head.tail is not None:
+            head.tail.copy_encoder_layers(load_encoder_model(head_config.encoder.name_or_path,
+                                                             head_config.encoder.weights_sha256))
+        head.to(self.config.device)
+        lr = spec.get("lr", self.config.lr if self.config.lr is not None else default_lr(head_config))
+        trainable = [parameter for parameter in head.parameters() if parameter.requires_grad]  # LoRA freezes some
+        optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=spec.get("weight_decay", self.config.weight_decay))
+        epochs = self._epochs_of(head_config.head_type)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=lr, total_steps=max(self.steps_per_epoch * self.epochs, 1),
+            optimizer, max_lr=lr, total_steps=max(self.steps_per_epoch * epochs, 1),
             pct_start=self.config.warmup_ratio, anneal_strategy="cos")
         output_dir = self.out if len(self.config.heads) == 1 else self.out / head_config.name
         config = self.config
-        recipe = {"lr": lr, "epochs": self.epochs, "batch_size": config.batch_size, "seed": seed,
+        recipe = {"lr": lr, "epochs": epochs, "batch_size": config.batch_size, "seed": seed,
                   "weight_decay": spec.get("weight_decay", config.weight_decay), "warmup_ratio": config.warmup_ratio,
                   "patience": config.patience, "final_anneal": config.final_anneal}
         return HeadRun(head_config.name, head, optimizer, scheduler, _columns(head_config.layers, self.layers),
@@ -384,6 +404,8 @@ class Trainer:
 
     def _end_epoch(self, epoch: int, active: list[HeadRun], seconds: float) -> None:
         self._log({"event": "epoch", "epoch": epoch + 1, "seconds": seconds, "heads": [run.name for run in active]})
+        for run in active:  # a head whose type trains fewer epochs than the run stops after its own
+            run.stopped = epoch + 1 >= run.recipe["epochs"]
         if self.eval_store is None:
             for run in active:
                 run.head.save_pretrained(run.output_dir, self._training_record(run, epoch + 1, {}))
@@ -416,11 +438,11 @@ class Trainer:
     def _stop_or_anneal(self, run: HeadRun, epochs_done: int) -> None:
         """A head out of patience stops, or (final_anneal) its learning rate falls linearly from where the
         schedule had it to zero over `patience` more epochs (its best epoch is still the one saved)."""
-        if not self.config.final_anneal or epochs_done >= self.epochs:
+        if not self.config.final_anneal or epochs_done >= run.recipe["epochs"]:
             run.stopped = True
             return
         patience = cast(int, self.config.patience)
-        run.anneal_ends = min(epochs_done + patience, self.epochs)
+        run.anneal_ends = min(epochs_done + patience, run.recipe["epochs"])
         run.scheduler = _anneal_schedule(run.optimizer, (run.anneal_ends - epochs_done) * self.steps_per_epoch)
 
     # --- logging and resume ---------------------------------------------------------------------------
@@ -483,7 +505,7 @@ class Trainer:
                 "dir": str(run.output_dir),
                 "layers": run.head.config.layers,
                 **({"layer_sweep": self.layer_sweeps[index]} if index in self.layer_sweeps else {}),
-                "saved_epoch": run.best_epoch if evaluated else self.epochs_done,
+                "saved_epoch": run.best_epoch if evaluated else min(self.epochs_done, run.recipe["epochs"]),
                 "selected_by": f"best {metric} on the eval store" if evaluated else
                 "last epoch (no --eval-store given)",
                 "best": run.best if evaluated and run.best_epoch > 0 else None,

@@ -295,6 +295,6 @@ def test_the_distribution_name_is_the_installed_one_and_names_its_extras():
     distribution = importlib.metadata.distribution(featstore.DISTRIBUTION)
     assert distribution.metadata["Name"] == featstore.DISTRIBUTION != "featstore"
     extras = distribution.metadata.get_all("Provides-Extra")
-    assert {"ray", "tensorboard", "wandb", "mlflow", "hdf5-compression"} <= set(extras)
+    assert {"ray", "tensorboard", "wandb", "mlflow", "hdf5-compression", "lora"} <= set(extras)
     scripts = {entry.name for entry in distribution.entry_points if entry.group == "console_scripts"}
     assert scripts == {"featstore", "heads"}

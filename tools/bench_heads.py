@@ -6,8 +6,12 @@
    and recipe — vs from the store: F1 and time per epoch, as a ratio.
 3. Full fine-tuning of the same encoder (all weights, 3 epochs, lr 5e-5): F1 and time ratios.
 4. K = 1, 4, 8 heads in one pass over the store: time per epoch, as ratios to K = 1.
+5. Closing the gap (`--sections gap`): every head type with today's defaults, each trained alone per seed
+   (dev and test F1, seconds per epoch and in all, train and dev extraction counted once), against full
+   fine-tuning with the same seeds in the same run: F1 and time ratios.
 
     HF_HUB_OFFLINE=1 python tools/bench_heads.py --data ../shared/data/conll2003 --json bench_heads.json
+    HF_HUB_OFFLINE=1 python tools/bench_heads.py --sections gap --seeds 1 2 3 --json gap.json
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from benchargs import Recorder, conll2003_workdir
+from benchargs import Recorder, conll2003_workdir, train_and_test
 
 from featstore import ExtractConfig, FrozenEncoder, collate_features, extract, load_corpus, open_store
 from featstore.extraction.corpus import CorpusSpec
@@ -107,13 +111,14 @@ def train_live_adapter(stores: dict[str, str], data: Path, out: Path) -> float:
     return float(np.mean(epoch_seconds))
 
 
-def fine_tune(data: Path, out: Path, epochs: int = 3, lr: float = 5e-5) -> tuple[float, float]:
+def fine_tune(data: Path, out: Path, epochs: int = 3, lr: float = 5e-5, seed: int = RECIPE["seed"]
+              ) -> tuple[float, float]:
     """All encoder weights trained (dropout on), token-classification head on first subwords. Returns
     (test entity F1, training seconds)."""
     from transformers import AutoModelForTokenClassification
 
     encoder = FrozenEncoder.load(None, device="cpu", dtype="float32")
-    torch.manual_seed(RECIPE["seed"])
+    torch.manual_seed(seed)
     model = AutoModelForTokenClassification.from_pretrained(encoder.name_or_path, num_labels=len(LABELS),
                                                             local_files_only=True)
     train = load_corpus(CorpusSpec(str(data / "train.txt"), label_names=LABELS)).examples
@@ -145,7 +150,7 @@ def fine_tune(data: Path, out: Path, epochs: int = 3, lr: float = 5e-5) -> tuple
     started = time.perf_counter()
     model.train()
     for epoch in range(epochs):
-        for _, input_ids, mask, targets in batches(train, shuffle_seed=epoch):
+        for _, input_ids, mask, targets in batches(train, shuffle_seed=1000 * seed + epoch):
             loss = model(input_ids=input_ids, attention_mask=mask, labels=targets).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -163,6 +168,51 @@ def fine_tune(data: Path, out: Path, epochs: int = 3, lr: float = 5e-5) -> tuple
                 predicted.append([LABELS[t] for t in logits[i][keep].argmax(-1).tolist()])
     model.save_pretrained(out)
     return tagging_metrics(gold, predicted)["f1"], seconds
+
+
+# Section 5: the heads that close the gap, each with the defaults `heads train --head TYPE` gives it
+GAP_HEADS: dict[str, dict[str, Any]] = {
+    "linear": {"type": "linear"}, "scalar_mix": {"type": "scalar_mix"}, "adapter_tailor": {"type": "adapter"},
+    "bilstm": {"type": "bilstm"}, "bilstm_crf": {"type": "bilstm", "crf": True}, "transformer": {"type": "transformer"},
+    "tail_k1": {"type": "tail", "tail_layers": 1}, "tail_k2": {"type": "tail", "tail_layers": 2},
+    "tail_k2_lora": {"type": "tail", "tail_layers": 2, "lora_rank": 8},
+}
+
+
+def closing_the_gap(stores: dict[str, str], data: Path, workdir: Path, record: Recorder, seeds: list[int],
+                    heads: list[str], finetune_epochs: int) -> None:
+    """Fine-tuning first (the denominator), then each head alone per seed, with the trainer's defaults."""
+    extraction = record.results["extract_train_seconds"] + record.results["extract_dev_seconds"]
+    for seed in seeds:
+        key = f"gap_finetune_seed{seed}"
+        if key not in record.results:
+            f1, seconds = fine_tune(data, workdir / f"finetuned_seed{seed}", epochs=finetune_epochs, seed=seed)
+            record[key] = {"test_f1": 100 * f1, "train_seconds": seconds, "epochs": finetune_epochs}
+    finetune = [record.results[f"gap_finetune_seed{seed}"] for seed in seeds]
+    finetune_f1 = float(np.mean([run["test_f1"] for run in finetune]))
+    finetune_seconds = float(np.mean([run["train_seconds"] for run in finetune]))
+    for name in heads:
+        for seed in seeds:
+            key = f"gap_{name}_seed{seed}"
+            if key in record.results:
+                continue
+            out = workdir / f"gap_{name}_seed{seed}"
+            result = train_and_test(stores, out, [{**GAP_HEADS[name], "name": name}], seed=seed)[name]
+            epochs = [json.loads(line)["seconds"] for line in (out / "metrics.jsonl").read_text().splitlines()
+                      if '"event": "epoch"' in line]
+            record[key] = {"dev_f1": result["best"], "test_f1": result["test_f1"], "epochs_run": len(epochs),
+                           "saved_epoch": result["saved_epoch"], "epoch_seconds": float(np.mean(epochs)),
+                           "train_seconds": float(np.sum(epochs))}
+        runs = [record.results[f"gap_{name}_seed{seed}"] for seed in seeds]
+        total = extraction + float(np.mean([run["train_seconds"] for run in runs]))
+        test = [run["test_f1"] for run in runs]
+        record[f"gap_{name}"] = {
+            "dev_f1_mean": float(np.mean([run["dev_f1"] for run in runs])),
+            "dev_f1_std": float(np.std([run["dev_f1"] for run in runs])),
+            "test_f1_mean": float(np.mean(test)), "test_f1_std": float(np.std(test)),
+            "epoch_seconds": float(np.mean([run["epoch_seconds"] for run in runs])),
+            "seconds_incl_extraction": total,
+            "f1_vs_finetune": float(np.mean(test)) / finetune_f1, "time_vs_finetune": total / finetune_seconds}
 
 
 def k_heads_timing(stores: dict[str, str], workdir: Path, record: Recorder) -> None:
@@ -186,7 +236,11 @@ def main() -> None:
     parser.add_argument("--data", default="../shared/data/conll2003")
     parser.add_argument("--workdir", default="bench-heads")
     parser.add_argument("--json", help="write figures here as they are measured")
+    parser.add_argument("--sections", nargs="*", default=["store", "k", "live", "finetune"],
+                        choices=["store", "k", "live", "finetune", "gap"])
     parser.add_argument("--skip", nargs="*", default=[], choices=["store", "live", "finetune", "k"])
+    parser.add_argument("--seeds", type=int, nargs="*", default=[1, 2, 3], help="gap: seeds of every run")
+    parser.add_argument("--gap-heads", nargs="*", default=list(GAP_HEADS), choices=list(GAP_HEADS))
     parser.add_argument("--epochs", type=int, default=RECIPE["epochs"], help="head epochs (recipe: 10)")
     parser.add_argument("--finetune-epochs", type=int, default=3)
     args = parser.parse_args()
@@ -194,10 +248,13 @@ def main() -> None:
     data, workdir = Path(args.data), Path(args.workdir)
     conll2003_workdir(data, workdir)
     RECIPE["epochs"] = args.epochs
-    record = Recorder(Path(args.json) if args.json else None)
+    record = Recorder(Path(args.json) if args.json else None, keep_existing=True)  # a run continues its file
     stores = extract_splits(data, workdir, record)
+    skip = set(args.skip) | {section for section in ("store", "k", "live", "finetune") if section not in args.sections}
+    if "gap" in args.sections:
+        closing_the_gap(stores, data, workdir, record, args.seeds, args.gap_heads, args.finetune_epochs)
 
-    if "store" not in args.skip:
+    if "store" not in skip:
         specs = [{"type": "linear", "layers": [layer], "name": f"linear_L{layer}", "lr": PROBE_LR}
                  for layer in range(7)]
         specs += [{"type": "scalar_mix", "name": "scalar_mix", "lr": PROBE_LR},
@@ -209,9 +266,9 @@ def main() -> None:
         record["best_linear_probe"] = best_probe
         for name in (best_probe, "scalar_mix", "adapter_no_tailor", "adapter_tailor"):
             record[f"test_f1_{name}"] = test_f1(Path(summary[name]["dir"]), stores["test"])
-    if "k" not in args.skip:
+    if "k" not in skip:
         k_heads_timing(stores, workdir, record)
-    if "live" not in args.skip:
+    if "live" not in skip:
         _, store_seconds = train_from_store(stores, workdir / "adapter_store", [
             {"type": "adapter", "name": "adapter", "lr": ADAPTER_LR}], RECIPE["epochs"])
         record["adapter_store_epoch_seconds"] = store_seconds
@@ -220,7 +277,7 @@ def main() -> None:
         record["adapter_live_epoch_seconds"] = live_seconds
         record["test_f1_adapter_live"] = test_f1(workdir / "adapter_live", stores["test"])
         record["live_vs_store_epoch_time"] = live_seconds / store_seconds
-    if "finetune" not in args.skip:
+    if "finetune" not in skip:
         f1, seconds = fine_tune(data, workdir / "finetuned", epochs=args.finetune_epochs)
         record["test_f1_finetune"] = f1
         record["finetune_train_seconds"] = seconds
