@@ -38,9 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "with BIO tags never an invalid transition)")
     train_parser.add_argument("--tail-layers", type=int, metavar="K", help="--head tail: retrain the encoder's top K "
                               "layers over stored layer L-K, which is all the store needs (default: 1)")
-    train_parser.add_argument("--lora-rank", type=int, metavar="R", help="--head tail: train only LoRA deltas of rank R "
-                              f"on the tail's linear maps (PEFT; {featstore.install_hint('lora')}) (default: 0, every "
-                              "tail weight trains)")
+    train_parser.add_argument("--lora-rank", type=int, metavar="R", help="--head tail: train only LoRA deltas of "
+                              f"rank R on the tail's linear maps (PEFT; {featstore.install_hint('lora')}) "
+                              "(default: 0, every tail weight trains)")
     train_parser.add_argument("--config", help="JSON file of training options with \"heads\": [{\"type\": ..., "
                               "\"name\": ..., \"layers\": [...], ...}]; flags given beside it override it")
 

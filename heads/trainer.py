@@ -29,8 +29,15 @@ from featstore.store.dataset import LABEL_PADDING
 from featstore.store.reader import SequenceFeatures, compact_columns
 
 from .card import TrainingRecord
-from .config import (HEAD_TYPES, EncoderIdentity, ExtractionIdentity, HeadConfig, default_lr, default_probe_layer,
-                     is_probe)
+from .config import (
+    HEAD_TYPES,
+    EncoderIdentity,
+    ExtractionIdentity,
+    HeadConfig,
+    default_lr,
+    default_probe_layer,
+    is_probe,
+)
 from .head import Head, check_store
 from .tail import load_encoder_model, tail_architecture, tail_start_layer
 from .tracking import TRACKERS, Tracker, make_tracker

@@ -73,8 +73,8 @@ def test_an_untrained_minilm_tail_reproduces_the_stored_last_layer(minilm_path, 
 def test_encoders_whose_layers_need_more_than_a_mask_are_refused_by_name(tiny_models, conll_corpus, tmp_path):
     path = extract(ExtractConfig(out=str(tmp_path / "s.zarr"), model=tiny_models["deberta"],
                                  corpus=CorpusSpec(str(conll_corpus)), progress=False)).path
-    with open_store(path) as store, pytest.raises(ConfigError, match="DebertaModel .*model_type 'deberta'.* not "
-                                                                      "supported"):
+    with open_store(path) as store, pytest.raises(ConfigError, match=r"DebertaModel .*model_type 'deberta'.* not "
+                                                                      r"supported"):
         build_head_config({"type": "tail"}, store)
 
 
@@ -136,6 +136,6 @@ def test_bad_tail_settings_are_refused_before_training(ner_stores, tmp_path):
         train(_config(ner_stores, tmp_path, [{"type": "tail", "tail_layers": 3}]))
     with pytest.raises(ConfigError, match="reads stored layer 1; leave --layers out"):
         train(_config(ner_stores, tmp_path, [{"type": "tail", "layers": [0]}]))
-    with pytest.raises(ConfigError, match="LoRA .* a bilstm head has none"):
+    with pytest.raises(ConfigError, match=r"LoRA .* a bilstm head has none"):
         train(_config(ner_stores, tmp_path, [{"type": "bilstm", "lora_rank": 4}]))
     assert not (tmp_path / "metrics.jsonl").exists()
