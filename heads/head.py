@@ -148,8 +148,10 @@ class Head(nn.Module):
         self.training_record, self.weights_sha256 = training, digest
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> Head:
-        """A saved head, checked: config well-formed, weights matching their digest, every tensor in place."""
+    def from_pretrained(cls, directory: str | Path, encoder: str | None = None) -> Head:
+        """A saved head, checked: config well-formed, weights matching their digest, every tensor in place.
+        `encoder`: where a LoRA tail reads its encoder's layers (default: the encoder the head records; its
+        weights hash is checked either way)."""
         directory = Path(directory)
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         if not config_path.is_file() or not weights_path.is_file():
@@ -175,7 +177,7 @@ class Head(nn.Module):
             encoder_keys = head._encoder_keys()
             if encoder_keys:  # a LoRA tail saves only its deltas: the rest is its encoder's own layers
                 tail = cast(EncoderTail, head.tail)
-                tail.copy_encoder_layers(load_encoder_model(head.config.encoder.name_or_path,
+                tail.copy_encoder_layers(load_encoder_model(encoder or head.config.encoder.name_or_path,
                                                             head.config.encoder.weights_sha256))
             missing, unexpected = head.load_state_dict(load(weights), strict=False)
             if unexpected or set(missing) - encoder_keys:

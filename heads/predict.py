@@ -27,7 +27,7 @@ from .head import Head, check_compatible
 class Predictor:
     def __init__(self, head: str | Path | Head, model: str | None = None, device: str | None = None,
                  max_batch_tokens: int = 8192, progress: bool = True) -> None:
-        self.head = head if isinstance(head, Head) else Head.from_pretrained(head)
+        self.head = head if isinstance(head, Head) else Head.from_pretrained(head, encoder=model)
         config = self.head.config
         self.encoder = FrozenEncoder.load(model or config.encoder.name_or_path, device=device,
                                           dtype=config.extraction.storage_dtype, progress=progress)

@@ -65,8 +65,12 @@ class EncoderTail(nn.Module):
     def __init__(self, encoder_config: dict[str, Any], num_layers: int, dropout: float, lora_rank: int = 0,
                  lora_alpha: float = 16.0) -> None:
         super().__init__()
+        import transformers
         from transformers import AutoConfig, AutoModel
 
+        if int(transformers.__version__.split(".")[0]) < 5:  # 4.x layers take other masks and return tuples
+            raise ConfigError(f"tail heads need transformers >= 5 (installed: {transformers.__version__}); "
+                              "pip install -U transformers")
         architecture = tail_architecture(encoder_config.get("model_type"))
         config = AutoConfig.for_model(**encoder_config)
         config.num_hidden_layers = num_layers  # DistilBERT maps it to n_layers
@@ -88,7 +92,8 @@ class EncoderTail(nn.Module):
         """tokens (B, T, H): the stored layer L-K; mask (B, T) -> layer L (B, T, H), dropout applied."""
         from transformers.masking_utils import create_bidirectional_mask
 
-        attention = create_bidirectional_mask(config=self.config, inputs_embeds=tokens, attention_mask=mask)
+        # positional: the embeddings' keyword was renamed within 5.x; built as the encoder builds it
+        attention = create_bidirectional_mask(self.config, tokens, mask)
         for layer in self.layers:
             tokens = layer(tokens, attention)
         return self.dropout(tokens)

@@ -103,12 +103,15 @@ def test_tails_learn_save_and_load(ner_stores, tmp_path, spec):
         assert saved and all("lora_" in key or key.startswith("classifier") for key in saved)
 
 
-def test_a_tails_live_predictions_equal_its_store_predictions(ner_stores, tmp_path):
-    train(_config(ner_stores, tmp_path, [{"type": "tail", "lora_rank": 4, "lr": 1e-2}], epochs=2))
+@pytest.mark.parametrize("spec", [{"type": "tail", "lora_rank": 4, "lr": 1e-2},
+                                  {"type": "tail", "tail_layers": 2, "lr": 5e-3}, {"type": "transformer"}])
+def test_live_predictions_equal_store_predictions(ner_stores, tiny_models, tmp_path, spec):
+    train(_config(ner_stores, tmp_path, [spec], epochs=2))
     head = Head.from_pretrained(tmp_path)
     from_store = evaluate_heads([head], ner_stores["dev"], return_predictions=True)[0]["predictions"]
     examples = featstore.load_corpus(ner_stores["dev_corpus"]).examples
-    live = Predictor(head).predict([list(example.words) for example in examples])
+    # from the saved directory, the encoder named explicitly (a LoRA tail reads its frozen layers from it)
+    live = Predictor(str(tmp_path), model=tiny_models["bert"]).predict([list(example.words) for example in examples])
     names = head.config.label_names
     assert [record["tags"] for record in live] == [[names[i] for i in from_store[row]] for row in range(len(live))]
 
