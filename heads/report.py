@@ -24,8 +24,9 @@ from featstore import Store, open_store
 from featstore.errors import ConfigError
 
 from . import figures
+from .batches import collated_batches, label_map, remap_labels
 from .head import CONFIG_NAME, Head
-from .trainer import METRICS_NAME, collated_batches, evaluate_heads, label_map, remap_labels
+from .trainer import METRICS_NAME, evaluate_heads
 
 logger = logging.getLogger(__name__)
 

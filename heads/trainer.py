@@ -11,9 +11,9 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any, cast
@@ -22,12 +22,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from featstore import Store, collate_features, install_hint, open_store
-from featstore.errors import ConfigError, IncompatibleHeadError, TrainingError
+from featstore import Store, install_hint, open_store
+from featstore.errors import ConfigError, TrainingError
 from featstore.options import check_values, from_flat, option, read_options_file
 from featstore.store.dataset import LABEL_PADDING
-from featstore.store.reader import SequenceFeatures, compact_columns
+from featstore.store.reader import compact_columns
 
+from .batches import (
+    POOL_BATCHES,
+    collated_batches,
+    head_inputs,
+    label_map,
+    on_device,
+    remap_labels,
+    training_batches,
+)
 from .card import TrainingRecord
 from .config import (
     HEAD_TYPES,
@@ -53,7 +62,17 @@ RESUME_FREE = ("resume", "progress", "report_to", "catalog")
 DEFAULT_EPOCHS, MIN_DEFAULT_STEPS, MAX_DEFAULT_EPOCHS = 10, 3000, 50
 LR_BY_TYPE = ", ".join(f"{name} {kind.lr:g}" + (f" (LoRA {kind.lora_lr:g})" if kind.lora_lr else "")
                        for name, kind in HEAD_TYPES.items())
+PRECISIONS = ("auto", "float32", "bfloat16")
 EPOCHS_BY_TYPE = ", ".join(f"{name} heads {kind.epochs}" for name, kind in HEAD_TYPES.items() if kind.epochs)
+
+
+def autocast_dtype(precision: str, device: str) -> torch.dtype | None:
+    """The dtype a head's forward pass runs in under autocast; None: plain float32. Off by default on the CPU,
+    where bfloat16 matmuls are not faster on most machines (BENCHMARKS.md, "Speed")."""
+    if precision == "auto":
+        on_cuda = torch.device(device).type == "cuda"
+        return torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if precision == "bfloat16" else None
 
 
 def default_epochs(steps_per_epoch: int) -> int:
@@ -78,6 +97,9 @@ class TrainConfig:
                                 default_text=f"{DEFAULT_EPOCHS}, or as many as make {MIN_DEFAULT_STEPS:,} steps on a "
                                 f"small store (at most {MAX_DEFAULT_EPOCHS}); {EPOCHS_BY_TYPE}")
     batch_size: int = option(32, minimum=1, help="sequences per optimiser step")
+    group_by_length: bool = option(True, help="batch sequences as they come from the shuffled stream; by default "
+                                   f"pools of {POOL_BATCHES} batches are sorted by length and their batches drawn in "
+                                   "random order, so heads compute little padding")  # the flag: --no-group-by-length
     lr: float | None = option(None, minimum=0, help="peak learning rate of the one-cycle schedule (a head spec's "
                               "own 'lr' wins)", default_text=f"by head type: {LR_BY_TYPE}")
     weight_decay: float = option(0.0, minimum=0, help="AdamW weight decay (0: plain Adam, as in the reference "
@@ -91,6 +113,9 @@ class TrainConfig:
                                 "rate first falls linearly to zero over --patience more epochs, since early stopping "
                                 "otherwise ends a long schedule near its peak")  # the flag is --no-final-anneal
     device: str = option("cpu", help="torch device the heads train on")
+    precision: str = option("auto", choices=PRECISIONS, help="the heads' training precision: bfloat16 runs their "
+                            "forward passes under autocast (losses, optimiser states and saved weights stay float32)",
+                            default_text="auto: bfloat16 on a CUDA device that supports it, else float32")
     resume: bool = option(False, help="continue an interrupted run from OUT/trainer_state.pt")
     progress: bool = option(True, help="no progress bars")  # the flag is --no-progress
     log_every: int = option(50, minimum=1, help="steps between loss records in metrics.jsonl")
@@ -134,16 +159,22 @@ class HeadRun:
     bad_epochs: int = 0
     anneal_ends: int | None = None  # the epoch after which a head in its final anneal stops
     stopped: bool = False
+    finite: torch.Tensor = field(default_factory=lambda: torch.tensor(True))  # every loss so far (on its device)
+    cuda_rng_state: torch.Tensor | None = None  # the head's stream on its CUDA device (dropout there draws from it)
 
     @contextmanager
     def own_rng(self) -> Iterator[None]:
-        outer = torch.get_rng_state()
-        torch.set_rng_state(self.rng_state)
-        try:
+        """The head's own random streams around its step (the CPU's, and its CUDA device's when it trains on one),
+        so that heads trained together draw exactly what each would draw alone."""
+        cuda = [self.finite.device] if self.cuda_rng_state is not None else []
+        with torch.random.fork_rng(devices=cuda):  # restores the outer streams afterwards
+            torch.set_rng_state(self.rng_state)
+            if cuda:
+                torch.cuda.set_rng_state(self.cuda_rng_state, cuda[0])
             yield
-        finally:
             self.rng_state = torch.get_rng_state()
-            torch.set_rng_state(outer)
+            if cuda:
+                self.cuda_rng_state = torch.cuda.get_rng_state(cuda[0])
 
 
 def build_head_config(spec: dict[str, Any], store: Store) -> HeadConfig:
@@ -178,42 +209,6 @@ def head_type_of(spec: dict[str, Any]) -> str:
     return spec.get("type", spec.get("head_type", "adapter"))
 
 
-def collated_batches(items: Iterable[SequenceFeatures], batch_size: int) -> Iterator[dict[str, Any]]:
-    """Padded batches (collate_features) of `batch_size` sequences, streamed: the store is never held whole."""
-    batch: list[SequenceFeatures] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == batch_size:
-            yield collate_features(batch)
-            batch = []
-    if batch:
-        yield collate_features(batch)
-
-
-def _head_inputs(batch: dict[str, Any], columns: slice | list[int], device: str) -> tuple[torch.Tensor, ...]:
-    return (batch["hidden_states"][:, :, columns].to(device), batch["mask"].to(device),
-            batch["word_ids"].to(device))
-
-
-def label_map(head_labels: list[str] | None, store: Store) -> np.ndarray | None:
-    """Store label id -> head label id, by name, so stores extracted with different label orders agree."""
-    if head_labels is None or store.label_names is None:
-        return None
-    unknown = [name for name in store.label_names if name not in head_labels]
-    if unknown:
-        raise IncompatibleHeadError(f"store {store.path} has labels {unknown} the head was not trained on "
-                             f"(head labels: {head_labels})")
-    return np.array([head_labels.index(name) for name in store.label_names])
-
-
-def remap_labels(labels: torch.Tensor, mapping: np.ndarray | None) -> torch.Tensor:
-    """Store label ids as the head's (label_map), padding kept."""
-    if mapping is None:
-        return labels
-    table = torch.as_tensor(mapping)
-    return torch.where(labels >= 0, table[labels.clamp(min=0)], labels)
-
-
 def evaluate_heads(heads: Sequence[Head | str | Path], store: Store | str | Path, batch_size: int = 64,
                    device: str = "cpu", return_predictions: bool = False) -> list[dict[str, Any]]:
     """Metrics of each head (a Head or a saved head's directory) on a store (open, or a path or URL), in one
@@ -240,14 +235,15 @@ def _evaluate(heads: list[Head], store: Store, batch_size: int, device: str, ret
     gold: list[dict[int, Any]] = [{} for _ in heads]  # per head: its own label ids
     for head in heads:
         head.eval()
-    for batch in collated_batches(store.iter_epoch(layers=layers, shuffle=False), batch_size):
-        labels = batch["labels"]
+    # grouped by length (less padding to compute); results are keyed by corpus row, so the order is free
+    batches = collated_batches(store.iter_epoch(layers=layers, shuffle=False), batch_size, group_by_length=True)
+    for batch in on_device(batches, device):
+        labels = batch["labels"].cpu()
         rows = batch["index"].tolist()
         for k, head in enumerate(heads):
             task = head.config.task_def
-            hidden, mask, word_ids = _head_inputs(batch, columns[k], device)
-            output = head(hidden, mask, word_ids, task.num_words(labels))
-            decoded = head.decode(output, (labels != LABEL_PADDING).to(device)) if task.per_word else None
+            output = head(*head_inputs(batch, columns[k]), task.num_words(labels))
+            decoded = head.decode(output, batch["labels"] != LABEL_PADDING) if task.per_word else None
             output, decoded = output.cpu(), None if decoded is None else decoded.cpu()
             head_labels = remap_labels(labels, mappings[k])
             for row, (gold_row, predicted_row) in zip(rows, task.rows(output, head_labels, decoded)):
@@ -292,6 +288,7 @@ class Trainer:
                 check_store(head, self.eval_store, f"eval store {config.eval_store}")
         self.steps_per_epoch = min(-(-len(self.store) // config.batch_size), max_steps_per_epoch or math.inf)
         self.epochs = max(self._epochs_of(head.head_type) for head in head_configs)
+        self.autocast_dtype = autocast_dtype(config.precision, config.device)
         saved_state = self._read_state() if config.resume else None
         self.layer_sweeps: dict[int, dict[int, float]] = {}  # head index -> eval metric per layer
         specs = self._with_probe_layers(saved_state)
@@ -344,9 +341,13 @@ class Trainer:
         config = self.config
         recipe = {"lr": lr, "epochs": epochs, "batch_size": config.batch_size, "seed": seed,
                   "weight_decay": spec.get("weight_decay", config.weight_decay), "warmup_ratio": config.warmup_ratio,
-                  "patience": config.patience, "final_anneal": config.final_anneal}
+                  "patience": config.patience, "final_anneal": config.final_anneal,
+                  "precision": str(self.autocast_dtype or torch.float32).removeprefix("torch.")}
+        device = torch.device(config.device)
+        cuda_rng_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None  # as seeded above
         return HeadRun(head_config.name, head, optimizer, scheduler, _columns(head_config.layers, self.layers),
-                       torch.get_rng_state(), output_dir, recipe)
+                       torch.get_rng_state(), output_dir, recipe, finite=torch.tensor(True, device=device),
+                       cuda_rng_state=cuda_rng_state)
 
     # --- the loop -------------------------------------------------------------------------------------
     def train(self) -> dict[str, dict[str, Any]]:
@@ -372,16 +373,20 @@ class Trainer:
             started = time.perf_counter()
             for run in active:
                 run.head.train()
-            items = self.store.iter_epoch(layers=self.layers, seed=config.seed, epoch=epoch)
-            bar = tqdm(islice(collated_batches(items, config.batch_size), self.steps_per_epoch),
+            batches = training_batches(self.store, self.layers, config.batch_size, config.seed, epoch,
+                                       config.group_by_length)
+            bar = tqdm(on_device(islice(batches, self.steps_per_epoch), config.device),
                        total=self.steps_per_epoch, desc=f"epoch {epoch + 1}", unit="batch", disable=not config.progress)
             for step, batch in enumerate(bar):
                 for run in active:
                     loss = self._step(run, batch)
                     if step % config.log_every == 0:
+                        self._check_finite(run)
                         self._log({"event": "train", "head": run.name, "epoch": epoch + 1, "step": step,
-                                   "global_step": epoch * self.steps_per_epoch + step, "loss": loss,
+                                   "global_step": epoch * self.steps_per_epoch + step, "loss": loss.item(),
                                    "lr": run.optimizer.param_groups[0]["lr"]})
+            for run in active:
+                self._check_finite(run)  # which also waits for the device: the epoch's time is all its work
             self._end_epoch(epoch, active, time.perf_counter() - started)
         summary = self.summary()
         if config.catalog:
@@ -391,23 +396,30 @@ class Trainer:
                 summary[run.name]["catalog_record"] = record
         return summary
 
-    def _step(self, run: HeadRun, batch: dict[str, Any]) -> float:
-        hidden, mask, word_ids = _head_inputs(batch, run.columns, self.config.device)
-        labels = batch["labels"].to(self.config.device)
+    def _step(self, run: HeadRun, batch: dict[str, Any]) -> torch.Tensor:
+        hidden, mask, word_ids = head_inputs(batch, run.columns)
+        labels = batch["labels"]
         task = run.head.config.task_def
         with run.own_rng():
-            output = run.head(hidden, mask, word_ids, task.num_words(labels))
-            loss = run.head.loss(output, labels)
+            with torch.autocast(hidden.device.type, self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                output = run.head(hidden, mask, word_ids, task.num_words(labels))
+            loss = run.head.loss(output.float(), labels)  # a CRF's partition function needs float32
             run.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             run.optimizer.step()
         run.scheduler.step()
-        value = loss.item()
-        if not math.isfinite(value):  # never train on (or save) a head from here: say so and stop
-            raise TrainingError(f"head '{run.name}': the training loss became {value}; its weights are no longer "
-                                "usable. The head saved last (if any) is kept. Check the store (`featstore verify`) "
-                                "and lower the learning rate")
-        return value
+        # Checked at log steps and before any save (_check_finite), not here: reading the loss every step would
+        # make the host wait for an accelerator at every step.
+        run.finite = run.finite & torch.isfinite(loss.detach())
+        return loss.detach()
+
+    @staticmethod
+    def _check_finite(run: HeadRun) -> None:
+        """Never save (or go on training) a head whose loss went non-finite: say so and stop."""
+        if not bool(run.finite):
+            raise TrainingError(f"head '{run.name}': the training loss became infinite or NaN; its weights are no "
+                                "longer usable. The head saved last (if any) is kept. Check the store (`featstore "
+                                "verify`) and lower the learning rate")
 
     def _end_epoch(self, epoch: int, active: list[HeadRun], seconds: float) -> None:
         self._log({"event": "epoch", "epoch": epoch + 1, "seconds": seconds, "heads": [run.name for run in active]})
@@ -465,7 +477,8 @@ class Trainer:
         self.epochs_done = epochs_done
         state = {"epochs_done": epochs_done, "config": asdict(self.config), "runs": [
             {"name": run.name, "head": run.head.state_dict(), "optimizer": run.optimizer.state_dict(),
-             "scheduler": run.scheduler.state_dict(), "rng_state": run.rng_state, "best": run.best,
+             "scheduler": run.scheduler.state_dict(), "rng_state": run.rng_state,
+             "cuda_rng_state": run.cuda_rng_state, "best": run.best,
              "best_epoch": run.best_epoch, "bad_epochs": run.bad_epochs, "stopped": run.stopped,
              "anneal_ends": run.anneal_ends,
              "layers": run.head.config.layers}
@@ -497,6 +510,8 @@ class Trainer:
                 run.scheduler = _anneal_schedule(run.optimizer, saved_run["scheduler"]["total_iters"])
             run.scheduler.load_state_dict(saved_run["scheduler"])
             run.rng_state = saved_run["rng_state"]
+            if run.cuda_rng_state is not None and saved_run.get("cuda_rng_state") is not None:
+                run.cuda_rng_state = saved_run["cuda_rng_state"]
             run.best, run.best_epoch = saved_run["best"], saved_run["best_epoch"]
             run.bad_epochs, run.stopped = saved_run["bad_epochs"], saved_run["stopped"]
         self.start_epoch = self.epochs_done = state["epochs_done"]

@@ -133,3 +133,24 @@ def test_verify_reports_non_finite_hidden_states_even_when_checksummed(tiny_mode
     store.set_manifest(manifest)
     store.close()
     assert verify_store(out) == ["hidden_states tokens 64..128 hold NaN or infinite values"]
+
+
+def test_a_non_finite_training_loss_stops_training_before_anything_is_saved(ner_stores, copy_store, tmp_path):
+    from featstore.errors import TrainingError
+    from featstore.store.integrity import record_integrity
+    from heads import TrainConfig, train
+
+    store_path = copy_store(ner_stores["train"], tmp_path / "train.zarr")
+    backend = open_backend(store_path, "r+")
+    rows = backend.read(fmt.HIDDEN_STATES, 0, 1)
+    rows[0, 0, 0] = np.nan  # recorded in the checksums: only the loss can tell
+    backend.write(fmt.HIDDEN_STATES, 0, rows)
+    manifest = backend.get_manifest()
+    manifest.integrity = record_integrity(backend, manifest, {}, {})
+    backend.set_manifest(manifest)
+    backend.close()
+    out = tmp_path / "head"
+    with pytest.raises(TrainingError, match="'adapter': the training loss became infinite or NaN"):
+        train(TrainConfig(store=store_path, eval_store=ner_stores["dev"], out=str(out), epochs=2, batch_size=16,
+                          progress=False))
+    assert not (out / "config.json").exists()

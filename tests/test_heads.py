@@ -255,3 +255,15 @@ def test_raw_text_predictions_read_like_ner_output(ner_stores, tmp_path):
         assert entity["text"] == text[entity["start"]: entity["end"]] == " ".join(record["words"][first:end])
         assert record["tags"][first] == "B-" + entity["type"] and 0 < entity["score"] <= 1
     assert {entity["text"] for entity in record["entities"]} & {"Anna", "Reyes", "Paris", "Oslo"}
+
+
+def test_bfloat16_autocast_trains_float32_heads_and_is_off_by_default_on_cpu(ner_stores, tmp_path):
+    from heads.trainer import autocast_dtype
+
+    assert autocast_dtype("auto", "cpu") is None and autocast_dtype("float32", "cuda") is None
+    assert autocast_dtype("bfloat16", "cpu") is torch.bfloat16
+    summary = _train(ner_stores, tmp_path, [{"type": "bilstm", "crf": True}], precision="bfloat16", epochs=4)
+    assert summary["bilstm"]["best"] > 0.8, summary
+    head = Head.from_pretrained(tmp_path)
+    assert head.training_record.recipe["precision"] == "bfloat16"
+    assert all(tensor.dtype == torch.float32 for tensor in head.state_dict().values())

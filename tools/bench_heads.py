@@ -9,9 +9,14 @@
 5. Closing the gap (`--sections gap`): every head type with today's defaults, each trained alone per seed
    (dev and test F1, seconds per epoch and in all, train and dev extraction counted once), against full
    fine-tuning with the same seeds in the same run: F1 and time ratios.
+6. Speed (`--sections speed`): the adapter+tailor's store epoch against its arithmetic — FLOPs per epoch counted
+   on the real tokens (padding excluded), the GFLOP/s this machine reaches on the matmuls of the same shapes, the
+   ratio of the epoch's time to that bound; padded positions per real token, epoch time and a per-op profile with
+   and without length grouping; one live epoch on the same batches (live/store ratio).
 
     HF_HUB_OFFLINE=1 python tools/bench_heads.py --data ../shared/data/conll2003 --json bench_heads.json
     HF_HUB_OFFLINE=1 python tools/bench_heads.py --sections gap --seeds 1 2 3 --json gap.json
+    HF_HUB_OFFLINE=1 python tools/bench_heads.py --sections speed k --json speed.json
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import argparse
 import json
 import logging
 import time
+from collections import Counter
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +38,7 @@ from featstore import ExtractConfig, FrozenEncoder, collate_features, extract, l
 from featstore.extraction.corpus import CorpusSpec
 from featstore.store.reader import SequenceFeatures
 from heads import Head, TrainConfig, Trainer, evaluate_heads
+from heads.batches import padding_ratio, training_batches
 from heads.metrics import tagging_metrics
 from heads.trainer import build_head_config
 
@@ -57,10 +65,10 @@ def test_f1(head_dir: Path, test_store: str) -> float:
 
 
 def train_from_store(stores: dict[str, str], out: Path, specs: list[dict[str, Any]], epochs: int,
-                     evaluate: bool = True) -> tuple[dict[str, Any], float]:
+                     evaluate: bool = True, **options: Any) -> tuple[dict[str, Any], float]:
     """Returns the trainer summary and the mean seconds per training epoch (evaluation excluded)."""
     trainer = Trainer(TrainConfig(store=stores["train"], eval_store=stores["dev"] if evaluate else None,
-                                  out=str(out), heads=specs, progress=False, **{**RECIPE, "epochs": epochs}))
+                                  out=str(out), heads=specs, progress=False, **{**RECIPE, "epochs": epochs, **options}))
     started = time.perf_counter()
     summary = trainer.train()
     epoch_seconds = [json.loads(line)["seconds"] for line in (out / "metrics.jsonl").read_text().splitlines()
@@ -68,9 +76,10 @@ def train_from_store(stores: dict[str, str], out: Path, specs: list[dict[str, An
     return summary, float(np.mean(epoch_seconds)) if epoch_seconds else time.perf_counter() - started
 
 
-def train_live_adapter(stores: dict[str, str], data: Path, out: Path) -> float:
+def train_live_adapter(stores: dict[str, str], data: Path, out: Path, epochs: int | None = None,
+                       evaluate: bool = True) -> float:
     """The reference way: the frozen encoder (eval mode) runs on every batch of every epoch. Same Head class,
-    same batches (the store's epoch order), same optimiser and schedule as the store-trained adapter."""
+    same batches (the trainer's, grouped by length), same optimiser and schedule as the store-trained adapter."""
     encoder = FrozenEncoder.load(None, device="cpu", dtype="float32")
     train_store = open_store(stores["train"])
     extraction = train_store.manifest.extraction
@@ -79,17 +88,18 @@ def train_live_adapter(stores: dict[str, str], data: Path, out: Path) -> float:
     labels = [train_store.sequence(row).labels for row in range(len(train_store))]
     torch.manual_seed(RECIPE["seed"])
     head = Head(build_head_config({"type": "adapter", "name": "adapter_live"}, train_store))
-    steps = -(-len(train_store) // RECIPE["batch_size"]) * RECIPE["epochs"]
+    epochs = epochs or RECIPE["epochs"]
+    steps = -(-len(train_store) // RECIPE["batch_size"]) * epochs
     optimizer = torch.optim.AdamW(head.parameters(), lr=ADAPTER_LR, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=ADAPTER_LR, total_steps=steps, pct_start=0.1,
                                                     anneal_strategy="cos")
     epoch_seconds, best = [], -1.0
-    for epoch in range(RECIPE["epochs"]):
-        order = [item.index for item in train_store.iter_epoch(layers=[0], seed=RECIPE["seed"], epoch=epoch)]
+    for epoch in range(epochs):
+        epoch_rows = [batch["index"].tolist() for batch in training_batches(train_store, [0], RECIPE["batch_size"],
+                                                                               RECIPE["seed"], epoch)]
         started = time.perf_counter()
         head.train()
-        for start in range(0, len(order), RECIPE["batch_size"]):
-            rows = order[start: start + RECIPE["batch_size"]]
+        for rows in epoch_rows:
             batch_sequences = [sequences[row] for row in rows]
             hidden = encoder.features(batch_sequences, head.config.layers)
             offsets = np.cumsum([0] + [s.num_tokens for s in batch_sequences])
@@ -103,6 +113,8 @@ def train_live_adapter(stores: dict[str, str], data: Path, out: Path) -> float:
             optimizer.step()
             scheduler.step()
         epoch_seconds.append(time.perf_counter() - started)
+        if not evaluate:
+            continue
         with open_store(stores["dev"]) as dev:
             f1 = evaluate_heads([head], dev)[0]["metrics"]["f1"]
         if f1 > best:
@@ -180,15 +192,16 @@ GAP_HEADS: dict[str, dict[str, Any]] = {
 
 
 def closing_the_gap(stores: dict[str, str], data: Path, workdir: Path, record: Recorder, seeds: list[int],
-                    heads: list[str], finetune_epochs: int) -> None:
-    """Fine-tuning first (the denominator), then each head alone per seed, with the trainer's defaults."""
+                    heads: list[str], finetune_epochs: int, finetune_seeds: list[int]) -> None:
+    """Fine-tuning first (the denominator, averaged over `finetune_seeds`), then each head alone per seed,
+    with the trainer's defaults."""
     extraction = record.results["extract_train_seconds"] + record.results["extract_dev_seconds"]
-    for seed in seeds:
+    for seed in finetune_seeds:
         key = f"gap_finetune_seed{seed}"
         if key not in record.results:
             f1, seconds = fine_tune(data, workdir / f"finetuned_seed{seed}", epochs=finetune_epochs, seed=seed)
             record[key] = {"test_f1": 100 * f1, "train_seconds": seconds, "epochs": finetune_epochs}
-    finetune = [record.results[f"gap_finetune_seed{seed}"] for seed in seeds]
+    finetune = [record.results[f"gap_finetune_seed{seed}"] for seed in finetune_seeds]
     finetune_f1 = float(np.mean([run["test_f1"] for run in finetune]))
     finetune_seconds = float(np.mean([run["train_seconds"] for run in finetune]))
     for name in heads:
@@ -215,6 +228,125 @@ def closing_the_gap(stores: dict[str, str], data: Path, workdir: Path, record: R
             "f1_vs_finetune": float(np.mean(test)) / finetune_f1, "time_vs_finetune": total / finetune_seconds}
 
 
+# Section 6: the adapter's store epoch against what its arithmetic costs
+MATMULS = {"aten::mm": 0, "aten::addmm": 1, "aten::bmm": 0}  # profiler op -> index of its first matrix input
+
+
+def adapter_step(head: Head, batch: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
+    output = head(batch["hidden_states"], batch["mask"], batch["word_ids"], batch["labels"].shape[1])
+    loss = head.loss(output, batch["labels"])
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def epoch_flops(head: Head, shapes: Counter[tuple[int, int]]) -> int:
+    """FLOPs of forward + backward over an epoch's real tokens: each sequence alone, unpadded (counted once per
+    distinct (tokens, words) shape by torch's FlopCounterMode: matmuls, the arithmetic that dominates)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    total, layers = 0, len(head.config.layers)
+    for (tokens, words), count in shapes.items():
+        hidden = torch.randn(1, tokens, layers, head.config.hidden_size)
+        mask = torch.ones(1, tokens, dtype=torch.bool)
+        word_ids = torch.arange(tokens).clamp(max=words - 1)[None]
+        counter = FlopCounterMode(display=False)
+        with counter:
+            output = head(hidden, mask, word_ids, words)
+            head.loss(output, torch.zeros(1, words, dtype=torch.long)).backward()
+        total += count * counter.get_total_flops()
+    return total
+
+
+def matmul_ceiling(calls: Counter[tuple[str, tuple[tuple[int, ...], ...]]], min_seconds: float = 0.02) -> float:
+    """GFLOP/s of this machine on the given matmul calls (op and input shapes, with their counts), each timed
+    alone on fresh random operands."""
+    flops = seconds = 0.0
+    for (name, shapes), count in calls.items():
+        operands = [torch.randn(shape) for shape in shapes[MATMULS[name]: MATMULS[name] + 2]]
+        operation = torch.bmm if name == "aten::bmm" else torch.mm
+        a, b = operands
+        operation(a, b)  # warm-up
+        repeats, started = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - started) < min_seconds:
+            operation(a, b)
+            repeats += 1
+        batch = a.shape[0] if a.dim() == 3 else 1
+        flops += count * 2 * batch * a.shape[-2] * a.shape[-1] * b.shape[-1]
+        seconds += count * elapsed / repeats
+    return flops / seconds / 1e9
+
+
+def profile_steps(stores: dict[str, str], group_by_length: bool, steps: int = 60
+                  ) -> tuple[list[dict[str, Any]], Counter[tuple[str, tuple[tuple[int, ...], ...]]]]:
+    """Per-op self CPU time over `steps` adapter+tailor training steps (the trainer's batches), and the matmul
+    calls (op, input shapes) they made."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with open_store(stores["train"]) as store:
+        torch.manual_seed(RECIPE["seed"])
+        head = Head(build_head_config({"type": "adapter"}, store)).train()
+        optimizer = torch.optim.AdamW(head.parameters(), lr=ADAPTER_LR)
+        batches = list(islice(training_batches(store, head.config.layers, RECIPE["batch_size"], RECIPE["seed"], 0,
+                                               group_by_length), steps))
+    adapter_step(head, batches[0], optimizer)  # warm-up
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as profiler:
+        for batch in batches:
+            adapter_step(head, batch, optimizer)
+    events = profiler.key_averages()
+    total = sum(event.self_cpu_time_total for event in events)
+    top = sorted(events, key=lambda event: event.self_cpu_time_total, reverse=True)[:12]
+    table = [{"op": event.key, "calls": event.count, "self_ms_per_step": event.self_cpu_time_total / 1e3 / steps,
+              "share": event.self_cpu_time_total / total} for event in top]
+    calls: Counter[tuple[str, tuple[tuple[int, ...], ...]]] = Counter()
+    for event in profiler.events():
+        if event.name in MATMULS:
+            calls[(event.name, tuple(tuple(shape) for shape in event.input_shapes if shape))] += 1
+    return table, calls
+
+
+def optimizer_step_ms(head: Head, options: dict[str, Any], steps: int = 300) -> float:
+    """Milliseconds per AdamW step over the head's parameters (random gradients) with these implementation
+    options."""
+    parameters = [parameter for parameter in head.parameters() if parameter.requires_grad]
+    for parameter in parameters:
+        parameter.grad = torch.randn_like(parameter)
+    optimizer = torch.optim.AdamW(parameters, lr=1e-6, **options)
+    optimizer.step()
+    started = time.perf_counter()
+    for _ in range(steps):
+        optimizer.step()
+    return (time.perf_counter() - started) / steps * 1e3
+
+
+def adapter_speed(stores: dict[str, str], data: Path, workdir: Path, record: Recorder) -> None:
+    with open_store(stores["train"]) as store:
+        for grouped in (False, True):
+            batches = training_batches(store, [0], RECIPE["batch_size"], RECIPE["seed"], 0, grouped)
+            record[f"speed_positions_per_token_{'grouped' if grouped else 'plain'}"] = padding_ratio(batches)
+        shapes = Counter((len(item.hidden_states), item.num_words)
+                         for item in store.iter_epoch(layers=[0], shuffle=False))
+        head = Head(build_head_config({"type": "adapter"}, store)).train()
+    flops = epoch_flops(head, shapes)
+    record["speed_adapter_epoch_gflop"] = flops / 1e9
+    for grouped in (False, True):
+        kind = "grouped" if grouped else "plain"
+        record[f"speed_profile_{kind}"], calls = profile_steps(stores, grouped)
+        ceiling = matmul_ceiling(calls)
+        record[f"speed_matmul_ceiling_gflops_{kind}"] = ceiling
+        _, seconds = train_from_store(stores, workdir / f"speed_adapter_{kind}", [{"type": "adapter"}], epochs=1,
+                                      evaluate=False, group_by_length=grouped)
+        record[f"speed_adapter_epoch_seconds_{kind}"] = seconds
+        record[f"speed_adapter_achieved_gflops_{kind}"] = flops / 1e9 / seconds
+        record[f"speed_adapter_epoch_vs_compute_bound_{kind}"] = seconds / (flops / 1e9 / ceiling)
+    adamw_variants = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+    for variant, options in adamw_variants.items():
+        record[f"speed_adamw_{variant}_ms_per_step"] = optimizer_step_ms(head, options)
+    live = train_live_adapter(stores, data, workdir / "speed_adapter_live", epochs=1, evaluate=False)
+    record["speed_adapter_live_epoch_seconds"] = live
+    record["speed_live_vs_store_epoch_time"] = live / record.results["speed_adapter_epoch_seconds_grouped"]
+
+
 def k_heads_timing(stores: dict[str, str], workdir: Path, record: Recorder) -> None:
     sweeps = {
         "linear_probes": [{"type": "linear", "layers": [layer % 7], "name": f"linear{k}", "lr": PROBE_LR}
@@ -237,9 +369,11 @@ def main() -> None:
     parser.add_argument("--workdir", default="bench-heads")
     parser.add_argument("--json", help="write figures here as they are measured")
     parser.add_argument("--sections", nargs="*", default=["store", "k", "live", "finetune"],
-                        choices=["store", "k", "live", "finetune", "gap"])
+                        choices=["store", "k", "live", "finetune", "gap", "speed"])
     parser.add_argument("--skip", nargs="*", default=[], choices=["store", "live", "finetune", "k"])
     parser.add_argument("--seeds", type=int, nargs="*", default=[1, 2, 3], help="gap: seeds of every run")
+    parser.add_argument("--finetune-seeds", type=int, nargs="*",
+                        help="gap: seeds of the fine-tuning runs (default: --seeds; fewer when 3 do not fit)")
     parser.add_argument("--gap-heads", nargs="*", default=list(GAP_HEADS), choices=list(GAP_HEADS))
     parser.add_argument("--epochs", type=int, default=RECIPE["epochs"], help="head epochs (recipe: 10)")
     parser.add_argument("--finetune-epochs", type=int, default=3)
@@ -251,8 +385,11 @@ def main() -> None:
     record = Recorder(Path(args.json) if args.json else None, keep_existing=True)  # a run continues its file
     stores = extract_splits(data, workdir, record)
     skip = set(args.skip) | {section for section in ("store", "k", "live", "finetune") if section not in args.sections}
+    if "speed" in args.sections:
+        adapter_speed(stores, data, workdir, record)
     if "gap" in args.sections:
-        closing_the_gap(stores, data, workdir, record, args.seeds, args.gap_heads, args.finetune_epochs)
+        closing_the_gap(stores, data, workdir, record, args.seeds, args.gap_heads, args.finetune_epochs,
+                        args.seeds if args.finetune_seeds is None else args.finetune_seeds)
 
     if "store" not in skip:
         specs = [{"type": "linear", "layers": [layer], "name": f"linear_L{layer}", "lr": PROBE_LR}
