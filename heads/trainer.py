@@ -332,7 +332,11 @@ class Trainer:
         head.to(self.config.device)
         lr = spec.get("lr", self.config.lr if self.config.lr is not None else default_lr(head_config))
         trainable = [parameter for parameter in head.parameters() if parameter.requires_grad]  # LoRA freezes some
-        optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=spec.get("weight_decay", self.config.weight_decay))
+        # fused: one kernel for all of a head's parameters, 4.6x faster per step than the default on this CPU
+        # (BENCHMARKS.md, "Speed"); the same update up to float rounding
+        fused = torch.device(self.config.device).type in ("cpu", "cuda")
+        optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=spec.get("weight_decay", self.config.weight_decay),
+                                      fused=fused or None)
         epochs = self._epochs_of(head_config.head_type)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=lr, total_steps=max(self.steps_per_epoch * epochs, 1),
