@@ -166,7 +166,7 @@ class HeadRun:
     def own_rng(self) -> Iterator[None]:
         """The head's own random streams around its step (the CPU's, and its CUDA device's when it trains on one),
         so that heads trained together draw exactly what each would draw alone."""
-        cuda = [self.finite.device] if self.cuda_rng_state is not None else []
+        cuda = [next(self.head.parameters()).device] if self.cuda_rng_state is not None else []
         with torch.random.fork_rng(devices=cuda):  # restores the outer streams afterwards
             torch.set_rng_state(self.rng_state)
             if cuda:
@@ -329,14 +329,14 @@ class Trainer:
         if head.tail is not None:
             head.tail.copy_encoder_layers(load_encoder_model(head_config.encoder.name_or_path,
                                                              head_config.encoder.weights_sha256))
-        head.to(self.config.device)
+        device = torch.device(self.config.device)
+        head.to(device)
         lr = spec.get("lr", self.config.lr if self.config.lr is not None else default_lr(head_config))
         trainable = [parameter for parameter in head.parameters() if parameter.requires_grad]  # LoRA freezes some
         # fused: one kernel for all of a head's parameters, 4.6x faster per step than the default on this CPU
         # (BENCHMARKS.md, "Speed"); the same update up to float rounding
-        fused = torch.device(self.config.device).type in ("cpu", "cuda")
         optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=spec.get("weight_decay", self.config.weight_decay),
-                                      fused=fused or None)
+                                      fused=True if device.type in ("cpu", "cuda") else None)
         epochs = self._epochs_of(head_config.head_type)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=lr, total_steps=max(self.steps_per_epoch * epochs, 1),
@@ -347,7 +347,6 @@ class Trainer:
                   "weight_decay": spec.get("weight_decay", config.weight_decay), "warmup_ratio": config.warmup_ratio,
                   "patience": config.patience, "final_anneal": config.final_anneal,
                   "precision": str(self.autocast_dtype or torch.float32).removeprefix("torch.")}
-        device = torch.device(config.device)
         cuda_rng_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None  # as seeded above
         return HeadRun(head_config.name, head, optimizer, scheduler, _columns(head_config.layers, self.layers),
                        torch.get_rng_state(), output_dir, recipe, finite=torch.tensor(True, device=device),

@@ -76,6 +76,15 @@ def train_from_store(stores: dict[str, str], out: Path, specs: list[dict[str, An
     return summary, float(np.mean(epoch_seconds)) if epoch_seconds else time.perf_counter() - started
 
 
+def adapter_step(head: Head, batch: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
+    """One training step of a head on a collated batch (the live run's and the profiled steps')."""
+    output = head(batch["hidden_states"], batch["mask"], batch["word_ids"], batch["labels"].shape[1])
+    loss = head.loss(output, batch["labels"])
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
 def train_live_adapter(stores: dict[str, str], data: Path, out: Path, epochs: int | None = None,
                        evaluate: bool = True) -> float:
     """The reference way: the frozen encoder (eval mode) runs on every batch of every epoch. Same Head class,
@@ -106,11 +115,7 @@ def train_live_adapter(stores: dict[str, str], data: Path, out: Path, epochs: in
             batch = collate_features([SequenceFeatures(row, hidden[offsets[i]: offsets[i + 1]], s.input_ids,
                                                        s.word_ids, s.num_words, labels[row])
                                       for i, (row, s) in enumerate(zip(rows, batch_sequences))])
-            output = head(batch["hidden_states"], batch["mask"], batch["word_ids"], batch["labels"].shape[1])
-            loss = head.config.task_def.loss(output, batch["labels"])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            adapter_step(head, batch, optimizer)
             scheduler.step()
         epoch_seconds.append(time.perf_counter() - started)
         if not evaluate:
@@ -230,14 +235,6 @@ def closing_the_gap(stores: dict[str, str], data: Path, workdir: Path, record: R
 
 # Section 6: the adapter's store epoch against what its arithmetic costs
 MATMULS = {"aten::mm": 0, "aten::addmm": 1, "aten::bmm": 0}  # profiler op -> index of its first matrix input
-
-
-def adapter_step(head: Head, batch: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
-    output = head(batch["hidden_states"], batch["mask"], batch["word_ids"], batch["labels"].shape[1])
-    loss = head.loss(output, batch["labels"])
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
 
 
 def epoch_flops(head: Head, shapes: Counter[tuple[int, int]]) -> int:
