@@ -26,7 +26,7 @@ from .card import CARD_NAME, TrainingRecord, render_model_card
 from .config import HEAD_TYPES, EncoderIdentity, HeadConfig
 from .context import BiLSTMContext, ConcatLayers, TransformerContext
 from .crf import CRF
-from .layers import SequencePooling, pool_words
+from .layers import Dropout, SequencePooling, pool_words
 from .mixers import AdapterMixer, AttentionFusion, ScalarMix, SelectLayer
 from .tail import EncoderTail, load_encoder_model
 
@@ -46,7 +46,7 @@ class Head(nn.Module):
         self.config = config
         hidden, num_layers, outputs = config.hidden_size, len(config.layers), config.num_outputs
         # Identity at p=0: dropout would still copy the whole (B, T, L, H) feature tensor.
-        self.feature_dropout = nn.Dropout(config.feature_dropout) if config.feature_dropout else nn.Identity()
+        self.feature_dropout = Dropout(config.feature_dropout) if config.feature_dropout else nn.Identity()
         mixer = config.context_input if HEAD_TYPES[config.head_type].context else config.head_type
         if mixer in ("linear", "mlp", "tail"):
             self.mixer: nn.Module = SelectLayer()
@@ -65,7 +65,7 @@ class Head(nn.Module):
             self.classifier: nn.Module = nn.Sequential(nn.Linear(hidden, config.classifier_dim),
                                                        nn.Linear(config.classifier_dim, outputs))
         elif config.head_type == "mlp":
-            self.classifier = nn.Sequential(nn.Linear(hidden, config.mlp_dim), nn.GELU(), nn.Dropout(config.dropout),
+            self.classifier = nn.Sequential(nn.Linear(hidden, config.mlp_dim), nn.GELU(), Dropout(config.dropout),
                                             nn.Linear(config.mlp_dim, outputs))
         else:
             self.classifier = nn.Linear(features, outputs)

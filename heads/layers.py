@@ -1,12 +1,57 @@
-"""Building blocks shared by the heads: head-averaged attention weights and pooling.
+"""Building blocks shared by the heads: dropout, head-averaged attention weights and pooling.
 
 Shapes: B batch, T tokens, L layers, H hidden, W words, d attention dim.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 from torch import nn
+
+# While heads step as one batched module (heads/grouped.py): each head's random generator and the head's index
+# (a tensor batched over the heads), so every head's dropout masks come from its own stream
+_MASK_STREAMS: ContextVar[tuple[Sequence[torch.Generator], torch.Tensor] | None] = ContextVar("mask_streams",
+                                                                                              default=None)
+
+
+@contextmanager
+def mask_streams(generators: Sequence[torch.Generator], head_index: torch.Tensor) -> Iterator[None]:
+    """Dropout inside the block draws head k's masks from generators[k] (`head_index`: k, batched under vmap)."""
+    token = _MASK_STREAMS.set((generators, head_index))
+    try:
+        yield
+    finally:
+        _MASK_STREAMS.reset(token)
+
+
+class Dropout(nn.Module):
+    """Inverted dropout whose masks are drawn explicitly (`bernoulli_` from the current random stream), so that
+    heads batched into one module (heads/grouped.py) draw from each head's own stream exactly the masks it draws
+    when it trains alone."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = 1 - self.p
+        streams = _MASK_STREAMS.get()
+        if streams is None:
+            return x * torch.empty_like(x).bernoulli_(keep).div_(keep)
+        generators, head_index = streams  # x is one head's slice here: draw every head's mask, take this head's
+        masks = torch.empty((len(generators), *x.shape), dtype=x.dtype, device=x.device)
+        for mask, generator in zip(masks, generators):
+            mask.bernoulli_(keep, generator=generator)
+        return x * masks.div_(keep)[head_index]
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
 
 
 class AttentionWeights(nn.Module):

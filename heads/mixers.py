@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import AttentionWeights
+from .layers import AttentionWeights, Dropout
 
 
 class SelectLayer(nn.Module):
@@ -35,7 +35,7 @@ class AttentionFusion(nn.Module):
     def __init__(self, num_layers: int, hidden_size: int, dropout: float) -> None:
         super().__init__()
         self.norm = nn.LayerNorm([num_layers, hidden_size])
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.query = nn.Parameter(torch.randn(hidden_size) / hidden_size**0.5)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -57,7 +57,7 @@ class LayerAttention(nn.Module):
         self.query_projection = nn.Linear(hidden_size, attention_dim)
         self.key_projection = nn.Linear(hidden_size, attention_dim)
         self.attention = AttentionWeights(attention_dim, num_heads)
-        self.last_weights: torch.Tensor | None = None  # (B, T, L), kept for inspection
+        self.last_weights: torch.Tensor | None = None  # (B, T, L) of the last forward in eval mode
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         queries = self.query_projection(hidden.mean(dim=2))  # (B, T, d)
@@ -65,7 +65,8 @@ class LayerAttention(nn.Module):
         layer_means = torch.einsum("bt,btlh->blh", weights, hidden) / weights.sum(1).clamp(min=1)[:, None, None]
         keys = self.key_projection(layer_means)  # (B, L, d)
         attention = self.attention(queries, keys) * mask[:, :, None]  # padded tokens get zero weight
-        self.last_weights = attention.detach()
+        if not self.training:  # inspected on trained heads (heads.report); training may run batched under vmap
+            self.last_weights = attention.detach()
         return torch.einsum("btl,btlh->bth", attention, hidden)
 
 
@@ -77,7 +78,7 @@ class Tailor(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(hidden_size)
         self.feed_forward = nn.Linear(hidden_size, hidden_size)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         if attention:
             self.query_projection = nn.Linear(hidden_size, attention_dim)
             self.key_projection = nn.Linear(hidden_size, attention_dim)

@@ -47,6 +47,7 @@ from .config import (
     default_probe_layer,
     is_probe,
 )
+from .grouped import HeadGroup, group_by_key
 from .head import Head, check_store
 from .tail import load_encoder_model, tail_architecture, tail_start_layer
 from .tracking import TRACKERS, Tracker, make_tracker
@@ -63,6 +64,7 @@ DEFAULT_EPOCHS, MIN_DEFAULT_STEPS, MAX_DEFAULT_EPOCHS = 10, 3000, 50
 LR_BY_TYPE = ", ".join(f"{name} {kind.lr:g}" + (f" (LoRA {kind.lora_lr:g})" if kind.lora_lr else "")
                        for name, kind in HEAD_TYPES.items())
 PRECISIONS = ("auto", "float32", "bfloat16")
+BATCH_HEADS = ("auto", "always", "never")
 EPOCHS_BY_TYPE = ", ".join(f"{name} heads {kind.epochs}" for name, kind in HEAD_TYPES.items() if kind.epochs)
 
 
@@ -73,6 +75,13 @@ def autocast_dtype(precision: str, device: str) -> torch.dtype | None:
         on_cuda = torch.device(device).type == "cuda"
         return torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else None
     return torch.bfloat16 if precision == "bfloat16" else None
+
+
+def batches_heads(batch_heads: str, device: str) -> bool:
+    """Whether heads of one architecture step as one batched module (heads/grouped.py): by default on CUDA only —
+    on the CPU their matrix products already keep the cores busy and the batched step was no faster (BENCHMARKS.md,
+    "Speed")."""
+    return batch_heads == "always" or (batch_heads == "auto" and torch.device(device).type == "cuda")
 
 
 def default_epochs(steps_per_epoch: int) -> int:
@@ -112,6 +121,11 @@ class TrainConfig:
     final_anneal: bool = option(True, help="stop a head at once when it stops improving; by default its learning "
                                 "rate first falls linearly to zero over --patience more epochs, since early stopping "
                                 "otherwise ends a long schedule near its peak")  # the flag is --no-final-anneal
+    batch_heads: str = option("auto", choices=BATCH_HEADS, help="step heads of one architecture that differ only in "
+                              "learning rate, weight decay, seed or the layers they read as one batched module "
+                              "(vmap; the same weights as one by one up to float rounding)",
+                              default_text="auto: on a CUDA device, where K heads' small kernels become one; not on "
+                              "the CPU, where the batched step measured no faster")
     device: str = option("cpu", help="torch device the heads train on")
     precision: str = option("auto", choices=PRECISIONS, help="the heads' training precision: bfloat16 runs their "
                             "forward passes under autocast (losses, optimiser states and saved weights stay float32)",
@@ -376,18 +390,20 @@ class Trainer:
             started = time.perf_counter()
             for run in active:
                 run.head.train()
+            groups = self._groups(active)
             batches = training_batches(self.store, self.layers, config.batch_size, config.seed, epoch,
                                        config.group_by_length)
             bar = tqdm(on_device(islice(batches, self.steps_per_epoch), config.device),
                        total=self.steps_per_epoch, desc=f"epoch {epoch + 1}", unit="batch", disable=not config.progress)
             for step, batch in enumerate(bar):
-                for run in active:
-                    loss = self._step(run, batch)
+                for runs, group in groups:
+                    losses = [self._step(runs[0], batch)] if group is None else self._group_step(runs, group, batch)
                     if step % config.log_every == 0:
-                        self._check_finite(run)
-                        self._log({"event": "train", "head": run.name, "epoch": epoch + 1, "step": step,
-                                   "global_step": epoch * self.steps_per_epoch + step, "loss": loss.item(),
-                                   "lr": run.optimizer.param_groups[0]["lr"]})
+                        for run, loss in zip(runs, losses):
+                            self._check_finite(run)
+                            self._log({"event": "train", "head": run.name, "epoch": epoch + 1, "step": step,
+                                       "global_step": epoch * self.steps_per_epoch + step, "loss": loss.item(),
+                                       "lr": run.optimizer.param_groups[0]["lr"]})
             for run in active:
                 self._check_finite(run)  # which also waits for the device: the epoch's time is all its work
             self._end_epoch(epoch, active, time.perf_counter() - started)
@@ -398,6 +414,49 @@ class Trainer:
             for run, record in zip(self.runs, register_heads([run.output_dir for run in self.runs], config.catalog)):
                 summary[run.name]["catalog_record"] = record
         return summary
+
+    def _groups(self, runs: list[HeadRun]) -> list[tuple[list[HeadRun], HeadGroup | None]]:
+        """The runs in the groups that step together (heads/grouped.py; None: a run that steps alone), unless
+        batching is off."""
+        if not batches_heads(self.config.batch_heads, self.config.device):
+            return [([run], None) for run in runs]
+        groups = []
+        for indices in group_by_key([run.head.config for run in runs]):
+            members = [runs[index] for index in indices]
+            group = HeadGroup([run.head for run in members]) if len(members) > 1 else None
+            if group is not None:
+                group.train()
+            groups.append((members, group))
+        return groups
+
+    def _group_step(self, runs: list[HeadRun], group: HeadGroup, batch: dict[str, Any]) -> list[torch.Tensor]:
+        """One optimiser step of each run of a group, their forward and backward passes batched into one."""
+        hidden, labels = batch["hidden_states"], batch["labels"]
+        columns = [list(range(len(self.layers))[run.columns]) if isinstance(run.columns, slice) else run.columns
+                   for run in runs]
+        if all(own == columns[0] for own in columns):  # e.g. adapters: every head reads the same layers
+            features, heads_dim = hidden[:, :, runs[0].columns], None
+        else:  # e.g. a layer sweep: each head's layers side by side (a view when they follow each other)
+            features = hidden[:, :, compact_columns([column for own in columns for column in own])]
+            features, heads_dim = features.unflatten(2, (len(runs), len(columns[0]))), 2
+        device = hidden.device
+        generators = [torch.Generator(device).set_state(run.cuda_rng_state if device.type == "cuda"
+                                                        else run.rng_state) for run in runs]
+        losses = group.losses(features, heads_dim, batch["mask"], batch["word_ids"],
+                              runs[0].head.config.task_def.num_words(labels), labels, generators, self.autocast_dtype)
+        for run in runs:
+            run.optimizer.zero_grad(set_to_none=True)
+        losses.sum().backward()  # each head's loss reaches only its own weights
+        losses = losses.detach()
+        for run, generator, loss in zip(runs, generators, losses):
+            run.optimizer.step()
+            run.scheduler.step()
+            if device.type == "cuda":
+                run.cuda_rng_state = generator.get_state()
+            else:
+                run.rng_state = generator.get_state()
+            run.finite = run.finite & torch.isfinite(loss)
+        return list(losses)
 
     def _step(self, run: HeadRun, batch: dict[str, Any]) -> torch.Tensor:
         hidden, mask, word_ids = head_inputs(batch, run.columns)

@@ -48,8 +48,11 @@ LR_GRID = {
                   "scalar_mix": ([3e-3, 1e-2, 3e-2], [None]), "fusion": ([1e-3, 3e-3, 1e-2], [None])},
 }
 LR_ONE_PASS = ("conll-ner",)
-# v0.2: one lr for every head, probes on the last layer, 10 epochs, stopped at once when out of patience
-V02_DEFAULTS = {"lr": 1e-3, "epochs": 10, "final_anneal": False}
+# v0.2: one lr for every head, probes on the last layer, 10 epochs, stopped at once when out of patience, batches
+# as they come from the shuffled stream
+V02_DEFAULTS = {"lr": 1e-3, "epochs": 10, "final_anneal": False, "group_by_length": False}
+# the head types v0.2 had (the defaults phase compares them; the sequence and tail heads came later)
+V02_HEAD_TYPES = ["adapter", "linear", "scalar_mix", "mlp", "fusion"]
 
 
 def _sentences(path: Path) -> list[str]:
@@ -81,9 +84,11 @@ def prepare(data: Path, workdir: Path, record: Recorder) -> dict[str, dict[str, 
     return stores
 
 
-def lr_phase(stores: dict[str, dict[str, str]], workdir: Path, record: Recorder, seed: int) -> None:
+def lr_phase(stores: dict[str, dict[str, str]], workdir: Path, record: Recorder, seed: int,
+             corpora: list[str]) -> None:
     """Dev F1 (best epoch, 10 epochs, no early stopping) and test F1 of every grid point."""
-    for corpus, corpus_stores in reversed(stores.items()):  # the small corpus first: quick answers
+    for corpus in corpora:
+        corpus_stores = stores[corpus]
         grid = LR_GRID[corpus]
         passes = {"all": list(grid)} if corpus in LR_ONE_PASS else {head_type: [head_type] for head_type in grid}
         for name, head_types in passes.items():
@@ -100,9 +105,11 @@ def lr_phase(stores: dict[str, dict[str, str]], workdir: Path, record: Recorder,
             record[f"{key}_seconds"] = round(time.perf_counter() - started, 1)
 
 
-def layers_phase(stores: dict[str, dict[str, str]], workdir: Path, record: Recorder, seed: int) -> None:
+def layers_phase(stores: dict[str, dict[str, str]], workdir: Path, record: Recorder, seed: int,
+                 corpora: list[str]) -> None:
     """The quick sweep's dev F1 per layer (what the trainer ranks layers by) and its time, per probe type."""
-    for corpus, corpus_stores in reversed(stores.items()):
+    for corpus in corpora:
+        corpus_stores = stores[corpus]
         for head_type in ("linear", "mlp"):
             key = f"sweep_{corpus}_{head_type}_seed{seed}"
             if key in record.results:
@@ -135,7 +142,8 @@ def defaults_phase(stores: dict[str, dict[str, str]], workdir: Path, record: Rec
             if before_key not in record.results:
                 summary = train_and_test(corpus_stores, workdir / before_key, _head_specs("before", head_types),
                                          seed=seed, epochs=V02_DEFAULTS["epochs"],
-                                         final_anneal=V02_DEFAULTS["final_anneal"])
+                                         final_anneal=V02_DEFAULTS["final_anneal"],
+                                         group_by_length=V02_DEFAULTS["group_by_length"])
                 record[before_key] = {name: {"test_f1": result["test_f1"], "layers": result["layers"],
                                              "saved_epoch": result["saved_epoch"], "lr": V02_DEFAULTS["lr"],
                                              "epochs": V02_DEFAULTS["epochs"]} for name, result in summary.items()}
@@ -169,23 +177,24 @@ def print_tables(results: dict[str, Any], seeds: list[int]) -> None:
                 if when == "after" and rows and rows[0]:
                     layers = {tuple(row["layers"]) for row in rows if row and HEAD_TYPES[head_type].single_layer}
                     settings = f"{rows[0]['lr']:g}, {rows[0]['epochs']}" + (f", {sorted(layers)}" if layers else "")
-            print(f"| {head_type} | {cells[0]} | {cells[1]} | {settings} |")
+            if cells != ["-", "-"]:
+                print(f"| {head_type} | {cells[0]} | {cells[1]} | {settings} |")
 
 
 def main() -> None:
     parser = conll2003_parser(__doc__, "bench-defaults", ["extract", "lr", "layers", "defaults", "tables"],
                               ["lr", "layers", "defaults"])
-    parser.add_argument("--head-types", nargs="*", default=list(HEAD_TYPES), choices=list(HEAD_TYPES),
+    parser.add_argument("--head-types", nargs="*", default=V02_HEAD_TYPES, choices=list(HEAD_TYPES),
                         help="head types of the defaults phase")
     parser.add_argument("--corpora", nargs="*", default=list(reversed(CORPORA)), choices=list(CORPORA),
-                        help="corpora of the defaults phase")
+                        help="corpora of every phase (the small one first: quick answers)")
     args = parser.parse_args()
     data, workdir, record = conll2003_setup(args)
     stores = prepare(data, workdir, record)
     if "lr" in args.phases:
-        lr_phase(stores, workdir, record, seed=args.seeds[0])
+        lr_phase(stores, workdir, record, seed=args.seeds[0], corpora=args.corpora)
     if "layers" in args.phases:
-        layers_phase(stores, workdir, record, seed=args.seeds[0])
+        layers_phase(stores, workdir, record, seed=args.seeds[0], corpora=args.corpora)
     if "defaults" in args.phases:
         defaults_phase(stores, workdir, record, args.seeds, args.head_types, args.corpora)
     if "tables" in args.phases:

@@ -30,6 +30,14 @@ class FeatureDataset(torch.utils.data.Dataset):
         return self.store.sequence(row, self.layers, self.pooling)
 
 
+def _as_tensor(values: np.ndarray) -> torch.Tensor:
+    """A tensor over the array's own memory when torch has its dtype (float16 or float32: the batch's copy converts
+    it, without a float32 copy of every layer first); float32 for the dtypes torch cannot view (ml_dtypes)."""
+    if values.dtype in (np.float16, np.float32):
+        return torch.from_numpy(np.ascontiguousarray(values))
+    return torch.from_numpy(np.asarray(values, np.float32))
+
+
 def collate_features(items: Sequence[SequenceFeatures]) -> dict[str, Any]:
     """Pad a batch: hidden (B, T, L, H) float32, mask (B, T) bool, labels (B, W) padded with LABEL_PADDING or (B,),
     word_ids (B, T) with -1 on padding (token-level items only), index (B,) corpus rows."""
@@ -39,7 +47,7 @@ def collate_features(items: Sequence[SequenceFeatures]) -> dict[str, Any]:
     mask = torch.zeros((len(items), width), dtype=torch.bool)
     for row, item in enumerate(items):
         length = len(item.hidden_states)
-        hidden[row, :length] = torch.from_numpy(np.asarray(item.hidden_states, np.float32))
+        hidden[row, :length] = _as_tensor(item.hidden_states)
         hidden[row, length:] = 0  # only the padding needs zeroing
         mask[row, :length] = True
     batch: dict[str, Any] = {"hidden_states": hidden, "mask": mask,

@@ -1,0 +1,81 @@
+"""Heads of one architecture trained as one batched module: a step's K forward and backward passes become one.
+
+Heads trained together that differ only in what does not change their shapes (learning rate, weight decay,
+seed, the layer a probe reads) run as one module under `torch.func.vmap`: their weights are stacked for the
+step, so each matrix product runs once for all K heads instead of K times, and the per-operation overhead is
+paid once. Each head keeps its own parameters, optimiser and schedule (the stack is differentiable: gradients
+land on each head's own weights), and its dropout masks come from its own random stream
+(heads.layers.mask_streams), so each head's weights equal those of a separate run up to float rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+
+import torch
+from torch.func import functional_call, vmap
+
+from .config import HEAD_TYPES, HeadConfig
+from .head import Head
+from .layers import mask_streams
+
+
+def batch_key(config: HeadConfig) -> str | None:
+    """Heads whose keys are equal can step as one batched module; None: a head that steps alone (its type has
+    modules vmap cannot batch, or a CRF)."""
+    if not HEAD_TYPES[config.head_type].batched or config.crf:
+        return None
+    values = config.to_dict()
+    values.pop("name")
+    values["layers"] = len(config.layers)  # which layers a head reads is an input, not a shape
+    return json.dumps(values, sort_keys=True, default=str)
+
+
+def group_by_key(configs: Sequence[HeadConfig]) -> list[list[int]]:
+    """Indices of `configs` in groups that step together (in first-seen order; a head alone is a group of 1)."""
+    groups: dict[str, list[int]] = {}
+    for index, config in enumerate(configs):
+        key = batch_key(config)
+        groups.setdefault(key if key is not None else f"alone {index}", []).append(index)
+    return list(groups.values())
+
+
+class HeadGroup:
+    """K heads of one architecture (equal `batch_key`s) whose training losses are computed in one batched pass."""
+
+    def __init__(self, heads: Sequence[Head]) -> None:
+        if len({batch_key(head.config) for head in heads}) != 1 or batch_key(heads[0].config) is None:
+            raise ValueError("a HeadGroup needs heads of one batchable architecture")
+        self.heads = list(heads)
+        # a stateless copy to call with each head's weights in turn (functional_call swaps them in under vmap)
+        self.template = copy.deepcopy(heads[0])
+        self.names = [name for name, _ in self.template.named_parameters()]
+
+    def losses(self, hidden: torch.Tensor, heads_dim: int | None, mask: torch.Tensor, word_ids: torch.Tensor,
+               num_words: int | None, labels: torch.Tensor, generators: Sequence[torch.Generator],
+               autocast_dtype: torch.dtype | None) -> torch.Tensor:
+        """Each head's training loss on the batch, (K,). `hidden`: the layers every head reads (B, T, L, H), or
+        each head's own stacked along `heads_dim` (e.g. (B, T, K, L, H) with heads_dim 2). `generators`: each
+        head's random stream for its dropout. The forward runs under autocast in `autocast_dtype` (None: float32),
+        the loss in float32, as when the head trains alone."""
+        parameters = {name: torch.stack([head.get_parameter(name) for head in self.heads]) for name in self.names}
+        template = self.template
+        device_type = hidden.device.type
+
+        def head_loss(weights: dict[str, torch.Tensor], head_index: torch.Tensor, features: torch.Tensor
+                      ) -> torch.Tensor:
+            with mask_streams(generators, head_index), \
+                    torch.autocast(device_type, autocast_dtype, enabled=autocast_dtype is not None):
+                output = functional_call(template, weights, (features, mask, word_ids, num_words))
+            return template.loss(output.float(), labels)
+
+        index = torch.arange(len(self.heads), device=hidden.device)
+        # randomness "same": the only random draws are the dropout masks, made outside vmap's batching from
+        # each head's own generator (mask_streams)
+        batched = vmap(head_loss, in_dims=(0, 0, heads_dim), randomness="same")
+        return batched(parameters, index, hidden)
+
+    def train(self, mode: bool = True) -> None:
+        self.template.train(mode)
