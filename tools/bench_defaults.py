@@ -13,6 +13,7 @@ Phases (each writes its figures to the JSON file as it goes):
   time), to set against full training of a linear probe per layer (the `lr` phase trains those).
 - `defaults`: `heads train --head TYPE --eval-store DEV` for every head type, with the defaults of v0.2
   (lr 1e-3, the last layer for probes, 10 epochs, no final anneal) and with today's, same seeds; test F1.
+- `grouping`: today's defaults with `--no-group-by-length`, same seeds: what length grouping alone changes.
 
     HF_HUB_OFFLINE=1 python tools/bench_defaults.py --data ../shared/data/conll2003 --workdir /tmp/bench-defaults \
         --json benchmarks/defaults-2026-11-23.json
@@ -159,6 +160,20 @@ def defaults_phase(stores: dict[str, dict[str, str]], workdir: Path, record: Rec
                             "epochs": epochs} for head_type in head_types}
 
 
+def grouping_phase(stores: dict[str, dict[str, str]], workdir: Path, record: Recorder, seeds: list[int],
+                   head_types: list[str], corpora: list[str]) -> None:
+    """Test F1 of each head type with today's defaults but batches as they come from the shuffled stream (no
+    length grouping), same seeds as the `defaults` phase's "after" runs: what grouping alone changes."""
+    for corpus in corpora:
+        for seed in seeds:
+            key = f"grouping_{corpus}_ungrouped_seed{seed}"
+            if key not in record.results:
+                summary = train_and_test(stores[corpus], workdir / key, _head_specs("after", head_types), seed=seed,
+                                         group_by_length=False)
+                record[key] = {name: {"test_f1": result["test_f1"], "saved_epoch": result["saved_epoch"]}
+                               for name, result in summary.items()}
+
+
 def print_tables(results: dict[str, Any], seeds: list[int]) -> None:
     """Markdown tables: the learning-rate grid (dev F1 of the best epoch; probes: their best layer) and the
     defaults phase (test F1 per head type, mean and range over seeds)."""
@@ -182,7 +197,7 @@ def print_tables(results: dict[str, Any], seeds: list[int]) -> None:
 
 
 def main() -> None:
-    parser = conll2003_parser(__doc__, "bench-defaults", ["extract", "lr", "layers", "defaults", "tables"],
+    parser = conll2003_parser(__doc__, "bench-defaults", ["extract", "lr", "layers", "defaults", "grouping", "tables"],
                               ["lr", "layers", "defaults"])
     parser.add_argument("--head-types", nargs="*", default=V02_HEAD_TYPES, choices=list(HEAD_TYPES),
                         help="head types of the defaults phase")
@@ -197,6 +212,8 @@ def main() -> None:
         layers_phase(stores, workdir, record, seed=args.seeds[0], corpora=args.corpora)
     if "defaults" in args.phases:
         defaults_phase(stores, workdir, record, args.seeds, args.head_types, args.corpora)
+    if "grouping" in args.phases:
+        grouping_phase(stores, workdir, record, args.seeds, args.head_types, args.corpora)
     if "tables" in args.phases:
         print_tables(record.results, args.seeds)
 
