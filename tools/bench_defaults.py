@@ -14,6 +14,7 @@ Phases (each writes its figures to the JSON file as it goes):
 - `defaults`: `heads train --head TYPE --eval-store DEV` for every head type, with the defaults of v0.2
   (lr 1e-3, the last layer for probes, 10 epochs, no final anneal) and with today's, same seeds; test F1.
 - `grouping`: today's defaults with `--no-group-by-length`, same seeds: what length grouping alone changes.
+- `adapter_epochs`: the adapter with today's defaults but 10 epochs, same seeds.
 
     HF_HUB_OFFLINE=1 python tools/bench_defaults.py --data ../shared/data/conll2003 --workdir /tmp/bench-defaults \
         --json benchmarks/defaults-2026-11-23.json
@@ -174,6 +175,20 @@ def grouping_phase(stores: dict[str, dict[str, str]], workdir: Path, record: Rec
                                for name, result in summary.items()}
 
 
+def adapter_epochs_phase(stores: dict[str, dict[str, str]], workdir: Path, record: Recorder, seeds: list[int],
+                         corpora: list[str]) -> None:
+    """Test F1 of the adapter with today's defaults but the paper's 10 epochs instead of the store-size rule (which
+    stretches a small store's schedule to 3,000 steps), same seeds as the `defaults` phase."""
+    for corpus in corpora:
+        for seed in seeds:
+            key = f"adapter_epochs10_{corpus}_seed{seed}"
+            if key not in record.results:
+                summary = train_and_test(stores[corpus], workdir / key, _head_specs("after", ["adapter"]), seed=seed,
+                                         epochs=10)
+                record[key] = {"test_f1": summary["adapter"]["test_f1"],
+                               "saved_epoch": summary["adapter"]["saved_epoch"]}
+
+
 def print_tables(results: dict[str, Any], seeds: list[int]) -> None:
     """Markdown tables: the learning-rate grid (dev F1 of the best epoch; probes: their best layer) and the
     defaults phase (test F1 per head type, mean and range over seeds)."""
@@ -197,7 +212,8 @@ def print_tables(results: dict[str, Any], seeds: list[int]) -> None:
 
 
 def main() -> None:
-    parser = conll2003_parser(__doc__, "bench-defaults", ["extract", "lr", "layers", "defaults", "grouping", "tables"],
+    parser = conll2003_parser(__doc__, "bench-defaults", ["extract", "lr", "layers", "defaults", "grouping",
+                                                                 "adapter_epochs", "tables"],
                               ["lr", "layers", "defaults"])
     parser.add_argument("--head-types", nargs="*", default=V02_HEAD_TYPES, choices=list(HEAD_TYPES),
                         help="head types of the defaults phase")
@@ -214,6 +230,8 @@ def main() -> None:
         defaults_phase(stores, workdir, record, args.seeds, args.head_types, args.corpora)
     if "grouping" in args.phases:
         grouping_phase(stores, workdir, record, args.seeds, args.head_types, args.corpora)
+    if "adapter_epochs" in args.phases:
+        adapter_epochs_phase(stores, workdir, record, args.seeds, args.corpora)
     if "tables" in args.phases:
         print_tables(record.results, args.seeds)
 
