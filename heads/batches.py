@@ -1,11 +1,13 @@
 """From a store's sequences to the tensors a head steps on: batching, label mapping, device placement.
 
 Batches reach the heads' device once per step (`on_device`), whatever the number of heads. Training batches
-are grouped by length by default: a head computes every padded position of a batch,
+can be grouped by length (`--group-by-length`): a head computes every padded position of a batch,
 and shuffled batches of short and long sentences hold more padding than real tokens (CoNLL-2003, 32
 sentences: 2.6 padded positions per real token). Sorting pools of a few dozen batches drawn from the
 shuffled stream, then yielding the pool's batches in random order, keeps the epoch random while cutting
-the padding to a few percent (the recipe of AllenNLP's bucket iterator and HF's `group_by_length`).
+the padding to a few percent (the recipe of AllenNLP's bucket iterator and HF's `group_by_length`). It is
+off by default: on CoNLL-2003 the adapter trained on grouped batches scored lower (BENCHMARKS.md, "Defaults").
+Evaluation batches are always grouped (results do not depend on the batching).
 """
 
 from __future__ import annotations
@@ -36,9 +38,9 @@ def collated_batches(items: Iterable[SequenceFeatures], batch_size: int, group_b
 
 
 def training_batches(store: Store, layers: list[int], batch_size: int, seed: int, epoch: int,
-                     group_by_length: bool = True) -> Iterator[dict[str, Any]]:
+                     group_by_length: bool = False) -> Iterator[dict[str, Any]]:
     """One training epoch's batches of a store: shuffled (deterministic for seed and epoch), grouped by length
-    unless asked not to."""
+    when asked."""
     items = store.iter_epoch(layers=layers, seed=seed, epoch=epoch)
     batch_order = np.random.default_rng([seed, epoch, 1])  # a stream apart from the reader's shuffle
     return collated_batches(items, batch_size, group_by_length, batch_order)

@@ -106,9 +106,11 @@ class TrainConfig:
                                 default_text=f"{DEFAULT_EPOCHS}, or as many as make {MIN_DEFAULT_STEPS:,} steps on a "
                                 f"small store (at most {MAX_DEFAULT_EPOCHS}); {EPOCHS_BY_TYPE}")
     batch_size: int = option(32, minimum=1, help="sequences per optimiser step")
-    group_by_length: bool = option(True, help="batch sequences as they come from the shuffled stream; by default "
-                                   f"pools of {POOL_BATCHES} batches are sorted by length and their batches drawn in "
-                                   "random order, so heads compute little padding")  # the flag: --no-group-by-length
+    group_by_length: bool = option(False, help=f"batch sequences of similar lengths: pools of {POOL_BATCHES} batches "
+                                   "from the shuffled stream sorted by length, their batches in random order, so heads "
+                                   "compute little padding (1.7x faster adapter epochs on CoNLL-2003) but train on "
+                                   "less mixed batches (0.7 test F1 lower for the adapter there: off by default; "
+                                   "BENCHMARKS.md, \"Defaults\")")
     lr: float | None = option(None, minimum=0, help="peak learning rate of the one-cycle schedule (a head spec's "
                               "own 'lr' wins)", default_text=f"by head type: {LR_BY_TYPE}")
     weight_decay: float = option(0.0, minimum=0, help="AdamW weight decay (0: plain Adam, as in the reference "

@@ -211,6 +211,18 @@ def tagged_sentences(count, seed):
     return sentences
 
 
+def sequence_corpus(path, count, seed, regression=False):
+    """A JSONL corpus of sentences labelled by whether they name a person (or, for regression, how many)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        words = [rng.choice(FILLER + PEOPLE) for _ in range(rng.randint(3, 9))]
+        people = sum(word in PEOPLE for word in words)
+        rows.append({"text": " ".join(words), "label": float(people) if regression else ("yes" if people else "no")})
+    path.write_text("\n".join(json.dumps(row) for row in rows))
+    return path
+
+
 def write_tagged(path, sentences):
     path.write_text("\n\n".join("\n".join(f"{w} {t}" for w, t in zip(*s)) for s in sentences) + "\n")
     return path

@@ -2,7 +2,6 @@
 mismatch errors, the encoder is never loaded, resume, and live/store prediction parity."""
 
 import json
-import random
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from heads.entities import repair_bio
 from heads.layers import pool_words
 from heads.trainer import Trainer
 
-from .conftest import FILLER, LABELS, PEOPLE, tagged_sentences, write_tagged
+from .conftest import LABELS, sequence_corpus, tagged_sentences, write_tagged
 
 
 def _train(stores, out, heads, **options):
@@ -178,22 +177,11 @@ def test_live_predictions_equal_store_predictions(ner_stores, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["words"] == ["Anna", "visited", "Berlin"]
 
 
-def _sequence_corpus(path, count, seed, regression=False):
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(count):
-        words = [rng.choice(FILLER + PEOPLE) for _ in range(rng.randint(3, 9))]
-        people = sum(word in PEOPLE for word in words)
-        rows.append({"text": " ".join(words), "label": float(people) if regression else ("yes" if people else "no")})
-    path.write_text("\n".join(json.dumps(row) for row in rows))
-    return path
-
-
 @pytest.mark.parametrize("pooling", ["first", "mean", "attention"])
 def test_sequence_classification_heads(tiny_models, tmp_path, pooling):
     stores = {}
     for split, seed in (("train", 1), ("dev", 2)):
-        corpus = _sequence_corpus(tmp_path / f"{split}.jsonl", 300 if split == "train" else 100, seed)
+        corpus = sequence_corpus(tmp_path / f"{split}.jsonl", 300 if split == "train" else 100, seed)
         stores[split] = extract(ExtractConfig(out=str(tmp_path / f"{split}.zarr"), model=tiny_models["bert"],
                                               corpus=CorpusSpec(str(corpus)), dtype="float32", progress=False)).path
     summary = _train(stores, tmp_path / "out", [{"type": "adapter", "sequence_pooling": pooling}], epochs=8)
@@ -203,7 +191,7 @@ def test_sequence_classification_heads(tiny_models, tmp_path, pooling):
 def test_regression_head(tiny_models, tmp_path):
     stores = {}
     for split, seed in (("train", 1), ("dev", 2)):
-        corpus = _sequence_corpus(tmp_path / f"{split}.jsonl", 300 if split == "train" else 100, seed, True)
+        corpus = sequence_corpus(tmp_path / f"{split}.jsonl", 300 if split == "train" else 100, seed, True)
         stores[split] = extract(ExtractConfig(out=str(tmp_path / f"{split}.zarr"), model=tiny_models["bert"],
                                               corpus=CorpusSpec(str(corpus)), dtype="float32", progress=False)).path
     assert open_store(stores["train"]).task == "regression"

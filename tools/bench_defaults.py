@@ -13,7 +13,8 @@ Phases (each writes its figures to the JSON file as it goes):
   time), to set against full training of a linear probe per layer (the `lr` phase trains those).
 - `defaults`: `heads train --head TYPE --eval-store DEV` for every head type, with the defaults of v0.2
   (lr 1e-3, the last layer for probes, 10 epochs, no final anneal) and with today's, same seeds; test F1.
-- `grouping`: today's defaults with `--no-group-by-length`, same seeds: what length grouping alone changes.
+- `grouping`: today's defaults with batches as shuffled (length grouping was the default when the `defaults`
+  phase's "after" runs of 2026-11-24 ran), same seeds: what length grouping alone changes.
 - `adapter_epochs`: the adapter with today's defaults but 10 epochs, same seeds.
 
     HF_HUB_OFFLINE=1 python tools/bench_defaults.py --data ../shared/data/conll2003 --workdir /tmp/bench-defaults \

@@ -361,6 +361,7 @@ def k_heads_timing(stores: dict[str, str], workdir: Path, record: Recorder) -> N
             base = None
             for k in (1, 4, 8):
                 _, seconds = train_from_store(stores, workdir / f"k_{kind}_{k}", specs[:k], epochs=1, evaluate=False,
+                                              group_by_length=True,
                                               batch_heads="always" if batched else "never")
                 base = base or seconds
                 record[f"k{k}_{kind}_epoch_seconds"] = seconds
