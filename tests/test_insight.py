@@ -25,7 +25,7 @@ from featstore.store import format as fmt
 from heads import Head, TrainConfig, evaluate_heads, train
 from heads.cli import main as heads_main
 
-from .conftest import copy_path, edit_attrs
+from .conftest import copy_path, edit_attrs, sequence_corpus
 
 
 def _config(stores, out, heads, **options):
@@ -204,11 +204,9 @@ def test_report_of_sequence_heads(tiny_models, tmp_path, regression):
     from featstore import ExtractConfig, extract
     from featstore.extraction.corpus import CorpusSpec
 
-    from .test_heads import _sequence_corpus
-
     stores = {}
     for split, count, seed in (("train", 120, 1), ("dev", 60, 2)):
-        corpus = _sequence_corpus(tmp_path / f"{split}.jsonl", count, seed, regression)
+        corpus = sequence_corpus(tmp_path / f"{split}.jsonl", count, seed, regression)
         stores[split] = extract(ExtractConfig(out=str(tmp_path / f"{split}.zarr"), model=tiny_models["bert"],
                                               corpus=CorpusSpec(str(corpus)), dtype="float32", progress=False)).path
     train(_config(stores, tmp_path / "head", [{"type": "adapter"}], epochs=2))
