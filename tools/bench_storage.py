@@ -7,11 +7,19 @@ Phases (each writes its figures to the JSON file as it goes; a run continues a f
   over rounds), and the relative RMS error per layer against the float32 store (||x - ref|| / ||ref||).
 - `read`: warm-cache reads of each dev store, rounds alternating the order: a shuffled `iter_epoch` over all
   layers in tokens/s and MB/s of stored bytes, as ratios to float16 (median and range over rounds); and the
-  same epoch with every sequence made float32, what a head consumes (float16 reads come back as float16).
+  same epoch with every sequence made float32 (float16 reads come back as float16), and the trainer's own input
+  path: the epoch as padded float32 batches of 32 (`heads.batches.training_batches`, what a head is fed).
 - `codec`: the lossless codec (`--compression zstd`, level 5) on each encoding's dev store: bytes/token with it (as
   a ratio to the same encoding raw and to float16 raw), tokens/s of a shuffled epoch read as float32 with it as a
   ratio to the same store raw, and extraction tokens/s with it as a ratio to without, for float16 and int8 (median
   and range over rounds alternating the order).
+- `scales`: int8's scale choices compared offline on the float32 dev store's values (numpy, the same rounding and
+  clipping as the extractor): one scale per token and layer (what `int8` stores), one scale per channel and layer
+  from the first CALIBRATION_TOKENS tokens (values beyond it clip), and both (channels divided by their scale,
+  then per-token absmax); relative RMS error per layer.
+- `remote`: the dev stores of `read` (and their zstd copies from `codec`, where made) pushed to SeaweedFS on
+  127.0.0.1 (`featstore push`), then a shuffled epoch read as float32 from S3, rounds alternating the order:
+  tokens/s and MB/s of stored bytes, as ratios to float16 raw from S3 (median and range over rounds).
 - `heads`: CoNLL-2003 train/dev/test extracted once in float16 and converted (`featstore convert`) to each
   encoding, then the linear probe (layer 4), the scalar mix and the adapter with its tailor trained from each,
   same seeds, test F1 (mean and range over seeds).
@@ -24,9 +32,12 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.s3server: the remote phase's server
 
 import numpy as np
 from benchargs import Recorder, conll2003_parser, conll2003_setup, train_and_test
@@ -91,11 +102,22 @@ def _epoch_seconds(store: Any, seed: int) -> float:
     return time.perf_counter() - started
 
 
+def _batches_seconds(store: Any, seed: int) -> float:
+    """One epoch of the trainer's padded float32 batches (32 sequences, all layers): what a head is fed."""
+    from heads.batches import training_batches
+
+    started = time.perf_counter()
+    for _ in training_batches(store, list(store.layers), batch_size=32, seed=seed, epoch=0):
+        pass
+    return time.perf_counter() - started
+
+
 def read_phase(stores: dict[str, str], record: Recorder, rounds: int) -> None:
     os.sync()
     rates: dict[str, list[float]] = {dtype: [] for dtype in ENCODINGS}
     byte_rates: dict[str, list[float]] = {dtype: [] for dtype in ENCODINGS}
     float32_rates: dict[str, list[float]] = {dtype: [] for dtype in ENCODINGS}
+    batch_rates: dict[str, list[float]] = {dtype: [] for dtype in ENCODINGS}
     opened = {dtype: open_store(stores[dtype]) for dtype in ENCODINGS}
     for store in opened.values():  # warm the page cache
         sum(1 for _ in store.iter_epoch())
@@ -110,12 +132,16 @@ def read_phase(stores: dict[str, str], record: Recorder, rounds: int) -> None:
             byte_rates[dtype].append(_hidden_bytes(store) / elapsed / 1e6)
             # what a head consumes: float32 (float16 reads come back as float16)
             float32_rates[dtype].append(store.num_tokens / _epoch_seconds(store, index))
+            batch_rates[dtype].append(store.num_tokens / _batches_seconds(store, index))
     for dtype in ENCODINGS:
         record[f"read_{dtype}"] = {"tokens_per_s": _spread(rates[dtype], 0), "MB_per_s": _spread(byte_rates[dtype], 1),
                                    "tokens_per_s_vs_float16": _spread([r / f for r, f in zip(rates[dtype],
                                                                                              rates["float16"])]),
                                    "as_float32_tokens_per_s_vs_float16": _spread(
-                                       [r / f for r, f in zip(float32_rates[dtype], float32_rates["float16"])])}
+                                       [r / f for r, f in zip(float32_rates[dtype], float32_rates["float16"])]),
+                                   "trainer_batches_tokens_per_s": _spread(batch_rates[dtype], 0),
+                                   "trainer_batches_tokens_per_s_vs_float16": _spread(
+                                       [r / f for r, f in zip(batch_rates[dtype], batch_rates["float16"])])}
     for store in opened.values():
         store.close()
 
@@ -155,6 +181,64 @@ def codec_phase(data: Path, workdir: Path, record: Recorder, rounds: int, level:
             [plain / packed for plain, packed in zip(seconds[None], seconds[codec])])
 
 
+CALIBRATION_TOKENS = 8192  # "the first blocks": what an extractor would have seen before its first write
+
+
+def _absmax_scales(values: np.ndarray, axis: int) -> np.ndarray:
+    scales = np.abs(values).max(axis=axis, keepdims=True) / 127
+    return np.where(scales > 0, scales, 1.0)  # an all-zero row or channel: any scale decodes it
+
+
+def _int8_round_trip(values: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(values / scales), -127, 127) * scales
+
+
+def scales_phase(workdir: Path, record: Recorder) -> None:
+    errors: dict[str, list[float]] = {"per_token": [], "per_channel": [], "per_channel_and_token": []}
+    with open_store(str(workdir / "dev-float32.zarr")) as store:
+        for column in range(len(store.layers)):
+            values = store.read_hidden(0, store.num_tokens, [column])[:, 0].astype(np.float64)  # (T, H)
+            channel = _absmax_scales(values[:CALIBRATION_TOKENS], axis=0)  # (1, H)
+            smoothed = values / channel
+            decoded = {"per_token": _int8_round_trip(values, _absmax_scales(values, axis=1)),
+                       "per_channel": _int8_round_trip(values, channel),
+                       "per_channel_and_token": _int8_round_trip(smoothed, _absmax_scales(smoothed, axis=1)) * channel}
+            norm = np.linalg.norm(values)
+            for name, got in decoded.items():
+                errors[name].append(float(f"{np.linalg.norm(got - values) / norm:.2e}"))
+    record["scales_int8_relative_rms_error_per_layer"] = {"calibration_tokens": CALIBRATION_TOKENS, **errors}
+
+
+def remote_phase(workdir: Path, record: Recorder, rounds: int) -> None:
+    from featstore.sharing.transfer import copy_store
+    from tests.s3server import ADMIN, SeaweedServer
+
+    local = {f"{dtype}{suffix}": path for dtype in ENCODINGS for suffix in ("", "-zstd5")
+             if (path := workdir / f"dev-{dtype}{suffix}.zarr").is_dir()}
+    server = SeaweedServer(workdir / "seaweedfs").start()
+    os.environ.update(server.env(ADMIN))
+    try:
+        import s3fs
+
+        s3fs.S3FileSystem(skip_instance_cache=True).mkdir("bench")
+        remote = {name: copy_store(str(path), f"s3://bench/dev-{name}.zarr", progress=False).url
+                  for name, path in local.items()}
+        opened = {name: open_store(url) for name, url in remote.items()}
+        seconds: dict[str, list[float]] = {name: [] for name in opened}
+        for index in range(rounds):
+            for name in opened if index % 2 == 0 else reversed(opened):
+                seconds[name].append(_epoch_seconds(opened[name], index))
+        for name, store in opened.items():
+            tokens, stored = store.num_tokens, _hidden_bytes(store)
+            record[f"remote_{name}"] = {
+                "tokens_per_s": _spread([tokens / s for s in seconds[name]], 0),
+                "MB_per_s": _spread([stored / s / 1e6 for s in seconds[name]], 1),
+                "tokens_per_s_vs_float16": _spread([f / s for f, s in zip(seconds["float16"], seconds[name])])}
+            store.close()
+    finally:
+        server.stop()
+
+
 def heads_phase(data: Path, workdir: Path, record: Recorder, seeds: list[int], encodings: list[str]) -> None:
     source = {split: extract(ExtractConfig(out=str(workdir / f"{split}-float16.zarr"), progress=False,
                                            corpus=CorpusSpec(str(data / f"{split}.txt"), format="conll"))).path
@@ -172,9 +256,10 @@ def heads_phase(data: Path, workdir: Path, record: Recorder, seeds: list[int], e
 
 
 def main() -> None:
-    phases = ["extract", "read", "codec", "heads"]
+    phases = ["extract", "read", "codec", "scales", "remote", "heads"]
     parser = conll2003_parser(__doc__, "bench-storage", phases, phases)
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds of the extract and read phases")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="timed rounds of the extract, read, codec and remote phases")
     parser.add_argument("--encodings", nargs="*", default=list(ENCODINGS), choices=list(ENCODINGS),
                         help="encodings of the heads phase")
     args = parser.parse_args()
@@ -186,6 +271,10 @@ def main() -> None:
             read_phase(stores, record, args.rounds)
     if "codec" in args.phases:
         codec_phase(data, workdir, record, args.rounds)
+    if "scales" in args.phases:
+        scales_phase(workdir, record)
+    if "remote" in args.phases:
+        remote_phase(workdir, record, args.rounds)
     if "heads" in args.phases:
         heads_phase(data, workdir, record, args.seeds, args.encodings)
 
