@@ -211,16 +211,22 @@ def tagged_sentences(count, seed):
     return sentences
 
 
-def sequence_corpus(path, count, seed, regression=False):
-    """A JSONL corpus of sentences labelled by whether they name a person (or, for regression, how many)."""
+def sequence_store(model, directory, split, count, seed, regression=False):
+    """A float32 store (at DIRECTORY/SPLIT.zarr) of a JSONL corpus of sentences labelled by whether they name a
+    person (or, for regression, how many)."""
+    from featstore import ExtractConfig, extract
+    from featstore.extraction.corpus import CorpusSpec
+
     rng = random.Random(seed)
     rows = []
     for _ in range(count):
         words = [rng.choice(FILLER + PEOPLE) for _ in range(rng.randint(3, 9))]
         people = sum(word in PEOPLE for word in words)
         rows.append({"text": " ".join(words), "label": float(people) if regression else ("yes" if people else "no")})
-    path.write_text("\n".join(json.dumps(row) for row in rows))
-    return path
+    corpus = directory / f"{split}.jsonl"
+    corpus.write_text("\n".join(json.dumps(row) for row in rows))
+    return extract(ExtractConfig(out=str(directory / f"{split}.zarr"), model=model, corpus=CorpusSpec(str(corpus)),
+                                 dtype="float32", progress=False)).path
 
 
 def write_tagged(path, sentences):

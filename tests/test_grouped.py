@@ -8,7 +8,7 @@ from heads import TrainConfig, train
 from heads.grouped import HeadGroup
 from heads.trainer import Trainer
 
-from .conftest import sequence_corpus
+from .conftest import sequence_store
 
 GROUPS = {  # heads that batch together: differing in learning rate, seed, weight decay or the layer they read
     "adapters": [{"type": "adapter", "name": "a", "lr": 5e-3}, {"type": "adapter", "name": "b", "lr": 1e-3},
@@ -91,12 +91,7 @@ def test_batched_heads_equal_separate_runs_on_each_device_and_precision(ner_stor
 
 @pytest.mark.parametrize("regression", [False, True])
 def test_batched_sequence_heads_equal_separate_runs(tiny_models, tmp_path, monkeypatch, regression):
-    from featstore import ExtractConfig, extract
-    from featstore.extraction.corpus import CorpusSpec
-
-    corpus = sequence_corpus(tmp_path / "train.jsonl", 120, 1, regression)
-    store = extract(ExtractConfig(out=str(tmp_path / "train.zarr"), model=tiny_models["bert"],
-                                  corpus=CorpusSpec(str(corpus)), dtype="float32", progress=False)).path
+    store = sequence_store(tiny_models["bert"], tmp_path, "train", 120, 1, regression)
     specs = [{"type": "adapter", "name": f"a{seed}", "seed": seed, "sequence_pooling": "attention"}
              for seed in (1, 2)]
     _batched_equal_separate({"train": store}, tmp_path, specs, monkeypatch)

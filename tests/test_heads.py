@@ -16,7 +16,7 @@ from heads.entities import repair_bio
 from heads.layers import pool_words
 from heads.trainer import Trainer
 
-from .conftest import LABELS, sequence_corpus, tagged_sentences, write_tagged
+from .conftest import LABELS, sequence_store, tagged_sentences, write_tagged
 
 
 def _train(stores, out, heads, **options):
@@ -179,21 +179,15 @@ def test_live_predictions_equal_store_predictions(ner_stores, tmp_path, capsys):
 
 @pytest.mark.parametrize("pooling", ["first", "mean", "attention"])
 def test_sequence_classification_heads(tiny_models, tmp_path, pooling):
-    stores = {}
-    for split, seed in (("train", 1), ("dev", 2)):
-        corpus = sequence_corpus(tmp_path / f"{split}.jsonl", 300 if split == "train" else 100, seed)
-        stores[split] = extract(ExtractConfig(out=str(tmp_path / f"{split}.zarr"), model=tiny_models["bert"],
-                                              corpus=CorpusSpec(str(corpus)), dtype="float32", progress=False)).path
+    stores = {split: sequence_store(tiny_models["bert"], tmp_path, split, count, seed)
+              for split, count, seed in (("train", 300, 1), ("dev", 100, 2))}
     summary = _train(stores, tmp_path / "out", [{"type": "adapter", "sequence_pooling": pooling}], epochs=8)
     assert summary["adapter"]["best"] > 0.85  # accuracy; the majority class is ~0.6
 
 
 def test_regression_head(tiny_models, tmp_path):
-    stores = {}
-    for split, seed in (("train", 1), ("dev", 2)):
-        corpus = sequence_corpus(tmp_path / f"{split}.jsonl", 300 if split == "train" else 100, seed, True)
-        stores[split] = extract(ExtractConfig(out=str(tmp_path / f"{split}.zarr"), model=tiny_models["bert"],
-                                              corpus=CorpusSpec(str(corpus)), dtype="float32", progress=False)).path
+    stores = {split: sequence_store(tiny_models["bert"], tmp_path, split, count, seed, True)
+              for split, count, seed in (("train", 300, 1), ("dev", 100, 2))}
     assert open_store(stores["train"]).task == "regression"
     summary = _train(stores, tmp_path / "out", [{"type": "scalar_mix", "sequence_pooling": "mean", "lr": 0.1}],
                      epochs=8)

@@ -25,7 +25,7 @@ from featstore.store import format as fmt
 from heads import Head, TrainConfig, evaluate_heads, train
 from heads.cli import main as heads_main
 
-from .conftest import copy_path, edit_attrs, sequence_corpus
+from .conftest import copy_path, edit_attrs, sequence_store
 
 
 def _config(stores, out, heads, **options):
@@ -201,14 +201,8 @@ def test_report_of_a_single_head_uses_its_recorded_eval_store(ner_stores, tmp_pa
 
 @pytest.mark.parametrize("regression", [False, True], ids=["classification", "regression"])
 def test_report_of_sequence_heads(tiny_models, tmp_path, regression):
-    from featstore import ExtractConfig, extract
-    from featstore.extraction.corpus import CorpusSpec
-
-    stores = {}
-    for split, count, seed in (("train", 120, 1), ("dev", 60, 2)):
-        corpus = sequence_corpus(tmp_path / f"{split}.jsonl", count, seed, regression)
-        stores[split] = extract(ExtractConfig(out=str(tmp_path / f"{split}.zarr"), model=tiny_models["bert"],
-                                              corpus=CorpusSpec(str(corpus)), dtype="float32", progress=False)).path
+    stores = {split: sequence_store(tiny_models["bert"], tmp_path, split, count, seed, regression)
+              for split, count, seed in (("train", 120, 1), ("dev", 60, 2))}
     train(_config(stores, tmp_path / "head", [{"type": "adapter"}], epochs=2))
     assert heads_main(["report", str(tmp_path / "head"), "--out", str(tmp_path / "report")]) == 0
     (head,) = json.loads((tmp_path / "report" / "report.json").read_text())["heads"]
