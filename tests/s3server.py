@@ -121,6 +121,21 @@ class SeaweedServer:
             self.log.close()
 
 
+@contextlib.contextmanager
+def serving_bucket(directory: Path, bucket: str):
+    """A server for a benchmark: started in `directory`, this process's S3 clients pointed at it as admin,
+    `bucket` made; stopped on exit."""
+    server = SeaweedServer(directory).start()
+    os.environ.update(server.env(ADMIN))
+    try:
+        import s3fs
+
+        s3fs.S3FileSystem(skip_instance_cache=True).mkdir(bucket)
+        yield server
+    finally:
+        server.stop()
+
+
 def environment_with(extra: dict[str, str]) -> dict[str, str]:
     return {**os.environ, **extra}
 

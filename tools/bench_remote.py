@@ -27,7 +27,7 @@ from featstore import ExtractConfig, extract, open_store
 from featstore.extraction.corpus import CorpusSpec
 from featstore.sharing.transfer import copy_store
 from heads import TrainConfig, train
-from tests.s3server import ADMIN, SeaweedServer
+from tests.s3server import serving_bucket
 
 
 def read_epoch(path: str, seed: int) -> tuple[float, int]:
@@ -47,12 +47,7 @@ def main() -> None:
     args, workdir = parse_bench_args(__doc__, "bench-remote-")
     logging.basicConfig(level=logging.WARNING)
 
-    server = SeaweedServer(workdir / "seaweedfs").start()
-    os.environ.update(server.env(ADMIN))
-    try:
-        import s3fs
-
-        s3fs.S3FileSystem(skip_instance_cache=True).mkdir("bench")
+    with serving_bucket(workdir / "seaweedfs", "bench"):
         local = extract(ExtractConfig(out=str(workdir / "local.zarr"), corpus=CorpusSpec(args.corpus),
                                       progress=False)).path
         started = time.perf_counter()
@@ -83,8 +78,6 @@ def main() -> None:
             print(f"{name}: local {local_s:.2f} s, remote {remote_s:.2f} s, remote/local {remote_s / local_s:.2f}")
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
-    finally:
-        server.stop()
 
 
 if __name__ == "__main__":

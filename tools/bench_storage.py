@@ -107,7 +107,7 @@ def _batches_seconds(store: Any, seed: int) -> float:
     from heads.batches import training_batches
 
     started = time.perf_counter()
-    for _ in training_batches(store, list(store.layers), batch_size=32, seed=seed, epoch=0):
+    for _ in training_batches(store, store.layers, batch_size=32, seed=seed, epoch=0):
         pass
     return time.perf_counter() - started
 
@@ -182,15 +182,16 @@ def codec_phase(data: Path, workdir: Path, record: Recorder, rounds: int, level:
 
 
 CALIBRATION_TOKENS = 8192  # "the first blocks": what an extractor would have seen before its first write
+INT8_CODE_MAX = fmt.ENCODINGS["int8"].code_max
 
 
 def _absmax_scales(values: np.ndarray, axis: int) -> np.ndarray:
-    scales = np.abs(values).max(axis=axis, keepdims=True) / 127
+    scales = np.abs(values).max(axis=axis, keepdims=True) / INT8_CODE_MAX
     return np.where(scales > 0, scales, 1.0)  # an all-zero row or channel: any scale decodes it
 
 
 def _int8_round_trip(values: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    return np.clip(np.round(values / scales), -127, 127) * scales
+    return np.clip(np.round(values / scales), -INT8_CODE_MAX, INT8_CODE_MAX) * scales
 
 
 def scales_phase(workdir: Path, record: Recorder) -> None:
@@ -211,16 +212,11 @@ def scales_phase(workdir: Path, record: Recorder) -> None:
 
 def remote_phase(workdir: Path, record: Recorder, rounds: int) -> None:
     from featstore.sharing.transfer import copy_store
-    from tests.s3server import ADMIN, SeaweedServer
+    from tests.s3server import serving_bucket
 
     local = {f"{dtype}{suffix}": path for dtype in ENCODINGS for suffix in ("", "-zstd5")
              if (path := workdir / f"dev-{dtype}{suffix}.zarr").is_dir()}
-    server = SeaweedServer(workdir / "seaweedfs").start()
-    os.environ.update(server.env(ADMIN))
-    try:
-        import s3fs
-
-        s3fs.S3FileSystem(skip_instance_cache=True).mkdir("bench")
+    with serving_bucket(workdir / "seaweedfs", "bench"):
         remote = {name: copy_store(str(path), f"s3://bench/dev-{name}.zarr", progress=False).url
                   for name, path in local.items()}
         opened = {name: open_store(url) for name, url in remote.items()}
@@ -235,8 +231,6 @@ def remote_phase(workdir: Path, record: Recorder, rounds: int) -> None:
                 "MB_per_s": _spread([stored / s / 1e6 for s in seconds[name]], 1),
                 "tokens_per_s_vs_float16": _spread([f / s for f, s in zip(seconds["float16"], seconds[name])])}
             store.close()
-    finally:
-        server.stop()
 
 
 def heads_phase(data: Path, workdir: Path, record: Recorder, seeds: list[int], encodings: list[str]) -> None:
