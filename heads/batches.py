@@ -7,7 +7,8 @@ sentences: 2.6 padded positions per real token). Sorting pools of a few dozen ba
 shuffled stream, then yielding the pool's batches in random order, keeps the epoch random while cutting
 the padding to a few percent (the recipe of AllenNLP's bucket iterator and HF's `group_by_length`). It is
 off by default: on CoNLL-2003 the adapter trained on grouped batches scored lower (BENCHMARKS.md, "Defaults").
-Evaluation batches are always grouped (results do not depend on the batching).
+Evaluation batches are always grouped (results do not depend on the batching). Either way the batches are
+packed (heads.packing): the heads compute only the real tokens, so a batch's padding costs the head nothing.
 """
 
 from __future__ import annotations
@@ -28,13 +29,13 @@ POOL_BATCHES = 50  # batches per sorted pool: wide enough for near-equal lengths
 
 def collated_batches(items: Iterable[SequenceFeatures], batch_size: int, group_by_length: bool = False,
                      rng: np.random.Generator | None = None) -> Iterator[dict[str, Any]]:
-    """Padded batches (collate_features) of `batch_size` sequences, streamed: the store is never held whole.
+    """Packed batches (collate_features) of `batch_size` sequences, streamed: the store is never held whole.
     `group_by_length`: batches of similar lengths (pools sorted; pool's batches in an order drawn from `rng`,
     or shortest first without one). Either way every sequence comes exactly once, in ceil(N / batch_size)
     batches."""
     groups = _length_grouped(items, batch_size, rng) if group_by_length else _consecutive(items, batch_size)
     for group in groups:
-        yield collate_features(group)
+        yield collate_features(group, packed=True)
 
 
 def training_batches(store: Store, layers: list[int], batch_size: int, seed: int, epoch: int,
@@ -72,8 +73,8 @@ def padding_ratio(batches: Iterable[dict[str, Any]]) -> float:
 
 
 def head_inputs(batch: dict[str, Any], columns: slice | list[int]) -> tuple[torch.Tensor, ...]:
-    """A head's layers (columns of the batch's layers), mask and word ids."""
-    return batch["hidden_states"][:, :, columns], batch["mask"], batch["word_ids"]
+    """A head's layers (columns of the packed batch's layers), mask and word ids."""
+    return batch["hidden_states"][:, columns], batch["mask"], batch["word_ids"]
 
 
 def on_device(batches: Iterable[dict[str, Any]], device: str | torch.device) -> Iterator[dict[str, Any]]:

@@ -12,12 +12,14 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from .packing import Packing
+
 
 class ConcatLayers(nn.Module):
-    """The head's layers side by side: (B, T, L, H) -> (B, T, L*H) (the BERT paper's best: the top four)."""
+    """The head's layers side by side: packed (N, L, H) -> (N, L*H) (the BERT paper's best: the top four)."""
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return hidden.flatten(2)
+    def forward(self, hidden: torch.Tensor, packing: Packing) -> torch.Tensor:
+        return hidden.flatten(1)
 
 
 class BiLSTMContext(nn.Module):

@@ -56,8 +56,8 @@ class HeadGroup:
     def losses(self, hidden: torch.Tensor, heads_dim: int | None, mask: torch.Tensor, word_ids: torch.Tensor,
                num_words: int | None, labels: torch.Tensor, generators: Sequence[torch.Generator],
                autocast_dtype: torch.dtype | None) -> torch.Tensor:
-        """Each head's training loss on the batch, (K,). `hidden`: the layers every head reads (B, T, L, H), or
-        each head's own stacked along `heads_dim` (e.g. (B, T, K, L, H) with heads_dim 2). `generators`: each
+        """Each head's training loss on the batch, (K,). `hidden`: the layers every head reads, packed (N, L, H), or
+        each head's own stacked along `heads_dim` (e.g. (N, K, L, H) with heads_dim 1). `generators`: each
         head's random stream for its dropout. The forward runs under autocast in `autocast_dtype` (None: float32),
         the loss in float32, as when the head trains alone."""
         parameters = {name: torch.stack([head.get_parameter(name) for head in self.heads]) for name in self.names}

@@ -1,7 +1,8 @@
 """`Head`: a layer mixer, word or sequence pooling, and a classifier/regressor — saved the HF way.
 
 The same module runs on cached features (from a store) and on live encoder outputs: both
-give it per-layer hidden states (B, T, L, H) of the head's layers, a token mask and word ids.
+give it per-layer hidden states of the head's layers (padded (B, T, L, H), or packed (N, L, H) as the trainer's
+batches are), a token mask and word ids.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .context import BiLSTMContext, ConcatLayers, TransformerContext
 from .crf import CRF
 from .layers import Dropout, SequencePooling, pool_words
 from .mixers import AdapterMixer, AttentionFusion, ScalarMix, SelectLayer
+from .packing import Packing, is_packed
 from .tail import EncoderTail, load_encoder_model
 
 logger = logging.getLogger(__name__)
@@ -94,19 +96,25 @@ class Head(nn.Module):
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor, word_ids: torch.Tensor | None = None,
                 num_words: int | None = None) -> torch.Tensor:
-        """hidden (B, T, L, H) -> logits (B, W, C) for token tasks, (B, C) for classification, (B,) regression.
+        """Hidden states of the head's layers, padded (B, T, L, H) or packed (N, L, H: the real tokens of `mask`
+        row by row, heads.packing) -> logits (B, W, C) for token tasks, (B, C) for classification, (B,) regression.
 
-        Token tasks need `word_ids` (B, T) with -1 for special/padded tokens.
+        Token tasks need `word_ids` (B, T) with -1 for special/padded tokens. Padding is never computed: a padded
+        input is packed first, and only what mixes a sequence's tokens sees the padded grid.
         """
-        tokens = self.mixer(self.feature_dropout(hidden), mask)
+        packing = Packing(mask)
+        tokens = self.mixer(self.feature_dropout(hidden if is_packed(hidden) else packing.pack(hidden)), packing)
         if self.context is not None:
-            tokens = self.context(tokens, mask)
+            tokens = packing.pack(self.context(packing.unpack(tokens), mask))
         if self.sequence_pooling is None:
             if word_ids is None:
                 raise ValueError("token classification needs word_ids")
             width = num_words if num_words is not None else int(word_ids.max().item()) + 1
-            return self.classifier(pool_words(tokens, word_ids, max(width, 1), self.config.word_pooling))
-        return self.config.task_def.shape_output(self.classifier(self.sequence_pooling(tokens, mask)))
+            words, packed_words = pool_words(tokens, packing.pack(word_ids), packing, max(width, 1),
+                                             self.config.word_pooling)
+            return packed_words.unpack(self.classifier(words))  # padded words' logits are 0: no loss reads them
+        pooled = self.sequence_pooling(packing.unpack(tokens), mask)
+        return self.config.task_def.shape_output(self.classifier(pooled))
 
     def loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The training loss: the task's, or a CRF's negative log-likelihood per word."""

@@ -1,6 +1,6 @@
 """Building blocks shared by the heads: dropout, head-averaged attention weights and pooling.
 
-Shapes: B batch, T tokens, L layers, H hidden, W words, d attention dim.
+Shapes: B batch, T tokens, N real (packed) tokens, L layers, H hidden, W words, d attention dim.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from contextvars import ContextVar
 
 import torch
 from torch import nn
+
+from .packing import Packing
 
 # While heads step as one batched module (heads/grouped.py): each head's random generator and the head's index
 # (a tensor batched over the heads), so every head's dropout masks come from its own stream
@@ -28,8 +30,24 @@ def mask_streams(generators: Sequence[torch.Generator], head_index: torch.Tensor
         _MASK_STREAMS.reset(token)
 
 
+KEEP_LEVELS = 1 << 15  # a dropout mask's keep rate is a multiple of 1/KEEP_LEVELS (15 random bits per element)
+
+
+def keep_mask(shape: torch.Size, keep: float, device: torch.device, generator: torch.Generator | None = None
+              ) -> torch.Tensor:
+    """Inverted-dropout multipliers (0 or 1/rate, rate = `keep` to 1/32768) of `shape`, from `generator`'s stream.
+
+    Each element takes 15 bits of a 64-bit random word, four elements a word: on a CPU, random numbers are drawn
+    one at a time, and `bernoulli_` draws one per element (it took a fifth of an adapter's training step)."""
+    count = shape.numel()
+    words = torch.empty(-(-count // 4), dtype=torch.int64, device=device).random_(generator=generator)
+    levels = words.view(torch.int16)[:count].view(shape) & (KEEP_LEVELS - 1)  # 63 random bits: 15 per lane
+    threshold = max(round(keep * KEEP_LEVELS), 1)
+    return (levels < threshold) * (KEEP_LEVELS / threshold)
+
+
 class Dropout(nn.Module):
-    """Inverted dropout whose masks are drawn explicitly (`bernoulli_` from the current random stream), so that
+    """Inverted dropout whose masks are drawn explicitly (`keep_mask`, from the current random stream), so that
     heads batched into one module (heads/grouped.py) draw from each head's own stream exactly the masks it draws
     when it trains alone."""
 
@@ -43,12 +61,10 @@ class Dropout(nn.Module):
         keep = 1 - self.p
         streams = _MASK_STREAMS.get()
         if streams is None:
-            return x * torch.empty_like(x).bernoulli_(keep).div_(keep)
+            return x * keep_mask(x.shape, keep, x.device).to(x.dtype)
         generators, head_index = streams  # x is one head's slice here: draw every head's mask, take this head's
-        masks = torch.empty((len(generators), *x.shape), dtype=x.dtype, device=x.device)
-        for mask, generator in zip(masks, generators):
-            mask.bernoulli_(keep, generator=generator)
-        return x * masks.div_(keep)[head_index]
+        masks = torch.stack([keep_mask(x.shape, keep, x.device, generator) for generator in generators])
+        return x * masks.to(x.dtype)[head_index]
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -89,22 +105,27 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Ten
     return (values * weights).sum(dim) / weights.sum(dim).clamp(min=1)
 
 
-def pool_words(tokens: torch.Tensor, word_ids: torch.Tensor, num_words: int, pooling: str) -> torch.Tensor:
-    """Per-word vectors (B, W, D) from per-token ones (B, T, D) by word id (-1 = no word):
-    the first subword of each word, or the mean of its subwords."""
-    batch, _, dim = tokens.shape
-    valid = word_ids >= 0
-    index = word_ids.clamp(min=0)
+def pool_words(tokens: torch.Tensor, word_ids: torch.Tensor, packing: Packing, num_words: int, pooling: str
+               ) -> tuple[torch.Tensor, Packing]:
+    """Per-word vectors from packed per-token ones (N, D) by packed word id (N,) (-1 = no word): the first subword
+    of each word, or the mean of its subwords. Returns the words packed (Nw, D) and their packing in the (B, W)
+    grid of `num_words` words per sequence (a word is there when some token belongs to it)."""
+    batch, count = len(packing.lengths), len(word_ids)
+    valid = (word_ids >= 0) & (word_ids < num_words)
+    spare = batch * num_words  # the slot of tokens that belong to no word
+    slot = torch.where(valid, packing.segment * num_words + word_ids, spare)
+    present = torch.zeros(spare + 1, dtype=torch.bool, device=tokens.device).index_fill(0, slot, True)[:-1]
+    words = Packing(present.view(batch, num_words))
+    word_of_slot = torch.full((spare + 1,), len(words.index), dtype=torch.long, device=tokens.device)
+    word = word_of_slot.index_copy(0, words.index, torch.arange(len(words.index), device=tokens.device))[slot]
     if pooling == "first":
-        positions = torch.arange(word_ids.shape[1], device=tokens.device).expand_as(word_ids)
-        first = torch.full((batch, num_words), word_ids.shape[1] - 1, device=tokens.device, dtype=torch.long)
-        first = first.scatter_reduce(1, index, positions.masked_fill(~valid, word_ids.shape[1] - 1), "amin")
-        return tokens.gather(1, first.unsqueeze(-1).expand(batch, num_words, dim))
+        positions = torch.arange(count, device=tokens.device)
+        first = torch.full((len(words.index) + 1,), count, dtype=torch.long, device=tokens.device)
+        return tokens.index_select(0, first.scatter_reduce(0, word, positions, "amin")[:-1]), words
     if pooling == "mean":
-        sums = tokens.new_zeros(batch, num_words, dim)
-        sums.scatter_add_(1, index.unsqueeze(-1).expand_as(tokens), tokens * valid.unsqueeze(-1))
-        counts = tokens.new_zeros(batch, num_words).scatter_add_(1, index, valid.to(tokens.dtype))
-        return sums / counts.clamp(min=1).unsqueeze(-1)
+        sums = tokens.new_zeros((len(words.index) + 1, tokens.shape[1])).index_add(0, word, tokens)[:-1]
+        counts = torch.bincount(word, minlength=len(words.index) + 1)[:-1].to(tokens.dtype)
+        return sums / counts.unsqueeze(1), words
     raise ValueError(f"unknown word pooling {pooling!r}; choose first or mean")
 
 

@@ -1,4 +1,5 @@
-"""Layer mixers: from a token's per-layer hidden states (B, T, L, H) to one vector per token (B, T, H).
+"""Layer mixers: from each real token's per-layer hidden states, packed (N, L, H), to one vector per token (N, H)
+(heads.packing: the batch's tokens without its padding; `packing` says which sequence each belongs to).
 
 - `SelectLayer` — a single layer (linear probe, MLP probe).
 - `ScalarMix` — softmax-weighted sum of layers times a scale (ELMo).
@@ -12,11 +13,12 @@ import torch
 from torch import nn
 
 from .layers import AttentionWeights, Dropout
+from .packing import Packing
 
 
 class SelectLayer(nn.Module):
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return hidden[:, :, 0]
+    def forward(self, hidden: torch.Tensor, packing: Packing) -> torch.Tensor:
+        return hidden[:, 0]
 
 
 class ScalarMix(nn.Module):
@@ -25,8 +27,8 @@ class ScalarMix(nn.Module):
         self.weights = nn.Parameter(torch.zeros(num_layers))
         self.scale = nn.Parameter(torch.ones(()))
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.scale * torch.einsum("btlh,l->bth", hidden, self.weights.softmax(0))
+    def forward(self, hidden: torch.Tensor, packing: Packing) -> torch.Tensor:
+        return self.scale * torch.einsum("nlh,l->nh", hidden, self.weights.softmax(0))
 
 
 class AttentionFusion(nn.Module):
@@ -38,10 +40,10 @@ class AttentionFusion(nn.Module):
         self.dropout = Dropout(dropout)
         self.query = nn.Parameter(torch.randn(hidden_size) / hidden_size**0.5)
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, packing: Packing) -> torch.Tensor:
         normed = self.dropout(self.norm(hidden))
-        weights = (normed @ self.query).softmax(dim=-1)  # (B, T, L)
-        return nn.functional.gelu(torch.einsum("btl,btlh->bth", weights, normed))
+        weights = (normed @ self.query).softmax(dim=-1)  # (N, L)
+        return nn.functional.gelu(torch.einsum("nl,nlh->nh", weights, normed))
 
 
 class LayerAttention(nn.Module):
@@ -59,15 +61,14 @@ class LayerAttention(nn.Module):
         self.attention = AttentionWeights(attention_dim, num_heads)
         self.last_weights: torch.Tensor | None = None  # (B, T, L) of the last forward in eval mode
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        queries = self.query_projection(hidden.mean(dim=2))  # (B, T, d)
-        weights = mask.to(hidden.dtype)
-        layer_means = torch.einsum("bt,btlh->blh", weights, hidden) / weights.sum(1).clamp(min=1)[:, None, None]
-        keys = self.key_projection(layer_means)  # (B, L, d)
-        attention = self.attention(queries, keys) * mask[:, :, None]  # padded tokens get zero weight
+    def forward(self, hidden: torch.Tensor, packing: Packing) -> torch.Tensor:
+        queries = self.query_projection(hidden.mean(dim=1))  # (N, d)
+        keys = self.key_projection(packing.segment_mean(hidden))  # (B, L, d)
+        # each token's query against its own sequence's layer keys: a one-query attention per token
+        attention = self.attention(queries[:, None], keys.index_select(0, packing.segment))[:, 0]  # (N, L)
         if not self.training:  # inspected on trained heads (heads.report); training may run batched under vmap
-            self.last_weights = attention.detach()
-        return torch.einsum("btl,btlh->bth", attention, hidden)
+            self.last_weights = packing.unpack(attention.detach())
+        return torch.einsum("nl,nlh->nh", attention, hidden)
 
 
 class Tailor(nn.Module):
@@ -86,12 +87,13 @@ class Tailor(nn.Module):
         else:
             self.attention = None
 
-    def forward(self, r: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, r: torch.Tensor, packing: Packing) -> torch.Tensor:
         x = r + torch.relu(self.dropout(self.feed_forward(self.norm(r))))
-        if self.attention is not None:
+        if self.attention is not None:  # tokens attend within their sequence: on the padded grid, padding masked
             x = self.dropout(x)
-            weights = self.attention(self.query_projection(x), self.key_projection(x), key_mask=mask)
-            x = weights @ x
+            queries, keys = packing.unpack(self.query_projection(x)), packing.unpack(self.key_projection(x))
+            weights = self.attention(queries, keys, key_mask=packing.mask)  # (B, T, T)
+            x = packing.pack(weights @ packing.unpack(x))
         return r + x
 
 
@@ -103,6 +105,6 @@ class AdapterMixer(nn.Module):
         self.tailor = Tailor(hidden_size, attention_dim, num_heads, dropout, tailor_attention) if enable_tailor \
             else None
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        r = self.aggregator(hidden, mask)
-        return self.tailor(r, mask) if self.tailor is not None else r
+    def forward(self, hidden: torch.Tensor, packing: Packing) -> torch.Tensor:
+        r = self.aggregator(hidden, packing)
+        return self.tailor(r, packing) if self.tailor is not None else r

@@ -107,10 +107,11 @@ class TrainConfig:
                                 f"small store (at most {MAX_DEFAULT_EPOCHS}); {EPOCHS_BY_TYPE}")
     batch_size: int = option(32, minimum=1, help="sequences per optimiser step")
     group_by_length: bool = option(False, help=f"batch sequences of similar lengths: pools of {POOL_BATCHES} batches "
-                                   "from the shuffled stream sorted by length, their batches in random order, so heads "
-                                   "compute little padding (1.7x faster adapter epochs on CoNLL-2003) but train on "
-                                   "less mixed batches (0.7 test F1 lower for the adapter there: off by default; "
-                                   "BENCHMARKS.md, \"Defaults\")")
+                                   "from the shuffled stream sorted by length, their batches in random order. Heads "
+                                   "compute packed tokens, so this spares only the padding of what mixes a "
+                                   "sentence's tokens (bilstm, transformer and tail blocks, the tailor's attention; "
+                                   "adapter epochs on CoNLL-2003 are no faster), and the batches are less mixed (0.7 "
+                                   "test F1 lower for the adapter there: off by default; BENCHMARKS.md, \"Defaults\")")
     lr: float | None = option(None, minimum=0, help="peak learning rate of the one-cycle schedule (a head spec's "
                               "own 'lr' wins)", default_text=f"by head type: {LR_BY_TYPE}")
     weight_decay: float = option(0.0, minimum=0, help="AdamW weight decay (0: plain Adam, as in the reference "
@@ -437,10 +438,10 @@ class Trainer:
         columns = [list(range(len(self.layers))[run.columns]) if isinstance(run.columns, slice) else run.columns
                    for run in runs]
         if all(own == columns[0] for own in columns):  # e.g. adapters: every head reads the same layers
-            features, heads_dim = hidden[:, :, runs[0].columns], None
+            features, heads_dim = hidden[:, runs[0].columns], None
         else:  # e.g. a layer sweep: each head's layers side by side (a view when they follow each other)
-            features = hidden[:, :, compact_columns([column for own in columns for column in own])]
-            features, heads_dim = features.unflatten(2, (len(runs), len(columns[0]))), 2
+            features = hidden[:, compact_columns([column for own in columns for column in own])]
+            features, heads_dim = features.unflatten(1, (len(runs), len(columns[0]))), 1
         device = hidden.device
         generators = [torch.Generator(device).set_state(run.cuda_rng_state if device.type == "cuda"
                                                         else run.rng_state) for run in runs]

@@ -1,10 +1,11 @@
 """Training batches: grouping by length keeps each sequence once per epoch and the epoch random while cutting
-the padding heads compute; a head's loss and gradients do not depend on how far its batch is padded."""
+the padding; packed batches give a head the loss and gradients of padded ones, whatever the padding."""
 
 import pytest
 import torch
 
-from featstore import open_store
+from featstore import collate_features, open_store
+from featstore.store.dataset import LABEL_PADDING
 from heads import Head, TrainConfig, train
 from heads import batches as batching
 from heads.batches import on_device, padding_ratio, training_batches
@@ -45,7 +46,7 @@ def test_grouping_by_length_cuts_padding_and_keeps_the_epoch_random(ner_stores, 
 
 
 def _padded(batch, extra):
-    """The same batch, `extra` padding positions wider."""
+    """The same padded batch, `extra` padding positions wider."""
     wider = dict(batch)
     hidden = batch["hidden_states"]
     wider["hidden_states"] = torch.cat([hidden, hidden.new_zeros(hidden.shape[0], extra, *hidden.shape[2:])], 1)
@@ -63,22 +64,48 @@ def _loss_and_gradients(head, batch):
                          if parameter.grad is not None}
 
 
+def _sentence_by_sentence(head, items):
+    """The batch's loss and gradients from each sequence alone (a batch of one: neither padding nor neighbours),
+    weighted by its words as the batch's mean over words weighs them."""
+    words = [int((item.labels != LABEL_PADDING).sum()) for item in items]
+    loss, gradients = 0.0, {}
+    for item, count in zip(items, words):
+        alone_loss, alone_gradients = _loss_and_gradients(head, collate_features([item]))
+        loss += alone_loss * count / sum(words)
+        for name, gradient in alone_gradients.items():
+            gradients[name] = gradients.get(name, 0) + gradient * count / sum(words)
+    return loss, gradients
+
+
 @pytest.mark.parametrize("spec", [
     {"type": "adapter"}, {"type": "linear"}, {"type": "scalar_mix"}, {"type": "mlp"}, {"type": "fusion"},
     {"type": "bilstm"}, {"type": "bilstm", "crf": True, "context_input": "concat"},
     {"type": "transformer", "context_input": "adapter"}, {"type": "tail", "tail_layers": 1}])
-def test_loss_and_gradients_do_not_depend_on_padding(ner_stores, spec):
+def test_packed_batches_give_the_loss_and_gradients_of_padded_ones(ner_stores, spec):
+    """The trainer's packed batch, the same batch padded, padded wider still, and its sequences one by one: one
+    loss, one gradient (to float32 rounding)."""
     with open_store(ner_stores["train"]) as store:
         torch.manual_seed(0)
         head = Head(build_head_config(spec, store)).eval()  # dropout off: masks would differ with the shape
-        batch = next(training_batches(store, head.config.layers, 8, seed=1, epoch=0, group_by_length=False))
-    assert batch["mask"].sum(1).min() < batch["mask"].shape[1]  # the batch is already padded, unevenly
-    loss, gradients = _loss_and_gradients(head, batch)
-    wider_loss, wider_gradients = _loss_and_gradients(head, _padded(batch, 9))
-    assert wider_loss == pytest.approx(loss, rel=1e-5)
-    assert gradients.keys() == wider_gradients.keys()
-    for name, gradient in gradients.items():
-        torch.testing.assert_close(wider_gradients[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
+        with torch.no_grad():  # far from the initialisation's near-uniform attention, which would hide mixing errors
+            for parameter in head.parameters():
+                parameter.add_(torch.randn_like(parameter) * 0.5)
+        packed = next(training_batches(store, head.config.layers, 8, seed=1, epoch=0, group_by_length=False))
+        items = [store.sequence(row, head.config.layers) for row in packed["index"].tolist()]
+    padded = collate_features(items)
+    assert padded["mask"].sum(1).min() < padded["mask"].shape[1]  # the batch is padded, unevenly
+    assert packed["hidden_states"].shape[0] == padded["mask"].sum() < padded["mask"].numel()
+    loss, gradients = _loss_and_gradients(head, packed)
+    # rounding is measured against the head's largest gradient: some gradients are zero in exact arithmetic (a key
+    # bias shifts every score of a softmax alike) and hold only rounding noise
+    tolerance = 1e-4 * max(gradient.abs().max() for gradient in gradients.values())
+    for name, (other_loss, other_gradients) in {"padded": _loss_and_gradients(head, padded),
+                                                "wider": _loss_and_gradients(head, _padded(padded, 9)),
+                                                "alone": _sentence_by_sentence(head, items)}.items():
+        assert other_loss == pytest.approx(loss, rel=1e-5), name
+        assert gradients.keys() == other_gradients.keys()
+        for key, gradient in gradients.items():
+            torch.testing.assert_close(other_gradients[key], gradient, rtol=1e-4, atol=tolerance, msg=f"{name} {key}")
 
 
 def test_heads_trained_on_grouped_and_plain_batches_both_learn(ner_stores, tmp_path):

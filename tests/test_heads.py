@@ -8,12 +8,13 @@ import pytest
 import torch
 
 import featstore
-from featstore import ExtractConfig, extract, open_store
+from featstore import ExtractConfig, collate_features, extract, open_store
 from featstore.extraction.corpus import CorpusSpec
 from heads import Adapter, Head, Predictor, TrainConfig, evaluate_heads, train
 from heads.cli import main as heads_main
 from heads.entities import repair_bio
 from heads.layers import pool_words
+from heads.packing import Packing
 from heads.trainer import Trainer
 
 from .conftest import LABELS, sequence_store, tagged_sentences, write_tagged
@@ -215,14 +216,20 @@ def test_adapter_wraps_a_live_encoder_and_trains_only_its_head(tiny_models):
 
 
 def test_head_word_pooling_matches_store_pooling(ner_stores):
+    """Words pooled from a packed batch of several sequences equal the store's own pooling of each sequence."""
     with open_store(ner_stores["dev"]) as store:
-        item = store.sequence(0)
-        tokens = torch.from_numpy(np.asarray(item.hidden_states[:, -1], np.float32))[None]
-        word_ids = torch.from_numpy(item.word_ids.astype(np.int64))[None]
+        rows = [0, 1, 2]
+        batch = collate_features([store.sequence(row, layers=[-1]) for row in rows], packed=True)
+        packing = Packing(batch["mask"])
+        num_words = batch["labels"].shape[1]
         for pooling in ("first", "mean"):
-            expected = store.sequence(0, layers=[-1], pooling=pooling).hidden_states[:, 0]
-            got = pool_words(tokens, word_ids, item.num_words, pooling)[0].numpy()
-            np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+            words, packed_words = pool_words(batch["hidden_states"][:, 0], packing.pack(batch["word_ids"]), packing,
+                                             num_words, pooling)
+            got = packed_words.unpack(words)
+            for position, row in enumerate(rows):
+                expected = store.sequence(row, layers=[-1], pooling=pooling).hidden_states[:, 0]
+                np.testing.assert_allclose(got[position, : len(expected)].numpy(), expected, rtol=1e-6, atol=1e-6)
+                assert not got[position, len(expected):].any()  # padded words stay empty
 
 
 def test_raw_text_predictions_read_like_ner_output(ner_stores, tmp_path):

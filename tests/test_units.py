@@ -1,6 +1,6 @@
 """Unit tests for the pieces end-to-end tests only cover indirectly: the block writer, the progress ledger,
 batch planning, the extraction spec and its derived forms, the store manifest, the direct shard reader, and
-the module boundaries (light commands without torch, featstore without heads)."""
+the module boundaries (light commands without torch, featstore without heads), dropout masks."""
 
 from __future__ import annotations
 
@@ -376,3 +376,19 @@ def test_raw_text_is_split_into_words_as_the_tokenizer_pre_tokenizes(tiny_models
         assert "".join(word for word, _ in words) == "".join(text.split())  # every character, once
         if name == "bert":  # whitespace and punctuation: "Apple," is two words
             assert [word for word, _ in words] == ["Apple", ",", "Inc", ".", "hired", "Ann", "."]
+
+
+def test_dropout_masks_keep_the_asked_share_in_every_lane_and_the_mean():
+    import torch
+
+    from heads.layers import keep_mask
+
+    generator = torch.Generator().manual_seed(0)
+    for keep in (0.5, 0.9):
+        mask = keep_mask(torch.Size([400, 500]), keep, torch.device("cpu"), generator).flatten()
+        kept = (mask > 0).double()
+        for lane in range(4):  # each 64-bit random word gives four elements their bits: every lane is uniform
+            assert kept[lane::4].mean().item() == pytest.approx(keep, abs=0.01)
+        assert mask.double().mean().item() == pytest.approx(1.0, abs=0.01)  # inverted dropout keeps the mean
+        again = keep_mask(torch.Size([400, 500]), keep, torch.device("cpu"), generator).flatten()
+        assert not torch.equal(again, mask)  # the stream moves on

@@ -1,4 +1,4 @@
-"""PyTorch adapters for a store: a map-style `Dataset` and the padding collate function.
+"""PyTorch adapters for a store: a map-style `Dataset` and the collate function (padded or packed batches).
 
 Kept apart from the reader (like safetensors' framework modules) so that reading, verifying
 and listing stores never import torch.
@@ -38,18 +38,23 @@ def _as_tensor(values: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(values, np.float32))
 
 
-def collate_features(items: Sequence[SequenceFeatures]) -> dict[str, Any]:
+def collate_features(items: Sequence[SequenceFeatures], packed: bool = False) -> dict[str, Any]:
     """Pad a batch: hidden (B, T, L, H) float32, mask (B, T) bool, labels (B, W) padded with LABEL_PADDING or (B,),
-    word_ids (B, T) with -1 on padding (token-level items only), index (B,) corpus rows."""
-    width = max(len(item.hidden_states) for item in items)
-    first = items[0].hidden_states
-    hidden = torch.empty((len(items), width, *first.shape[1:]), dtype=torch.float32)
-    mask = torch.zeros((len(items), width), dtype=torch.bool)
-    for row, item in enumerate(items):
-        length = len(item.hidden_states)
-        hidden[row, :length] = _as_tensor(item.hidden_states)
-        hidden[row, length:] = 0  # only the padding needs zeroing
-        mask[row, :length] = True
+    word_ids (B, T) with -1 on padding (token-level items only), index (B,) corpus rows. `packed`: hidden holds only
+    the real tokens, (N, L, H) sequence after sequence (the rows where mask is True, in row-major order), which is
+    what featstore's heads take without computing the padding."""
+    lengths = [len(item.hidden_states) for item in items]
+    width, first = max(lengths), items[0].hidden_states
+    mask = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+    if packed:
+        hidden = torch.empty((sum(lengths), *first.shape[1:]), dtype=torch.float32)
+        for start, item in zip(np.cumsum([0, *lengths[:-1]]).tolist(), items):
+            hidden[start: start + len(item.hidden_states)] = _as_tensor(item.hidden_states)
+    else:
+        hidden = torch.empty((len(items), width, *first.shape[1:]), dtype=torch.float32)
+        for row, item in enumerate(items):
+            hidden[row, :lengths[row]] = _as_tensor(item.hidden_states)
+            hidden[row, lengths[row]:] = 0  # only the padding needs zeroing
     batch: dict[str, Any] = {"hidden_states": hidden, "mask": mask,
                              "index": torch.tensor([item.index for item in items])}
     if items[0].pooled is None:
