@@ -39,10 +39,10 @@ def collated_batches(items: Iterable[SequenceFeatures], batch_size: int, group_b
 
 
 def training_batches(store: Store, layers: list[int], batch_size: int, seed: int, epoch: int,
-                     group_by_length: bool = False) -> Iterator[dict[str, Any]]:
+                     group_by_length: bool = False, keep_in_memory: bool = False) -> Iterator[dict[str, Any]]:
     """One training epoch's batches of a store: shuffled (deterministic for seed and epoch), grouped by length
-    when asked."""
-    items = store.iter_epoch(layers=layers, seed=seed, epoch=epoch)
+    when asked; `keep_in_memory`: the store keeps what it read for the next epochs (Store.iter_epoch)."""
+    items = store.iter_epoch(layers=layers, seed=seed, epoch=epoch, keep_in_memory=keep_in_memory)
     batch_order = np.random.default_rng([seed, epoch, 1])  # a stream apart from the reader's shuffle
     return collated_batches(items, batch_size, group_by_length, batch_order)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -58,13 +59,16 @@ STATE_NAME = "trainer_state.pt"
 METRICS_NAME = "metrics.jsonl"
 TRAINING_KEYS = ("lr", "weight_decay", "seed")
 # Options a resumed run may change: they do not affect the heads
-RESUME_FREE = ("resume", "progress", "report_to", "catalog")
+RESUME_FREE = ("resume", "progress", "report_to", "catalog", "keep_in_memory")
 # Epochs when none are given: enough optimiser steps for a small store to converge (BENCHMARKS.md, "Defaults")
 DEFAULT_EPOCHS, MIN_DEFAULT_STEPS, MAX_DEFAULT_EPOCHS = 10, 3000, 50
 LR_BY_TYPE = ", ".join(f"{name} {kind.lr:g}" + (f" (LoRA {kind.lora_lr:g})" if kind.lora_lr else "")
                        for name, kind in HEAD_TYPES.items())
 PRECISIONS = ("auto", "float32", "bfloat16")
-BATCH_HEADS = ("auto", "always", "never")
+SWITCH = ("auto", "always", "never")
+# --keep-in-memory auto keeps the stores when they fit in this share of the available memory: the rest is for the
+# trainer's batches, the heads and whatever else runs
+KEEP_SHARE = 0.5  # choices of the options whose "auto" the trainer decides
 EPOCHS_BY_TYPE = ", ".join(f"{name} heads {kind.epochs}" for name, kind in HEAD_TYPES.items() if kind.epochs)
 
 
@@ -75,6 +79,25 @@ def autocast_dtype(precision: str, device: str) -> torch.dtype | None:
         on_cuda = torch.device(device).type == "cuda"
         return torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else None
     return torch.bfloat16 if precision == "bfloat16" else None
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation without swapping (Linux MemAvailable; else free pages)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def keeps_in_memory(keep_in_memory: str, stores_bytes: int, epochs: int) -> bool:
+    """Whether the trainer keeps its stores' hidden states in memory (`--keep-in-memory`)."""
+    if keep_in_memory != "auto":
+        return keep_in_memory == "always"
+    return epochs > 1 and stores_bytes <= KEEP_SHARE * available_memory()
 
 
 def batches_heads(batch_heads: str, device: str) -> bool:
@@ -124,11 +147,16 @@ class TrainConfig:
     final_anneal: bool = option(True, help="stop a head at once when it stops improving; by default its learning "
                                 "rate first falls linearly to zero over --patience more epochs, since early stopping "
                                 "otherwise ends a long schedule near its peak")  # the flag is --no-final-anneal
-    batch_heads: str = option("auto", choices=BATCH_HEADS, help="step heads of one architecture that differ only in "
+    batch_heads: str = option("auto", choices=SWITCH, help="step heads of one architecture that differ only in "
                               "learning rate, weight decay, seed or the layers they read as one batched module "
                               "(vmap; the same weights as one by one up to float rounding)",
                               default_text="auto: on a CUDA device, where K heads' small kernels become one; not on "
                               "the CPU, where the batched step measured no faster")
+    keep_in_memory: str = option("auto", choices=SWITCH, help="keep the stores' hidden states in memory once read "
+                                 "and checked, so that later epochs read nothing (the same batches either way)",
+                                 default_text="auto: when training runs more than one epoch and both stores' "
+                                 f"layers, decoded, fit in {KEEP_SHARE * 100:.0f}%% of the memory available at the "
+                                 "start")
     device: str = option("cpu", help="torch device the heads train on")
     precision: str = option("auto", choices=PRECISIONS, help="the heads' training precision: bfloat16 runs their "
                             "forward passes under autocast (losses, optimiser states and saved weights stay float32)",
@@ -227,20 +255,22 @@ def head_type_of(spec: dict[str, Any]) -> str:
 
 
 def evaluate_heads(heads: Sequence[Head | str | Path], store: Store | str | Path, batch_size: int = 64,
-                   device: str = "cpu", return_predictions: bool = False) -> list[dict[str, Any]]:
+                   device: str = "cpu", return_predictions: bool = False, keep_in_memory: bool = False
+                   ) -> list[dict[str, Any]]:
     """Metrics of each head (a Head or a saved head's directory) on a store (open, or a path or URL), in one
     pass over it: [{"head": name, "metrics": {...}}, ...], with "predictions" and "gold" per corpus row (in the
-    head's label ids) when asked."""
+    head's label ids) when asked. `keep_in_memory`: an open store keeps its hidden states in memory for the next
+    call (Store.iter_epoch)."""
     loaded = [head if isinstance(head, Head) else Head.from_pretrained(head) for head in heads]
     if isinstance(store, Store):
-        return _evaluate(loaded, store, batch_size, device, return_predictions)
+        return _evaluate(loaded, store, batch_size, device, return_predictions, keep_in_memory)
     with open_store(store) as opened:
         return _evaluate(loaded, opened, batch_size, device, return_predictions)
 
 
 @torch.no_grad()
-def _evaluate(heads: list[Head], store: Store, batch_size: int, device: str, return_predictions: bool
-              ) -> list[dict[str, Any]]:
+def _evaluate(heads: list[Head], store: Store, batch_size: int, device: str, return_predictions: bool,
+              keep_in_memory: bool = False) -> list[dict[str, Any]]:
     if not store.labeled:
         raise ConfigError(f"store {store.path} holds no labels; it cannot be used for evaluation")
     for head in heads:
@@ -253,7 +283,8 @@ def _evaluate(heads: list[Head], store: Store, batch_size: int, device: str, ret
     for head in heads:
         head.eval()
     # grouped by length (less padding to compute); results are keyed by corpus row, so the order is free
-    batches = collated_batches(store.iter_epoch(layers=layers, shuffle=False), batch_size, group_by_length=True)
+    batches = collated_batches(store.iter_epoch(layers=layers, shuffle=False, keep_in_memory=keep_in_memory),
+                               batch_size, group_by_length=True)
     for batch in on_device(batches, device):
         labels = batch["labels"].cpu()
         rows = batch["index"].tolist()
@@ -316,6 +347,10 @@ class Trainer:
         self.tracker = Tracker()  # the configured one while train() runs
         if saved_state is not None:
             self._load_state(saved_state)
+        stores_bytes = sum(store.decoded_bytes(self.layers) for store in (self.store, self.eval_store) if store)
+        self.keep_in_memory = keeps_in_memory(config.keep_in_memory, stores_bytes, self.epochs - self.start_epoch)
+        if self.keep_in_memory:
+            logger.info("keeping the stores' hidden states in memory once read (%.2f GB)", stores_bytes / 1e9)
 
     def _epochs_of(self, head_type: str) -> int:
         """A head's epochs: the ones asked for, else its type's, else the rule for the store's size."""
@@ -395,7 +430,7 @@ class Trainer:
                 run.head.train()
             groups = self._groups(active)
             batches = training_batches(self.store, self.layers, config.batch_size, config.seed, epoch,
-                                       config.group_by_length)
+                                       config.group_by_length, self.keep_in_memory)
             bar = tqdm(on_device(islice(batches, self.steps_per_epoch), config.device),
                        total=self.steps_per_epoch, desc=f"epoch {epoch + 1}", unit="batch", disable=not config.progress)
             for step, batch in enumerate(bar):
@@ -495,7 +530,7 @@ class Trainer:
                 run.head.save_pretrained(run.output_dir, self._training_record(run, epoch + 1, {}))
         else:
             results = evaluate_heads([run.head for run in active], self.eval_store, self.config.batch_size * 2,
-                                     self.config.device)
+                                     self.config.device, keep_in_memory=self.keep_in_memory)
             for run, result in zip(active, results):
                 metric = result["metrics"][run.head.config.task_def.primary_metric]
                 improved = metric > run.best

@@ -1,5 +1,6 @@
 """Training batches: grouping by length keeps each sequence once per epoch and the epoch random while cutting
-the padding; packed batches give a head the loss and gradients of padded ones, whatever the padding."""
+the padding; packed batches give a head the loss and gradients of padded ones, whatever the padding; stores kept
+in memory train the same heads."""
 
 import pytest
 import torch
@@ -8,8 +9,9 @@ from featstore import collate_features, open_store
 from featstore.store.dataset import LABEL_PADDING
 from heads import Head, TrainConfig, train
 from heads import batches as batching
+from heads import trainer as trainer_module
 from heads.batches import on_device, padding_ratio, training_batches
-from heads.trainer import build_head_config
+from heads.trainer import Trainer, build_head_config, keeps_in_memory
 
 
 @pytest.fixture()
@@ -121,3 +123,21 @@ def test_batches_reach_another_device_with_every_tensor(ner_stores):
         batch = next(on_device(training_batches(store, [0], 8, seed=1, epoch=0), "meta"))
     tensors = [value for value in batch.values() if isinstance(value, torch.Tensor)]
     assert len(tensors) == 5 and all(tensor.device.type == "meta" for tensor in tensors)
+
+
+def test_stores_kept_in_memory_train_the_same_heads(ner_stores, tmp_path, monkeypatch):
+    weights = {}
+    for keep in ("always", "never"):
+        trainer = Trainer(TrainConfig(store=ner_stores["train"], eval_store=ner_stores["dev"], out=str(tmp_path / keep),
+                                      heads=[{"type": "adapter"}], epochs=2, batch_size=16, progress=False,
+                                      keep_in_memory=keep))
+        assert trainer.keep_in_memory == (keep == "always")
+        trainer.train()
+        weights[keep] = trainer.runs[0].head.state_dict()
+    assert all(torch.equal(tensor, weights["never"][key]) for key, tensor in weights["always"].items())
+    # auto: when training runs more than one epoch and the stores fit in half the available memory
+    monkeypatch.setattr(trainer_module, "available_memory", lambda: 4 * 10**9)
+    assert keeps_in_memory("auto", 2 * 10**9, epochs=2)
+    assert not keeps_in_memory("auto", 2 * 10**9, epochs=1)
+    assert not keeps_in_memory("auto", 3 * 10**9, epochs=2)
+    assert keeps_in_memory("always", 3 * 10**9, epochs=1) and not keeps_in_memory("never", 1, epochs=5)

@@ -102,6 +102,30 @@ def test_shuffled_epoch_visits_every_sequence_once(stores, backend):
         assert len(store.spans(4096)) > 1
 
 
+@pytest.mark.parametrize("backend", ["zarr", "hdf5"])
+def test_epochs_kept_in_memory_read_once_and_give_the_same_sequences(stores, backend, monkeypatch):
+    def epoch(store, number, **options):
+        return [(item.index, item.hidden_states.copy()) for item in store.iter_epoch(
+            layers=[0, -1], seed=1, epoch=number, buffer_sequences=8, span_bytes=4096, **options)]
+
+    with open_store(stores[backend]) as streamed, open_store(stores[backend]) as kept:
+        assert kept.decoded_bytes([0, -1]) == kept.num_tokens * 2 * kept.hidden_size * 2  # float16, 2 layers
+        reads = []
+        read_raw = type(kept)._read_raw
+        monkeypatch.setattr(kept, "_read_raw", lambda *args: reads.append(args) or read_raw(kept, *args))
+        for number in range(3):
+            expected, got = epoch(streamed, number), epoch(kept, number, keep_in_memory=True)
+            assert [row for row, _ in got] == [row for row, _ in expected]  # the same order
+            for (_, mine), (_, theirs) in zip(got, expected):
+                np.testing.assert_array_equal(mine, theirs)
+            if number == 0:
+                first_epoch_reads = len(reads)
+                assert first_epoch_reads == len(kept.spans(4096)) > 1
+        assert len(reads) == first_epoch_reads  # later epochs read nothing
+        epoch(kept, 0, keep_in_memory=False)
+        assert len(reads) > first_epoch_reads  # without it, a pass reads again
+
+
 def test_torch_dataset_and_collate(stores):
     with open_store(stores["zarr"]) as store:
         dataset = store.torch_dataset(layers=[-1], pooling="first")

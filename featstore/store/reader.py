@@ -91,6 +91,8 @@ class Store:
         # Small checked chunks for random access, large ones for streaming (store/chunks.py).
         self._verifier: ChunkVerifier | None = None
         self._span_verifier: ChunkVerifier | None = None
+        # iter_epoch(keep_in_memory=True): checked, decoded span blocks by (columns, span bytes), then span start
+        self._kept_spans: dict[tuple[str, int], dict[int, np.ndarray]] = {}
         if integrity is None or not integrity.chunk_levels:
             _warn_unchecked(backend.path, self.manifest)
 
@@ -176,6 +178,7 @@ class Store:
                 f"layers={self.layers}, {self.status})")
 
     def close(self) -> None:
+        self._kept_spans.clear()
         self.backend.close()
 
     def __enter__(self) -> Store:
@@ -295,16 +298,25 @@ class Store:
             start = spans[-1].stop
         return spans
 
+    def decoded_bytes(self, layers: Sequence[int] | None = None) -> int:
+        """Bytes of these layers' hidden states once read and decoded (what `keep_in_memory` holds)."""
+        itemsize = 2 if self.storage_dtype == "float16" else 4  # float16 stays float16; the others decode to float32
+        return self.num_tokens * len(self.stored_layers(layers if layers is not None else self.layers)) \
+            * self.hidden_size * itemsize
+
     def iter_epoch(self, layers: Sequence[int] | None = None, pooling: str | None = None, shuffle: bool = True,
                    seed: int = 0, epoch: int = 0, buffer_sequences: int = 4096,
-                   span_bytes: int = DEFAULT_SPAN_BYTES) -> Iterator[SequenceFeatures]:
+                   span_bytes: int = DEFAULT_SPAN_BYTES, keep_in_memory: bool = False) -> Iterator[SequenceFeatures]:
         """Every sequence exactly once. Shuffled: spans in random order, sequences drawn at random from a
-        buffer of at most `buffer_sequences` (plus one span). Deterministic for a given seed and epoch."""
+        buffer of at most `buffer_sequences` (plus one span). Deterministic for a given seed and epoch.
+        `keep_in_memory`: keep each span once read and checked (`decoded_bytes(layers)` in all, until `close`),
+        so that later epochs over the same layers read nothing; the sequences and their order are the same."""
         rng = np.random.default_rng([seed, epoch])
         spans = self.spans(span_bytes)
         if shuffle:
             spans = [spans[index] for index in rng.permutation(len(spans))]
         columns = self.layer_columns(layers)
+        kept = self._kept_spans.setdefault((repr(columns), span_bytes), {}) if keep_in_memory else {}
         buffer: list[SequenceFeatures] = []
         bounds = self._token_bounds
 
@@ -316,13 +328,19 @@ class Store:
             checks: dict[int, Future[np.ndarray]] = {}
             for index, span in enumerate(spans):
                 for ahead in range(index, min(index + 2, len(spans))):
+                    if spans[ahead].start in kept:
+                        continue
                     if ahead not in reads:
                         reads[ahead] = reader.submit(self._read_raw, bounds[spans[ahead].start],
                                                      bounds[spans[ahead].stop], columns, self._span_verifier)
                     if ahead not in checks:
                         checks[ahead] = checker.submit(lambda ahead=ahead: self._checked(reads[ahead].result()))
-                block = checks.pop(index).result()
-                del reads[index]
+                block = kept.get(span.start)
+                if block is None:
+                    block = checks.pop(index).result()
+                    del reads[index]
+                    if keep_in_memory:
+                        kept[span.start] = block
                 yield from self._emit(span, block, pooling, shuffle, buffer, buffer_sequences, rng)
         for index in rng.permutation(len(buffer)):
             yield buffer[index]
