@@ -65,10 +65,10 @@ DEFAULT_EPOCHS, MIN_DEFAULT_STEPS, MAX_DEFAULT_EPOCHS = 10, 3000, 50
 LR_BY_TYPE = ", ".join(f"{name} {kind.lr:g}" + (f" (LoRA {kind.lora_lr:g})" if kind.lora_lr else "")
                        for name, kind in HEAD_TYPES.items())
 PRECISIONS = ("auto", "float32", "bfloat16")
-SWITCH = ("auto", "always", "never")
+SWITCH = ("auto", "always", "never")  # choices of the options whose "auto" the trainer decides
 # --keep-in-memory auto keeps the stores when they fit in this share of the available memory: the rest is for the
 # trainer's batches, the heads and whatever else runs
-KEEP_SHARE = 0.5  # choices of the options whose "auto" the trainer decides
+KEEP_SHARE = 0.5
 EPOCHS_BY_TYPE = ", ".join(f"{name} heads {kind.epochs}" for name, kind in HEAD_TYPES.items() if kind.epochs)
 
 

@@ -21,7 +21,7 @@ from featstore.sharing.location import resolve
 from featstore.sharing.transfer import copy_store
 from featstore.store import format as fmt
 from featstore.store.backends.zarr import ShardReader
-from featstore.store.encoding import FLOAT8_E4M3_VALUES, decode_hidden, split_wire
+from featstore.store.encoding import FLOAT8_E4M3_VALUES, decode_hidden, decoded_dtype, split_wire
 from featstore.store.info import describe_store
 from featstore.store.manifest import StoreManifest
 from heads import Head, TrainConfig, Trainer, evaluate_heads
@@ -236,3 +236,12 @@ def test_convert_refuses_what_it_cannot_do(minilm_stores, tmp_path):
     with pytest.raises(StoreConflictError, match="already exists and holds a different store"):
         convert_store(source, minilm_stores["int8"], dtype="float16", progress=False)
     assert not (tmp_path / "a.zarr").exists()
+
+
+@pytest.mark.parametrize("storage_dtype", fmt.STORAGE_DTYPES)
+def test_decoded_dtype_is_what_decoding_returns(storage_dtype):
+    """A store kept in memory is sized by decoded_dtype: it must be what decode_hidden gives."""
+    encoding = fmt.ENCODINGS[storage_dtype]
+    stored = np.zeros((3, 2, 4), dtype=encoding.array_dtype)
+    scales = np.ones((3, 2), dtype=np.float32) if encoding.scaled else None
+    assert decode_hidden(stored, storage_dtype, scales).dtype == decoded_dtype(storage_dtype)

@@ -89,7 +89,8 @@ def steady_epoch_seconds(stores: dict[str, str], out: Path, specs: list[dict[str
                          ) -> tuple[float, float]:
     """Seconds of a first and of a steady (second) training epoch. A process's first pass over a store also pays
     for its first touch of that much fresh memory (page faults; with transparent huge pages, compaction), which
-    on this VM varied from 0.4 to 4 s from run to run: the steady epoch is the figure to compare."""
+    on this VM varied from 0.4 to 4 s from run to run: the steady epoch is the figure to compare. Under the
+    trainer's default `--keep-in-memory auto` the steady epoch reads nothing: its store is kept from the first."""
     _, (first, steady) = train_epochs(stores, out, specs, epochs=2, evaluate=False, **options)
     return first, steady
 

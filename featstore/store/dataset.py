@@ -48,8 +48,8 @@ def collate_features(items: Sequence[SequenceFeatures], packed: bool = False) ->
     mask = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
     if packed:
         hidden = torch.empty((sum(lengths), *first.shape[1:]), dtype=torch.float32)
-        for start, item in zip(np.cumsum([0, *lengths[:-1]]).tolist(), items):
-            hidden[start: start + len(item.hidden_states)] = _as_tensor(item.hidden_states)
+        for start, length, item in zip(np.cumsum([0, *lengths[:-1]]).tolist(), lengths, items):
+            hidden[start: start + length] = _as_tensor(item.hidden_states)
     else:
         hidden = torch.empty((len(items), width, *first.shape[1:]), dtype=torch.float32)
         for row, item in enumerate(items):

@@ -36,6 +36,11 @@ def split_wire(rows: np.ndarray, codes_dtype: np.dtype, scaled: bool) -> tuple[n
     return codes, scales
 
 
+def decoded_dtype(storage_dtype: str) -> np.dtype:
+    """The dtype `decode_hidden` returns for a storage dtype: float16 and float32 as stored, the others float32."""
+    return np.dtype(np.float16 if storage_dtype == "float16" else np.float32)
+
+
 def decode_hidden(stored: np.ndarray, storage_dtype: str, scales: np.ndarray | None = None) -> np.ndarray:
     """Stored hidden states (T, L, H) as numpy floats: float16/float32 as stored, bfloat16 widened to float32, a
     scaled encoding's codes times their (T, L) scales in float32."""

@@ -24,7 +24,7 @@ from ..sharing.location import Location, resolve
 from . import format as fmt
 from .backends import StoreBackend, open_backend
 from .chunks import ChunkVerifier
-from .encoding import decode_hidden
+from .encoding import decode_hidden, decoded_dtype
 from .integrity import check_block, check_rows, metadata_problems
 from .manifest import StoreManifest
 
@@ -300,9 +300,8 @@ class Store:
 
     def decoded_bytes(self, layers: Sequence[int] | None = None) -> int:
         """Bytes of these layers' hidden states once read and decoded (what `keep_in_memory` holds)."""
-        itemsize = 2 if self.storage_dtype == "float16" else 4  # float16 stays float16; the others decode to float32
         return self.num_tokens * len(self.stored_layers(layers if layers is not None else self.layers)) \
-            * self.hidden_size * itemsize
+            * self.hidden_size * decoded_dtype(self.storage_dtype).itemsize
 
     def iter_epoch(self, layers: Sequence[int] | None = None, pooling: str | None = None, shuffle: bool = True,
                    seed: int = 0, epoch: int = 0, buffer_sequences: int = 4096,
