@@ -24,18 +24,22 @@ from featstore import Store, collate_features
 from featstore.errors import IncompatibleHeadError
 from featstore.store.reader import SequenceFeatures
 
+from .packing import Layout, layout_tensors
+
 POOL_BATCHES = 50  # batches per sorted pool: wide enough for near-equal lengths, small enough to stay random
 
 
 def collated_batches(items: Iterable[SequenceFeatures], batch_size: int, group_by_length: bool = False,
                      rng: np.random.Generator | None = None) -> Iterator[dict[str, Any]]:
-    """Packed batches (collate_features) of `batch_size` sequences, streamed: the store is never held whole.
+    """Packed batches (collate_features, with their heads.packing layout) of `batch_size` sequences, streamed: the
+    store is never held whole.
     `group_by_length`: batches of similar lengths (pools sorted; pool's batches in an order drawn from `rng`,
     or shortest first without one). Either way every sequence comes exactly once, in ceil(N / batch_size)
     batches."""
     groups = _length_grouped(items, batch_size, rng) if group_by_length else _consecutive(items, batch_size)
     for group in groups:
-        yield collate_features(group, packed=True)
+        batch = collate_features(group, packed=True)
+        yield {**batch, **layout_tensors(batch)}  # found here on the CPU, so a step on a GPU never waits for it
 
 
 def training_batches(store: Store, layers: list[int], batch_size: int, seed: int, epoch: int,
@@ -72,9 +76,10 @@ def padding_ratio(batches: Iterable[dict[str, Any]]) -> float:
     return positions / max(tokens, 1)
 
 
-def head_inputs(batch: dict[str, Any], columns: slice | list[int]) -> tuple[torch.Tensor, ...]:
-    """A head's layers (columns of the packed batch's layers), mask and word ids."""
-    return batch["hidden_states"][:, columns], batch["mask"], batch["word_ids"]
+def head_inputs(batch: dict[str, Any], columns: slice | list[int]) -> tuple[torch.Tensor, torch.Tensor,
+                                                                            torch.Tensor | None, Layout]:
+    """A head's layers (columns of the packed batch's layers), mask, word ids and the batch's layout."""
+    return batch["hidden_states"][:, columns], batch["mask"], batch.get("word_ids"), Layout.of_batch(batch)
 
 
 def on_device(batches: Iterable[dict[str, Any]], device: str | torch.device) -> Iterator[dict[str, Any]]:

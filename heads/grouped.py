@@ -20,6 +20,7 @@ from torch.func import functional_call, vmap
 from .config import HEAD_TYPES, HeadConfig
 from .head import Head
 from .layers import mask_streams
+from .packing import Layout
 
 
 def batch_key(config: HeadConfig) -> str | None:
@@ -53,13 +54,14 @@ class HeadGroup:
         self.template = copy.deepcopy(heads[0])
         self.names = [name for name, _ in self.template.named_parameters()]
 
-    def losses(self, hidden: torch.Tensor, heads_dim: int | None, mask: torch.Tensor, word_ids: torch.Tensor,
-               num_words: int | None, labels: torch.Tensor, generators: Sequence[torch.Generator],
+    def losses(self, hidden: torch.Tensor, heads_dim: int | None, mask: torch.Tensor, word_ids: torch.Tensor | None,
+               num_words: int | None, layout: Layout, labels: torch.Tensor, generators: Sequence[torch.Generator],
                autocast_dtype: torch.dtype | None) -> torch.Tensor:
         """Each head's training loss on the batch, (K,). `hidden`: the layers every head reads, packed (N, L, H), or
-        each head's own stacked along `heads_dim` (e.g. (N, K, L, H) with heads_dim 1). `generators`: each
-        head's random stream for its dropout. The forward runs under autocast in `autocast_dtype` (None: float32),
-        the loss in float32, as when the head trains alone."""
+        each head's own stacked along `heads_dim` (e.g. (N, K, L, H) with heads_dim 1); `layout`: the batch's
+        tokens and words (heads.packing), the same for every head. `generators`: each head's random stream for its
+        dropout. The forward runs under autocast in `autocast_dtype` (None: float32), the loss in float32, as when
+        the head trains alone."""
         parameters = {name: torch.stack([head.get_parameter(name) for head in self.heads]) for name in self.names}
         template = self.template
         device_type = hidden.device.type
@@ -68,7 +70,7 @@ class HeadGroup:
                       ) -> torch.Tensor:
             with mask_streams(generators, head_index), \
                     torch.autocast(device_type, autocast_dtype, enabled=autocast_dtype is not None):
-                output = functional_call(template, weights, (features, mask, word_ids, num_words))
+                output = functional_call(template, weights, (features, mask, word_ids, num_words, layout))
             return template.loss(output.float(), labels)
 
         index = torch.arange(len(self.heads), device=hidden.device)

@@ -29,7 +29,7 @@ from .context import BiLSTMContext, ConcatLayers, TransformerContext
 from .crf import CRF
 from .layers import Dropout, SequencePooling, pool_words
 from .mixers import AdapterMixer, AttentionFusion, ScalarMix, SelectLayer
-from .packing import Packing, is_packed
+from .packing import Layout, Words, is_packed
 from .tail import EncoderTail, load_encoder_model
 
 logger = logging.getLogger(__name__)
@@ -74,6 +74,10 @@ class Head(nn.Module):
         self.sequence_pooling = None if config.task_def.per_word else SequencePooling(config.sequence_pooling,
                                                                                       features)
         self.crf = CRF(outputs, config.label_names if config.crf_constraints else None) if config.crf else None
+        # Word pooling (first subword, or the mean) is linear, so a single linear classifier gives the same logits
+        # on tokens, then pooled: pooling C logits instead of H features is the cheaper side when C < H (a layer
+        # sweep's gathers of K heads' features were a third of its step, BENCHMARKS.md "Speed").
+        self.classifies_tokens = isinstance(self.classifier, nn.Linear) and outputs < self.classifier.in_features
         self.training_record: TrainingRecord | None = None  # how a loaded head was trained, when it says
         self.weights_sha256: str | None = None  # of model.safetensors, once saved or loaded
 
@@ -95,24 +99,34 @@ class Head(nn.Module):
         return self.context if isinstance(self.context, EncoderTail) else None
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor, word_ids: torch.Tensor | None = None,
-                num_words: int | None = None) -> torch.Tensor:
+                num_words: int | None = None, layout: Layout | None = None) -> torch.Tensor:
         """Hidden states of the head's layers, padded (B, T, L, H) or packed (N, L, H: the real tokens of `mask`
         row by row, heads.packing) -> logits (B, W, C) for token tasks, (B, C) for classification, (B,) regression.
 
         Token tasks need `word_ids` (B, T) with -1 for special/padded tokens. Padding is never computed: a padded
-        input is packed first, and only what mixes a sequence's tokens sees the padded grid.
+        input is packed first, and only what mixes a sequence's tokens sees the padded grid. `layout`: where the
+        batch's tokens (and words) are, when found already (the trainer's batches carry theirs).
         """
-        packing = Packing(mask)
+        layout = layout if layout is not None else Layout.of(mask)
+        packing = layout.tokens
         tokens = self.mixer(self.feature_dropout(hidden if is_packed(hidden) else packing.pack(hidden)), packing)
         if self.context is not None:
             tokens = packing.pack(self.context(packing.unpack(tokens), mask))
         if self.sequence_pooling is None:
             if word_ids is None:
                 raise ValueError("token classification needs word_ids")
-            width = num_words if num_words is not None else int(word_ids.max().item()) + 1
-            words, packed_words = pool_words(tokens, packing.pack(word_ids), packing, max(width, 1),
-                                             self.config.word_pooling)
-            return packed_words.unpack(self.classifier(words))  # padded words' logits are 0: no loss reads them
+            words = layout.words
+            if words is not None and num_words is not None and words.packing.mask.shape[1] != num_words:
+                raise ValueError(f"the layout's words are laid out for {words.packing.mask.shape[1]} words per "
+                                 f"sequence, not {num_words}")
+            if words is None:
+                width = num_words if num_words is not None else int(word_ids.max().item()) + 1
+                words = Words.of(packing, packing.pack(word_ids), max(width, 1))
+            if self.classifies_tokens:
+                logits = pool_words(self.classifier(tokens), words, self.config.word_pooling)
+            else:
+                logits = self.classifier(pool_words(tokens, words, self.config.word_pooling))
+            return words.packing.unpack(logits)  # padded words' logits are 0: no loss reads them
         pooled = self.sequence_pooling(packing.unpack(tokens), mask)
         return self.config.task_def.shape_output(self.classifier(pooled))
 

@@ -12,7 +12,7 @@ from contextvars import ContextVar
 import torch
 from torch import nn
 
-from .packing import Packing
+from .packing import Words
 
 # While heads step as one batched module (heads/grouped.py): each head's random generator and the head's index
 # (a tensor batched over the heads), so every head's dropout masks come from its own stream
@@ -105,27 +105,18 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Ten
     return (values * weights).sum(dim) / weights.sum(dim).clamp(min=1)
 
 
-def pool_words(tokens: torch.Tensor, word_ids: torch.Tensor, packing: Packing, num_words: int, pooling: str
-               ) -> tuple[torch.Tensor, Packing]:
-    """Per-word vectors from packed per-token ones (N, D) by packed word id (N,) (-1 = no word): the first subword
-    of each word, or the mean of its subwords. Returns the words packed (Nw, D) and their packing in the (B, W)
-    grid of `num_words` words per sequence (a word is there when some token belongs to it)."""
-    batch, count = len(packing.lengths), len(word_ids)
-    valid = (word_ids >= 0) & (word_ids < num_words)
-    spare = batch * num_words  # the slot of tokens that belong to no word
-    slot = torch.where(valid, packing.segment * num_words + word_ids, spare)
-    present = torch.zeros(spare + 1, dtype=torch.bool, device=tokens.device).index_fill(0, slot, True)[:-1]
-    words = Packing(present.view(batch, num_words))
-    word_of_slot = torch.full((spare + 1,), len(words.index), dtype=torch.long, device=tokens.device)
-    word = word_of_slot.index_copy(0, words.index, torch.arange(len(words.index), device=tokens.device))[slot]
+def pool_words(tokens: torch.Tensor, words: Words, pooling: str) -> torch.Tensor:
+    """Per-word vectors (Nw, D), packed as `words.packing`, from packed per-token ones (N, D): the first subword
+    of each word, or the mean of its subwords."""
+    count, rows = len(tokens), len(words.packing.index)
     if pooling == "first":
         positions = torch.arange(count, device=tokens.device)
-        first = torch.full((len(words.index) + 1,), count, dtype=torch.long, device=tokens.device)
-        return tokens.index_select(0, first.scatter_reduce(0, word, positions, "amin")[:-1]), words
+        first = torch.full((rows + 1,), count, dtype=torch.long, device=tokens.device)
+        return tokens.index_select(0, first.scatter_reduce(0, words.of_token, positions, "amin")[:-1])
     if pooling == "mean":
-        sums = tokens.new_zeros((len(words.index) + 1, tokens.shape[1])).index_add(0, word, tokens)[:-1]
-        counts = torch.bincount(word, minlength=len(words.index) + 1)[:-1].to(tokens.dtype)
-        return sums / counts.unsqueeze(1), words
+        sums = tokens.new_zeros((rows + 1, tokens.shape[1])).index_add(0, words.of_token, tokens)[:-1]
+        counts = tokens.new_zeros(rows + 1).index_add(0, words.of_token, tokens.new_ones(count))[:-1]
+        return sums / counts.unsqueeze(1)
     raise ValueError(f"unknown word pooling {pooling!r}; choose first or mean")
 
 

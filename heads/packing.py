@@ -7,9 +7,16 @@ where each came from. Everything that acts on one token at a time (layer mixing,
 dropout, the classifier) runs on the packed rows; what mixes tokens of a sequence (a layer's mean over the
 sentence, token self-attention, an LSTM) either reduces by sequence (`segment_mean`) or unpacks to the padded
 grid for just that step. The batch's sequences stay what they were, so results are those of the padded batch.
+
+Finding the real tokens and words (`nonzero`) sizes the packed tensors, which on an accelerator makes the host
+wait for the device. The trainer's batches therefore carry their `Layout`, found once on the CPU when the batch
+is collated (`layout_tensors`), and a step on the device reads it (`Layout.of_batch`) without waiting.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -17,9 +24,10 @@ import torch
 class Packing:
     """Where a batch's real tokens sit in its padded (B, T) grid: `mask` True on real tokens."""
 
-    def __init__(self, mask: torch.Tensor) -> None:
+    def __init__(self, mask: torch.Tensor, index: torch.Tensor | None = None) -> None:
         self.mask = mask
-        self.index = mask.reshape(-1).nonzero().squeeze(1)  # (N,): b * T + t of each real token
+        # (N,): b * T + t of each real token (`index`: found already, e.g. on the CPU)
+        self.index = mask.reshape(-1).nonzero().squeeze(1) if index is None else index
         self.segment = self.index // mask.shape[1]  # (N,): the sequence b each real token belongs to
         self.lengths = mask.sum(1)  # (B,)
 
@@ -43,3 +51,68 @@ class Packing:
 def is_packed(hidden: torch.Tensor) -> bool:
     """Head inputs are (B, T, L, H) padded or (N, L, H) packed."""
     return hidden.dim() == 3
+
+
+class Words:
+    """The words of a packed batch's tokens: each token's row among the packed words (`of_token`, (N,); the
+    number of words for a token of no word) and the words' own packing in the (B, W) grid of `num_words` words
+    per sequence, a word being there when some token belongs to it."""
+
+    def __init__(self, packing: Packing, of_token: torch.Tensor) -> None:
+        self.packing, self.of_token = packing, of_token
+
+    @classmethod
+    def of(cls, tokens: Packing, word_ids: torch.Tensor, num_words: int) -> Words:
+        """From the packed tokens' word ids (N,), -1 for no word."""
+        device = word_ids.device
+        valid = (word_ids >= 0) & (word_ids < num_words)
+        spare = len(tokens.lengths) * num_words  # the slot of tokens that belong to no word
+        slot = torch.where(valid, tokens.segment * num_words + word_ids, spare)
+        present = torch.zeros(spare + 1, dtype=torch.bool, device=device).index_fill(0, slot, True)[:-1]
+        words = Packing(present.view(len(tokens.lengths), num_words))
+        row_of_slot = torch.full((spare + 1,), len(words.index), dtype=torch.long, device=device)
+        row_of_slot = row_of_slot.index_copy(0, words.index, torch.arange(len(words.index), device=device))
+        return cls(words, row_of_slot[slot])
+
+
+@dataclass
+class Layout:
+    """Where a batch's real tokens sit in its (B, T) grid, and for per-word outputs its words."""
+
+    tokens: Packing
+    words: Words | None = None
+
+    @classmethod
+    def of(cls, mask: torch.Tensor, word_ids: torch.Tensor | None = None, num_words: int | None = None) -> Layout:
+        """From the token mask (B, T) and, for `num_words` words per sequence, the padded word ids (B, T)."""
+        tokens = Packing(mask)
+        if word_ids is None or num_words is None:
+            return cls(tokens)
+        return cls(tokens, Words.of(tokens, tokens.pack(word_ids), num_words))
+
+    @classmethod
+    def of_batch(cls, batch: dict[str, Any]) -> Layout:
+        """A collated batch's layout: the one it carries (`layout_tensors`), else found now."""
+        if TOKEN_INDEX not in batch:
+            return cls(Packing(batch["mask"]))
+        tokens = Packing(batch["mask"], batch[TOKEN_INDEX])
+        if WORD_MASK not in batch:
+            return cls(tokens)
+        return cls(tokens, Words(Packing(batch[WORD_MASK], batch[WORD_INDEX]), batch[TOKEN_WORD]))
+
+
+TOKEN_INDEX, WORD_MASK, WORD_INDEX, TOKEN_WORD = "token_index", "word_mask", "word_index", "token_word"
+LAYOUT_KEYS = (TOKEN_INDEX, WORD_MASK, WORD_INDEX, TOKEN_WORD)  # a batch's entries that hold its layout
+
+
+def layout_tensors(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The layout of a collated batch as tensors to carry in it (found here, on the batch's device: the CPU),
+    its words' too when its labels are per word."""
+    labels = batch.get("labels")
+    per_word = labels is not None and labels.dim() == 2 and "word_ids" in batch
+    layout = Layout.of(batch["mask"], batch.get("word_ids"), labels.shape[1] if per_word else None)
+    tensors = {TOKEN_INDEX: layout.tokens.index}
+    if layout.words is not None:
+        tensors.update({WORD_MASK: layout.words.packing.mask, WORD_INDEX: layout.words.packing.index,
+                        TOKEN_WORD: layout.words.of_token})
+    return tensors

@@ -50,6 +50,7 @@ from .config import (
 )
 from .grouped import HeadGroup, group_by_key
 from .head import Head, check_store
+from .packing import Layout
 from .tail import load_encoder_model, tail_architecture, tail_start_layer
 from .tracking import TRACKERS, Tracker, make_tracker
 
@@ -290,7 +291,8 @@ def _evaluate(heads: list[Head], store: Store, batch_size: int, device: str, ret
         rows = batch["index"].tolist()
         for k, head in enumerate(heads):
             task = head.config.task_def
-            output = head(*head_inputs(batch, columns[k]), task.num_words(labels))
+            hidden, mask, word_ids, layout = head_inputs(batch, columns[k])
+            output = head(hidden, mask, word_ids, task.num_words(labels), layout)
             decoded = head.decode(output, batch["labels"] != LABEL_PADDING) if task.per_word else None
             output, decoded = output.cpu(), None if decoded is None else decoded.cpu()
             head_labels = remap_labels(labels, mappings[k])
@@ -460,7 +462,8 @@ class Trainer:
             return [([run], None) for run in runs]
         groups = []
         for indices in group_by_key([run.head.config for run in runs]):
-            members = [runs[index] for index in indices]
+            # by the layers they read: a sweep's probes then read adjacent columns, a view of the batch, not a copy
+            members = sorted((runs[index] for index in indices), key=lambda run: run.head.config.layers)
             group = HeadGroup([run.head for run in members]) if len(members) > 1 else None
             if group is not None:
                 group.train()
@@ -480,8 +483,9 @@ class Trainer:
         device = hidden.device
         generators = [torch.Generator(device).set_state(run.cuda_rng_state if device.type == "cuda"
                                                         else run.rng_state) for run in runs]
-        losses = group.losses(features, heads_dim, batch["mask"], batch["word_ids"],
-                              runs[0].head.config.task_def.num_words(labels), labels, generators, self.autocast_dtype)
+        losses = group.losses(features, heads_dim, batch["mask"], batch.get("word_ids"),
+                              runs[0].head.config.task_def.num_words(labels), Layout.of_batch(batch), labels,
+                              generators, self.autocast_dtype)
         for run in runs:
             run.optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()  # each head's loss reaches only its own weights
@@ -497,12 +501,12 @@ class Trainer:
         return list(losses)
 
     def _step(self, run: HeadRun, batch: dict[str, Any]) -> torch.Tensor:
-        hidden, mask, word_ids = head_inputs(batch, run.columns)
+        hidden, mask, word_ids, layout = head_inputs(batch, run.columns)
         labels = batch["labels"]
         task = run.head.config.task_def
         with run.own_rng():
             with torch.autocast(hidden.device.type, self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                output = run.head(hidden, mask, word_ids, task.num_words(labels))
+                output = run.head(hidden, mask, word_ids, task.num_words(labels), layout)
             loss = run.head.loss(output.float(), labels)  # a CRF's partition function needs float32
             run.optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,16 +1,18 @@
 """Training batches: grouping by length keeps each sequence once per epoch and the epoch random while cutting
-the padding; packed batches give a head the loss and gradients of padded ones, whatever the padding; stores kept
-in memory train the same heads."""
+the padding; packed batches give a head the loss and gradients of padded ones, whatever the padding, and carry a
+layout on which a step sizes nothing from the data; stores kept in memory train the same heads."""
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from featstore import collate_features, open_store
 from featstore.store.dataset import LABEL_PADDING
 from heads import Head, TrainConfig, train
 from heads import batches as batching
 from heads import trainer as trainer_module
-from heads.batches import on_device, padding_ratio, training_batches
+from heads.batches import head_inputs, on_device, padding_ratio, training_batches
+from heads.packing import LAYOUT_KEYS, Layout
 from heads.trainer import Trainer, build_head_config, keeps_in_memory
 
 
@@ -59,7 +61,8 @@ def _padded(batch, extra):
 
 def _loss_and_gradients(head, batch):
     head.zero_grad()
-    output = head(batch["hidden_states"], batch["mask"], batch["word_ids"], batch["labels"].shape[1])
+    output = head(batch["hidden_states"], batch["mask"], batch["word_ids"], batch["labels"].shape[1],
+                  Layout.of_batch(batch))  # the layout the batch carries, or one found from its mask
     loss = head.loss(output, batch["labels"])
     loss.backward()
     return loss.item(), {name: parameter.grad.clone() for name, parameter in head.named_parameters()
@@ -84,8 +87,8 @@ def _sentence_by_sentence(head, items):
     {"type": "bilstm"}, {"type": "bilstm", "crf": True, "context_input": "concat"},
     {"type": "transformer", "context_input": "adapter"}, {"type": "tail", "tail_layers": 1}])
 def test_packed_batches_give_the_loss_and_gradients_of_padded_ones(ner_stores, spec):
-    """The trainer's packed batch, the same batch padded, padded wider still, and its sequences one by one: one
-    loss, one gradient (to float32 rounding)."""
+    """The trainer's packed batch (with the layout it carries, and without), the same batch padded, padded wider
+    still, and its sequences one by one: one loss, one gradient (to float32 rounding)."""
     with open_store(ner_stores["train"]) as store:
         torch.manual_seed(0)
         head = Head(build_head_config(spec, store)).eval()  # dropout off: masks would differ with the shape
@@ -101,7 +104,10 @@ def test_packed_batches_give_the_loss_and_gradients_of_padded_ones(ner_stores, s
     # rounding is measured against the head's largest gradient: some gradients are zero in exact arithmetic (a key
     # bias shifts every score of a softmax alike) and hold only rounding noise
     tolerance = 1e-4 * max(gradient.abs().max() for gradient in gradients.values())
-    for name, (other_loss, other_gradients) in {"padded": _loss_and_gradients(head, padded),
+    assert set(LAYOUT_KEYS) <= set(packed)
+    unlaid = {key: value for key, value in packed.items() if key not in LAYOUT_KEYS}
+    for name, (other_loss, other_gradients) in {"layout found": _loss_and_gradients(head, unlaid),
+                                                "padded": _loss_and_gradients(head, padded),
                                                 "wider": _loss_and_gradients(head, _padded(padded, 9)),
                                                 "alone": _sentence_by_sentence(head, items)}.items():
         assert other_loss == pytest.approx(loss, rel=1e-5), name
@@ -121,8 +127,8 @@ def test_heads_trained_on_grouped_and_plain_batches_both_learn(ner_stores, tmp_p
 def test_batches_reach_another_device_with_every_tensor(ner_stores):
     with open_store(ner_stores["train"]) as store:
         batch = next(on_device(training_batches(store, [0], 8, seed=1, epoch=0), "meta"))
-    tensors = [value for value in batch.values() if isinstance(value, torch.Tensor)]
-    assert len(tensors) == 5 and all(tensor.device.type == "meta" for tensor in tensors)
+    assert set(batch) == {"hidden_states", "mask", "index", "word_ids", "labels", *LAYOUT_KEYS}
+    assert all(tensor.device.type == "meta" for tensor in batch.values())
 
 
 def test_stores_kept_in_memory_train_the_same_heads(ner_stores, tmp_path, monkeypatch):
@@ -141,3 +147,34 @@ def test_stores_kept_in_memory_train_the_same_heads(ner_stores, tmp_path, monkey
     assert not keeps_in_memory("auto", 2 * 10**9, epochs=1)
     assert not keeps_in_memory("auto", 3 * 10**9, epochs=2)
     assert keeps_in_memory("always", 3 * 10**9, epochs=1) and not keeps_in_memory("never", 1, epochs=5)
+
+
+class _OpsCalled(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+# ops whose result size depends on the data, or that read a value back: on an accelerator the host waits
+DATA_DEPENDENT = {"nonzero", "_local_scalar_dense", "bincount", "masked_select", "unique", "_unique2"}
+
+
+@pytest.mark.parametrize("spec", [{"type": "adapter"}, {"type": "linear"}])
+def test_a_step_on_a_carried_layout_never_sizes_from_data(ner_stores, spec):
+    """The CPU's stand-in for tests/test_cuda.py's sync check: with the layout the batch carries, a head's forward
+    and backward pass run no op that sizes a result from the data; without it they do (the layout is found)."""
+    with open_store(ner_stores["train"]) as store:
+        head = Head(build_head_config(spec, store)).train()
+        batch = next(training_batches(store, head.config.layers, 8, seed=1, epoch=0))
+    unlaid = {key: value for key, value in batch.items() if key not in LAYOUT_KEYS}
+    called = {}
+    for name, inputs in {"carried": batch, "found": unlaid}.items():
+        with _OpsCalled() as ops:
+            hidden, mask, word_ids, layout = head_inputs(inputs, slice(None))
+            head.loss(head(hidden, mask, word_ids, inputs["labels"].shape[1], layout), inputs["labels"]).backward()
+        called[name] = ops.names & DATA_DEPENDENT
+    assert called == {"carried": set(), "found": {"nonzero"}}

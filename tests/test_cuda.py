@@ -1,6 +1,6 @@
 """On a CUDA device: fp16 extraction against the live encoder, the pinned-memory writer path, batches prefetched
-onto the device, and heads trained there (K heads in one pass = separate runs; same predictions on CPU).
-Skipped where no GPU is present."""
+onto the device, a head's step that never waits for the device, and heads trained there (K heads in one pass =
+separate runs; same predictions on CPU). Skipped where no GPU is present."""
 
 import numpy as np
 import pytest
@@ -9,7 +9,8 @@ import torch
 from featstore import ExtractConfig, FrozenEncoder, extract, load_corpus, open_store
 from featstore.extraction.corpus import CorpusSpec
 from heads import Head, TrainConfig, evaluate_heads, train
-from heads.batches import on_device, training_batches
+from heads.batches import head_inputs, on_device, training_batches
+from heads.trainer import build_head_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -54,6 +55,23 @@ def test_batches_prefetched_onto_the_device_are_the_cpu_batches(ner_stores):
         for key, value in batch.items():
             assert on_gpu[key].device.type == "cuda"
             assert torch.equal(on_gpu[key].cpu(), value), key
+
+
+@pytest.mark.parametrize("spec", [{"type": "adapter"}, {"type": "linear", "layers": [-1]}])
+def test_a_training_step_on_cuda_never_waits_for_the_device(ner_stores, spec):
+    """The batch carries its layout (found on the CPU), so the head's forward and backward pass never make the
+    host wait to learn a size: a synchronising call here raises."""
+    with open_store(ner_stores["train"]) as store:
+        head = Head(build_head_config(spec, store)).to("cuda").train()
+        batch = next(on_device(training_batches(store, head.config.layers, 16, seed=1, epoch=0), "cuda"))
+    hidden, mask, word_ids, layout = head_inputs(batch, slice(None))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        output = head(hidden, mask, word_ids, batch["labels"].shape[1], layout)
+        head.loss(output, batch["labels"]).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def _train(stores, out, heads, device):

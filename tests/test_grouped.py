@@ -16,8 +16,9 @@ GROUPS = {  # heads that batch together: differing in learning rate, seed, weigh
     "adapters without tailor, feature dropout": [
         {"type": "adapter", "name": f"a{seed}", "seed": seed, "enable_tailor": False, "feature_dropout": 0.2}
         for seed in (1, 2)],
+    # listed out of order: the trainer steps them by layer, reading adjacent columns
     "linear probe sweep, mean pooling": [{"type": "linear", "name": f"L{layer}", "layers": [layer], "lr": 0.05,
-                                          "word_pooling": "mean"} for layer in (0, 1, 2)],
+                                          "word_pooling": "mean"} for layer in (2, 0, 1)],
     "mlp probes, layers apart": [{"type": "mlp", "name": f"L{layer}", "layers": [layer]} for layer in (2, 0)],
     # (a scalar mix's scale diverges at much higher rates, and then rounding differences grow without bound)
     "scalar mixes": [{"type": "scalar_mix", "name": f"s{seed}", "seed": seed, "lr": 0.005} for seed in (1, 2)],

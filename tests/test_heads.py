@@ -8,14 +8,15 @@ import pytest
 import torch
 
 import featstore
-from featstore import ExtractConfig, collate_features, extract, open_store
+from featstore import ExtractConfig, extract, open_store
 from featstore.extraction.corpus import CorpusSpec
 from heads import Adapter, Head, Predictor, TrainConfig, evaluate_heads, train
+from heads.batches import collated_batches
 from heads.cli import main as heads_main
 from heads.entities import repair_bio
 from heads.layers import pool_words
-from heads.packing import Packing
-from heads.trainer import Trainer
+from heads.packing import Layout
+from heads.trainer import Trainer, build_head_config
 
 from .conftest import LABELS, sequence_store, tagged_sentences, write_tagged
 
@@ -216,20 +217,45 @@ def test_adapter_wraps_a_live_encoder_and_trains_only_its_head(tiny_models):
 
 
 def test_head_word_pooling_matches_store_pooling(ner_stores):
-    """Words pooled from a packed batch of several sequences equal the store's own pooling of each sequence."""
+    """Words pooled from a packed batch of several sequences equal the store's own pooling of each sequence, with
+    the layout the trainer's batch carries (found when collated) as with one found from its mask and word ids."""
     with open_store(ner_stores["dev"]) as store:
         rows = [0, 1, 2]
-        batch = collate_features([store.sequence(row, layers=[-1]) for row in rows], packed=True)
-        packing = Packing(batch["mask"])
-        num_words = batch["labels"].shape[1]
+        (batch,) = collated_batches([store.sequence(row, layers=[-1]) for row in rows], batch_size=3)
+        carried = Layout.of_batch(batch)
+        found = Layout.of(batch["mask"], batch["word_ids"], batch["labels"].shape[1])
+        assert torch.equal(carried.tokens.index, found.tokens.index)
         for pooling in ("first", "mean"):
-            words, packed_words = pool_words(batch["hidden_states"][:, 0], packing.pack(batch["word_ids"]), packing,
-                                             num_words, pooling)
-            got = packed_words.unpack(words)
-            for position, row in enumerate(rows):
-                expected = store.sequence(row, layers=[-1], pooling=pooling).hidden_states[:, 0]
-                np.testing.assert_allclose(got[position, : len(expected)].numpy(), expected, rtol=1e-6, atol=1e-6)
-                assert not got[position, len(expected):].any()  # padded words stay empty
+            for layout in (carried, found):
+                words = layout.words
+                got = words.packing.unpack(pool_words(batch["hidden_states"][:, 0], words, pooling))
+                for position, row in enumerate(rows):
+                    expected = store.sequence(row, layers=[-1], pooling=pooling).hidden_states[:, 0]
+                    np.testing.assert_allclose(got[position, : len(expected)].numpy(), expected, rtol=1e-6,
+                                               atol=1e-6)
+                    assert not got[position, len(expected):].any()  # padded words stay empty
+
+
+@pytest.mark.parametrize("pooling", ["first", "mean"])
+def test_probe_logits_pooled_from_tokens_equal_its_classifier_on_pooled_words(ner_stores, pooling):
+    """A linear classifier pools its logits (C per token) rather than the features (H): the same logits as the
+    classifier on each word's first subword or subword mean, for words of several subwords."""
+    with open_store(ner_stores["dev"]) as store:
+        head = Head(build_head_config({"type": "linear", "layers": [-1], "word_pooling": pooling}, store)).eval()
+    assert head.classifies_tokens
+    word_ids = torch.tensor([[-1, 0, 0, 1, 2, 2, 2, -1], [-1, 0, 1, 1, -1, -1, -1, -1]])
+    mask = torch.tensor([[True] * 8, [True] * 5 + [False] * 3])
+    hidden = torch.randn(2, 8, 1, head.config.hidden_size)
+    with torch.no_grad():
+        got = head(hidden, mask, word_ids, 3)
+        for row in range(2):
+            for word in range(3):
+                tokens = hidden[row, word_ids[row] == word, 0]
+                if not len(tokens):
+                    assert not got[row, word].any()  # a padded word stays empty
+                    continue
+                pooled = tokens[0] if pooling == "first" else tokens.mean(0)
+                torch.testing.assert_close(got[row, word], head.classifier(pooled))
 
 
 def test_raw_text_predictions_read_like_ner_output(ner_stores, tmp_path):
