@@ -30,25 +30,27 @@ POOL_BATCHES = 50  # batches per sorted pool: wide enough for near-equal lengths
 
 
 def collated_batches(items: Iterable[SequenceFeatures], batch_size: int, group_by_length: bool = False,
-                     rng: np.random.Generator | None = None) -> Iterator[dict[str, Any]]:
+                     rng: np.random.Generator | None = None, as_stored: bool = False) -> Iterator[dict[str, Any]]:
     """Packed batches (collate_features, with their heads.packing layout) of `batch_size` sequences, streamed: the
     store is never held whole.
     `group_by_length`: batches of similar lengths (pools sorted; pool's batches in an order drawn from `rng`,
     or shortest first without one). Either way every sequence comes exactly once, in ceil(N / batch_size)
-    batches."""
+    batches. `as_stored`: float16 features stay float16 until `on_device` (collate_features)."""
     groups = _length_grouped(items, batch_size, rng) if group_by_length else _consecutive(items, batch_size)
     for group in groups:
-        batch = collate_features(group, packed=True)
+        batch = collate_features(group, packed=True, as_stored=as_stored)
         yield {**batch, **layout_tensors(batch)}  # found here on the CPU, so a step on a GPU never waits for it
 
 
 def training_batches(store: Store, layers: list[int], batch_size: int, seed: int, epoch: int,
-                     group_by_length: bool = False, keep_in_memory: bool = False) -> Iterator[dict[str, Any]]:
+                     group_by_length: bool = False, keep_in_memory: bool = False, as_stored: bool = False
+                     ) -> Iterator[dict[str, Any]]:
     """One training epoch's batches of a store: shuffled (deterministic for seed and epoch), grouped by length
-    when asked; `keep_in_memory`: the store keeps what it read for the next epochs (Store.iter_epoch)."""
+    when asked; `keep_in_memory`: the store keeps what it read for the next epochs (Store.iter_epoch);
+    `as_stored`: float16 features travel as float16 (collated_batches)."""
     items = store.iter_epoch(layers=layers, seed=seed, epoch=epoch, keep_in_memory=keep_in_memory)
     batch_order = np.random.default_rng([seed, epoch, 1])  # a stream apart from the reader's shuffle
-    return collated_batches(items, batch_size, group_by_length, batch_order)
+    return collated_batches(items, batch_size, group_by_length, batch_order, as_stored)
 
 
 def _consecutive(items: Iterable[SequenceFeatures], size: int) -> Iterator[list[SequenceFeatures]]:
@@ -83,22 +85,25 @@ def head_inputs(batch: dict[str, Any], columns: slice | list[int]) -> tuple[torc
 
 
 def on_device(batches: Iterable[dict[str, Any]], device: str | torch.device) -> Iterator[dict[str, Any]]:
-    """The batches on `device`, each copied there once for all the heads that step on it. On CUDA the copies
-    come from pinned memory on a side stream, issued one batch ahead, so they overlap the heads' work on the
-    batch before; elsewhere a plain copy (none on the CPU)."""
+    """The batches on `device` with float32 features, each copied there once for all the heads that step on it.
+    On CUDA the copies come from pinned memory on a side stream, issued one batch ahead, so they overlap the
+    heads' work on the batch before, and float16 features (`as_stored` batches: half the bytes to pin and move)
+    are widened there; elsewhere a plain copy (none on the CPU)."""
     device = torch.device(device)
     if device.type == "cpu":
-        yield from batches
+        for batch in batches:
+            yield _widened(batch)
         return
     if device.type != "cuda":
         for batch in batches:
-            yield _copied(batch, device, non_blocking=False)
+            yield _widened(_copied(batch, device, non_blocking=False))
         return
     stream = torch.cuda.Stream(device)
     pending: tuple[dict[str, Any], torch.cuda.Event] | None = None
     for batch in batches:
         with torch.cuda.stream(stream):
-            moved = _copied({key: _pinned(value) for key, value in batch.items()}, device, non_blocking=True)
+            moved = _widened(_copied({key: _pinned(value) for key, value in batch.items()}, device,
+                                     non_blocking=True))
             copied = torch.cuda.Event()
             copied.record(stream)
         if pending is not None:
@@ -106,6 +111,12 @@ def on_device(batches: Iterable[dict[str, Any]], device: str | torch.device) -> 
         pending = moved, copied
     if pending is not None:
         yield _ready(*pending, device)
+
+
+def _widened(batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch with float32 features, the heads' input (float16 -> float32 is exact)."""
+    hidden = batch["hidden_states"]
+    return batch if hidden.dtype == torch.float32 else {**batch, "hidden_states": hidden.float()}
 
 
 def _pinned(value: Any) -> Any:

@@ -108,6 +108,12 @@ def batches_heads(batch_heads: str, device: str) -> bool:
     return batch_heads == "always" or (batch_heads == "auto" and torch.device(device).type == "cuda")
 
 
+def travels_as_stored(device: str) -> bool:
+    """Whether batches travel to `device` with float16 features as stored, widened there (on_device): to a GPU,
+    half the bytes to pin and copy; on the CPU the collate widens them in the copy it makes anyway."""
+    return torch.device(device).type == "cuda"
+
+
 def default_epochs(steps_per_epoch: int) -> int:
     """10 epochs, or more on a small store so that training takes at least MIN_DEFAULT_STEPS steps."""
     return min(MAX_DEFAULT_EPOCHS, max(DEFAULT_EPOCHS, -(-MIN_DEFAULT_STEPS // max(steps_per_epoch, 1))))
@@ -285,7 +291,7 @@ def _evaluate(heads: list[Head], store: Store, batch_size: int, device: str, ret
         head.eval()
     # grouped by length (less padding to compute); results are keyed by corpus row, so the order is free
     batches = collated_batches(store.iter_epoch(layers=layers, shuffle=False, keep_in_memory=keep_in_memory),
-                               batch_size, group_by_length=True)
+                               batch_size, group_by_length=True, as_stored=travels_as_stored(device))
     for batch in on_device(batches, device):
         labels = batch["labels"].cpu()
         rows = batch["index"].tolist()
@@ -432,7 +438,7 @@ class Trainer:
                 run.head.train()
             groups = self._groups(active)
             batches = training_batches(self.store, self.layers, config.batch_size, config.seed, epoch,
-                                       config.group_by_length, self.keep_in_memory)
+                                       config.group_by_length, self.keep_in_memory, travels_as_stored(config.device))
             bar = tqdm(on_device(islice(batches, self.steps_per_epoch), config.device),
                        total=self.steps_per_epoch, desc=f"epoch {epoch + 1}", unit="batch", disable=not config.progress)
             for step, batch in enumerate(bar):

@@ -248,3 +248,14 @@ def ner_stores(tiny_models, tmp_path_factory):
                                               dtype="float32", progress=False)).path
         stores[f"{split}_corpus"] = str(corpus)
     return stores
+
+
+@pytest.fixture(scope="session")
+def ner_float16_store(tiny_models, ner_stores, tmp_path_factory):
+    """The NER train corpus stored as float16 (extraction's default storage), beside ner_stores' float32 one."""
+    from featstore import ExtractConfig, extract
+    from featstore.extraction.corpus import CorpusSpec
+
+    return extract(ExtractConfig(out=str(tmp_path_factory.mktemp("ner16") / "train.zarr"), model=tiny_models["bert"],
+                                 corpus=CorpusSpec(ner_stores["train_corpus"], label_names=LABELS.split(",")),
+                                 progress=False)).path

@@ -178,3 +178,18 @@ def test_a_step_on_a_carried_layout_never_sizes_from_data(ner_stores, spec):
             head.loss(head(hidden, mask, word_ids, inputs["labels"].shape[1], layout), inputs["labels"]).backward()
         called[name] = ops.names & DATA_DEPENDENT
     assert called == {"carried": set(), "found": {"nonzero"}}
+
+
+def test_batches_travel_as_stored_and_widen_on_the_device(ner_stores, ner_float16_store):
+    """float16 features collated as stored (half the bytes to pin and move to a GPU) reach the heads widened by
+    `on_device`: exactly the float32 batch. Other stores' features are float32 either way."""
+    for path, travels in ((ner_float16_store, torch.float16), (ner_stores["train"], torch.float32)):
+        with open_store(path) as store:
+            wide = list(training_batches(store, store.layers, 8, seed=1, epoch=0))
+            narrow = list(training_batches(store, store.layers, 8, seed=1, epoch=0, as_stored=True))
+        assert {batch["hidden_states"].dtype for batch in narrow} == {travels}
+        assert next(on_device(iter(narrow), "meta"))["hidden_states"].dtype == torch.float32
+        for expected, got in zip(wide, on_device(iter(narrow), "cpu"), strict=True):
+            assert expected.keys() == got.keys()
+            for key, value in expected.items():
+                assert torch.equal(got[key], value), key

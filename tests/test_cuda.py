@@ -46,15 +46,19 @@ def test_float32_extraction_on_cuda_matches_the_cpu_store(tiny_models, conll_cor
                                        rtol=1e-4, atol=1e-4)
 
 
-def test_batches_prefetched_onto_the_device_are_the_cpu_batches(ner_stores):
-    with open_store(ner_stores["train"]) as store:
-        batches = list(training_batches(store, store.layers, 16, seed=1, epoch=0))
-        moved = list(on_device(iter(batches), "cuda"))
-    assert len(moved) == len(batches)
-    for batch, on_gpu in zip(batches, moved):
-        for key, value in batch.items():
-            assert on_gpu[key].device.type == "cuda"
-            assert torch.equal(on_gpu[key].cpu(), value), key
+def test_batches_prefetched_onto_the_device_are_the_cpu_batches(ner_stores, ner_float16_store):
+    """As the trainer moves them (float16 features as stored, widened on the device): the CPU's float32 batches."""
+    for path in (ner_float16_store, ner_stores["train"]):
+        with open_store(path) as store:
+            batches = list(training_batches(store, store.layers, 16, seed=1, epoch=0))
+            moved = list(on_device(training_batches(store, store.layers, 16, seed=1, epoch=0, as_stored=True),
+                                   "cuda"))
+        assert len(moved) == len(batches)
+        for batch, on_gpu in zip(batches, moved):
+            assert batch.keys() == on_gpu.keys()
+            for key, value in batch.items():
+                assert on_gpu[key].device.type == "cuda"
+                assert torch.equal(on_gpu[key].cpu(), value), key
 
 
 @pytest.mark.parametrize("spec", [{"type": "adapter"}, {"type": "linear", "layers": [-1]}])

@@ -40,20 +40,23 @@ def _as_tensor(values: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(values, np.float32))
 
 
-def collate_features(items: Sequence[SequenceFeatures], packed: bool = False) -> dict[str, Any]:
+def collate_features(items: Sequence[SequenceFeatures], packed: bool = False, as_stored: bool = False
+                     ) -> dict[str, Any]:
     """Pad a batch: hidden (B, T, L, H) float32, mask (B, T) bool, labels (B, W) padded with LABEL_PADDING or (B,),
     word_ids (B, T) with -1 on padding (token-level items only), index (B,) corpus rows. `packed`: hidden holds only
     the real tokens, (N, L, H) sequence after sequence (the rows where mask is True, in row-major order), which is
-    what featstore's heads take without computing the padding."""
+    what featstore's heads take without computing the padding. `as_stored`: float16 items stay float16 (half the
+    bytes to move to a GPU, which widens them there; float16 -> float32 is exact); others are float32 anyway."""
     lengths = [len(item.hidden_states) for item in items]
     width, first = max(lengths), items[0].hidden_states
+    dtype = torch.float16 if as_stored and first.dtype == np.float16 else torch.float32
     mask = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
     if packed:
-        hidden = torch.empty((sum(lengths), *first.shape[1:]), dtype=torch.float32)
+        hidden = torch.empty((sum(lengths), *first.shape[1:]), dtype=dtype)
         for start, length, item in zip(np.cumsum([0, *lengths[:-1]]).tolist(), lengths, items):
             hidden[start: start + length] = _as_tensor(item.hidden_states)
     else:
-        hidden = torch.empty((len(items), width, *first.shape[1:]), dtype=torch.float32)
+        hidden = torch.empty((len(items), width, *first.shape[1:]), dtype=dtype)
         for row, item in enumerate(items):
             hidden[row, :lengths[row]] = _as_tensor(item.hidden_states)
             hidden[row, lengths[row]:] = 0  # only the padding needs zeroing
