@@ -24,7 +24,7 @@ from featstore import Store, open_store
 from featstore.errors import ConfigError
 
 from . import figures
-from .batches import collated_batches, label_map, remap_labels
+from .batches import collated_batches, head_inputs, label_map, remap_labels
 from .head import CONFIG_NAME, Head
 from .trainer import METRICS_NAME, evaluate_heads
 
@@ -101,8 +101,9 @@ def layer_attention_by_label(head: Head, store: Store, batch_size: int = 64) -> 
     task = head.config.task_def
     head.eval()
     for batch in collated_batches(store.iter_epoch(layers=head.config.layers, shuffle=False), batch_size):
-        labels, mask, word_ids = remap_labels(batch["labels"], mapping).numpy(), batch["mask"], batch.get("word_ids")
-        head(batch["hidden_states"], mask, word_ids, task.num_words(batch["labels"]))
+        labels = remap_labels(batch["labels"], mapping).numpy()
+        hidden, mask, word_ids, layout = head_inputs(batch, slice(None))  # the layout the batch carries
+        head(hidden, mask, word_ids, task.num_words(batch["labels"]), layout)
         weights = head.mixer.aggregator.last_weights.numpy()  # (B, T, L)
         if task.per_word:  # each token takes the label of its word
             rows, tokens = np.nonzero(word_ids.numpy() >= 0)

@@ -50,7 +50,7 @@ def collate_features(items: Sequence[SequenceFeatures], packed: bool = False, as
     lengths = [len(item.hidden_states) for item in items]
     width, first = max(lengths), items[0].hidden_states
     dtype = torch.float16 if as_stored and first.dtype == np.float16 else torch.float32
-    mask = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+    mask = _first_of_rows(lengths, width)
     if packed:
         hidden = torch.empty((sum(lengths), *first.shape[1:]), dtype=dtype)
         for start, length, item in zip(np.cumsum([0, *lengths[:-1]]).tolist(), lengths, items):
@@ -73,10 +73,14 @@ def collate_features(items: Sequence[SequenceFeatures], packed: bool = False, as
     return batch
 
 
+def _first_of_rows(lengths: Sequence[int], width: int) -> torch.Tensor:
+    """(B, width) bool: True on the first `lengths[b]` positions of row b."""
+    return torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+
+
 def _padded_rows(rows: Sequence[np.ndarray], width: int, padding: int) -> torch.Tensor:
     """(B, width) int64: each row's values, then `padding`; filled in one copy (a copy per row was half the
     collate of a one-layer batch)."""
-    lengths = torch.tensor([len(row) for row in rows])
     values = torch.full((len(rows), width), padding, dtype=torch.long)
-    values[torch.arange(width)[None, :] < lengths[:, None]] = torch.from_numpy(np.concatenate(rows).astype(np.int64))
+    values[_first_of_rows([len(row) for row in rows], width)] = torch.from_numpy(np.concatenate(rows).astype(np.int64))
     return values
