@@ -2,8 +2,10 @@
 from the whole sentence. `bilstm` is the feature-based recipe of the BERT paper (a BiLSTM over frozen layers,
 within 0.3 dev F1 of fine-tuning on CoNLL-2003 NER); `transformer` is one or two small encoder layers.
 
-Both are padding-invariant (packed LSTM; attention masks padded keys), so a sentence gets the same output in
-any batch: store-trained heads predict the same on the live encoder.
+Both take a batch's packed tokens (heads.packing) and return them recomputed; each lays them out as it needs: the
+LSTM on the padded grid (packed sequences), the transformer on the batch's bins (a token attends only to its
+own sequence's). Either way a sentence gets the same output in any batch: store-trained heads predict the same
+on the live encoder.
 """
 
 from __future__ import annotations
@@ -30,13 +32,13 @@ class BiLSTMContext(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.output_size = 2 * width
 
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """tokens (B, T, D), mask (B, T) with real tokens first -> (B, T, 2 * width), zeros on padding."""
-        lengths = mask.sum(1).clamp(min=1).cpu()
-        packed = pack_padded_sequence(tokens, lengths, batch_first=True, enforce_sorted=False)
-        output, _ = self.lstm(packed)
-        output, _ = pad_packed_sequence(output, batch_first=True, total_length=tokens.shape[1])
-        return self.dropout(output)
+    def forward(self, tokens: torch.Tensor, packing: Packing) -> torch.Tensor:
+        """tokens (N, D), each sequence's real tokens first in its row of the padded grid -> (N, 2 * width)."""
+        grid = packing.unpack(tokens)
+        sequences = pack_padded_sequence(grid, packing.lengths.clamp(min=1).cpu(), batch_first=True,
+                                         enforce_sorted=False)
+        output, _ = pad_packed_sequence(self.lstm(sequences)[0], batch_first=True, total_length=grid.shape[1])
+        return self.dropout(packing.pack(output))
 
 
 class TransformerContext(nn.Module):
@@ -50,5 +52,10 @@ class TransformerContext(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
         self.output_size = model_size
 
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.encoder(self.projection(tokens), src_key_padding_mask=~mask)
+    def forward(self, tokens: torch.Tensor, packing: Packing) -> torch.Tensor:
+        """tokens (N, D) -> (N, model_size)."""
+        bins = packing.bins
+        heads = self.encoder.layers[0].self_attn.num_heads
+        hidden = self.encoder(bins.unpack(self.projection(tokens)),
+                              mask=~bins.mask.repeat_interleave(heads, dim=0))  # True: may not attend
+        return bins.pack(hidden)

@@ -104,14 +104,15 @@ class Head(nn.Module):
         row by row, heads.packing) -> logits (B, W, C) for token tasks, (B, C) for classification, (B,) regression.
 
         Token tasks need `word_ids` (B, T) with -1 for special/padded tokens. Padding is never computed: a padded
-        input is packed first, and only what mixes a sequence's tokens sees the padded grid. `layout`: where the
-        batch's tokens (and words) are, when found already (the trainer's batches carry theirs).
+        input is packed first, and only what mixes a sequence's tokens lays them out on a grid (the padded one, or
+        the batch's bins: heads.packing). `layout`: where the batch's tokens (and words) are, when found already
+        (the trainer's batches carry theirs).
         """
         layout = layout if layout is not None else Layout.of(mask)
         packing = layout.tokens
         tokens = self.mixer(self.feature_dropout(hidden if is_packed(hidden) else packing.pack(hidden)), packing)
         if self.context is not None:
-            tokens = packing.pack(self.context(packing.unpack(tokens), mask))
+            tokens = self.context(tokens, packing)
         if self.sequence_pooling is None:
             if word_ids is None:
                 raise ValueError("token classification needs word_ids")

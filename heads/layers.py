@@ -84,16 +84,16 @@ class AttentionWeights(nn.Module):
         self.query = nn.Linear(dim, dim)
         self.key = nn.Linear(dim, dim)
 
-    def forward(self, queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor | None = None
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None = None
                 ) -> torch.Tensor:
-        """queries (B, Q, d), keys (B, K, d), key_mask (B, K) True = attend -> weights (B, Q, K)."""
+        """queries (B, Q, d), keys (B, K, d), mask (B, Q, K) True = attend -> weights (B, Q, K)."""
         batch, n_queries, dim = queries.shape
         head_dim = dim // self.num_heads
         q = self.query(queries).view(batch, n_queries, self.num_heads, head_dim).transpose(1, 2)
         k = self.key(keys).view(batch, keys.shape[1], self.num_heads, head_dim).transpose(1, 2)
         scores = q @ k.transpose(-1, -2) / head_dim**0.5  # (B, heads, Q, K)
-        if key_mask is not None:
-            scores = scores.masked_fill(~key_mask[:, None, None, :], torch.finfo(scores.dtype).min)
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, None], torch.finfo(scores.dtype).min)
         return scores.softmax(dim=-1).mean(dim=1)
 
 

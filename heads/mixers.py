@@ -89,11 +89,12 @@ class Tailor(nn.Module):
 
     def forward(self, r: torch.Tensor, packing: Packing) -> torch.Tensor:
         x = r + torch.relu(self.dropout(self.feed_forward(self.norm(r))))
-        if self.attention is not None:  # tokens attend within their sequence: on the padded grid, padding masked
+        if self.attention is not None:  # tokens attend within their sequence, the sequences side by side in bins
             x = self.dropout(x)
-            queries, keys = packing.unpack(self.query_projection(x)), packing.unpack(self.key_projection(x))
-            weights = self.attention(queries, keys, key_mask=packing.mask)  # (B, T, T)
-            x = packing.pack(weights @ packing.unpack(x))
+            bins = packing.bins
+            queries, keys = bins.unpack(self.query_projection(x)), bins.unpack(self.key_projection(x))
+            weights = self.attention(queries, keys, bins.mask)  # (R, width, width), zero across sequences
+            x = bins.pack(weights @ bins.unpack(x))
         return r + x
 
 

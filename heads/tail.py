@@ -18,6 +18,8 @@ from torch import nn
 from featstore import install_hint
 from featstore.errors import ConfigError, IncompatibleHeadError
 
+from .packing import Packing
+
 # Projection names of the BERT family's layers (attention q/k/v/output, feed-forward in/out): LoRA's targets.
 BERT_LINEARS = ("query", "key", "value", "dense")
 
@@ -88,15 +90,17 @@ class EncoderTail(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.output_size = config.hidden_size
 
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """tokens (B, T, H): the stored layer L-K; mask (B, T) -> layer L (B, T, H), dropout applied."""
+    def forward(self, tokens: torch.Tensor, packing: Packing) -> torch.Tensor:
+        """tokens (N, H): the stored layer L-K, packed -> layer L (N, H), dropout applied. The layers run on the
+        padded grid, with the padding mask built as the encoder builds it."""
         from transformers.masking_utils import create_bidirectional_mask
 
-        # positional: the embeddings' keyword was renamed within 5.x; built as the encoder builds it
-        attention = create_bidirectional_mask(self.config, tokens, mask)
+        grid = packing.unpack(tokens)
+        # positional: the embeddings' keyword was renamed within 5.x
+        attention = create_bidirectional_mask(self.config, grid, packing.mask)
         for layer in self.layers:
-            tokens = layer(tokens, attention)
-        return self.dropout(tokens)
+            grid = layer(grid, attention)
+        return self.dropout(packing.pack(grid))
 
     def frozen_keys(self) -> list[str]:
         """State keys that are the encoder's own weights under LoRA (not saved with the head): none otherwise."""

@@ -1,6 +1,7 @@
 """Training batches: grouping by length keeps each sequence once per epoch and the epoch random while cutting
 the padding; packed batches give a head the loss and gradients of padded ones, whatever the padding, and carry a
-layout on which a step sizes nothing from the data; stores kept in memory train the same heads."""
+layout on which a step sizes nothing from the data; attention runs on the sequences binned side by side; stores
+kept in memory train the same heads."""
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from heads import Head, TrainConfig, train
 from heads import batches as batching
 from heads import trainer as trainer_module
 from heads.batches import head_inputs, on_device, padding_ratio, training_batches
-from heads.packing import LAYOUT_KEYS, Layout
+from heads.packing import LAYOUT_KEYS, Layout, Packing
 from heads.trainer import Trainer, build_head_config, keeps_in_memory
 
 
@@ -114,6 +115,31 @@ def test_packed_batches_give_the_loss_and_gradients_of_padded_ones(ner_stores, s
         assert gradients.keys() == other_gradients.keys()
         for key, gradient in gradients.items():
             torch.testing.assert_close(other_gradients[key], gradient, rtol=1e-4, atol=tolerance, msg=f"{name} {key}")
+
+
+@pytest.mark.parametrize("lengths", [[3, 7, 1, 7, 4, 2, 5], [5], [2, 0, 2], [9, 1, 1, 1, 1, 1, 1, 1, 1, 1]])
+def test_bins_hold_each_sequence_whole_in_one_row_and_few_rows(lengths):
+    width = max(lengths)
+    mask = torch.arange(width + 2) < torch.tensor(lengths)[:, None]  # padded wider than the longest
+    packing = Packing(mask)
+    bins = packing.bins
+    rows, bin_width = bins.segments.shape
+    assert bin_width == width
+    assert rows == max(-(-sum(lengths) // width), 1)  # first fit decreasing packs these as tight as can be
+    tokens = torch.arange(sum(lengths), dtype=torch.float32)[:, None]
+    grid = bins.unpack(tokens)
+    assert torch.equal(bins.pack(grid), tokens)
+    for sequence, length in enumerate(lengths):  # each sequence whole, in order, in one row
+        positions = (bins.segments == sequence).nonzero()
+        assert len(positions) == length
+        if length:
+            assert positions[:, 0].unique().numel() == 1
+            row, start = positions[0].tolist()
+            assert torch.equal(grid[row, start:start + length, 0], tokens[packing.segment == sequence, 0])
+    # a token attends to the tokens of its own sequence, and to no other
+    row, column = bins.grid.index // bin_width, bins.grid.index % bin_width
+    attends = bins.mask[row[:, None], column[:, None], column[None, :]] & (row[:, None] == row[None, :])
+    assert torch.equal(attends, packing.segment[:, None] == packing.segment[None, :])
 
 
 def test_heads_trained_on_grouped_and_plain_batches_both_learn(ner_stores, tmp_path):

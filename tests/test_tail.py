@@ -15,6 +15,7 @@ from featstore import ExtractConfig, extract, open_store
 from featstore.errors import ConfigError
 from featstore.extraction.corpus import CorpusSpec
 from heads import Head, Predictor, TrainConfig, evaluate_heads, train
+from heads.packing import Packing
 from heads.tail import load_encoder_model
 from heads.trainer import build_head_config
 
@@ -37,10 +38,9 @@ def _tail_parity_error(store, head: Head) -> float:
             features = store.sequence(row, layers=[start, last])
             if len(features.input_ids) > store.manifest.extraction.max_length:
                 continue  # stitched from several windows: layer L is not one pass of the tail over layer L-K
-            hidden = torch.from_numpy(features.hidden_states.astype(np.float32))[None]
-            mask = torch.ones(1, hidden.shape[1], dtype=torch.bool)
-            output = head.tail(hidden[:, :, 0], mask)
-            worst = max(worst, (output[0] - hidden[0, :, 1]).abs().max().item())
+            hidden = torch.from_numpy(features.hidden_states.astype(np.float32))  # (T, 2, H)
+            output = head.tail(hidden[:, 0], Packing(torch.ones(1, len(hidden), dtype=torch.bool)))  # one sequence
+            worst = max(worst, (output - hidden[:, 1]).abs().max().item())
     return worst
 
 

@@ -401,20 +401,26 @@ def adapter_speed(stores: dict[str, str], data: Path, workdir: Path, record: Rec
 
 def k_heads_timing(stores: dict[str, str], workdir: Path, record: Recorder) -> None:
     """A steady epoch (the second; evaluation excluded) of K = 1, 4, 8 heads in one pass on the trainer's default
-    batches, as ratios to K = 1: adapters that differ only in hyper-parameters (learning rate, seed) and a linear
-    probe per layer (K = 8: every layer, the last twice); each batched into one module (`batch_heads="always"`)
-    and stepped one after another (`"never"`)."""
+    batches, as ratios to K = 1: adapters that differ only in hyper-parameters (learning rate, seed) and linear
+    probes, one per layer from the top (K = 8 on a 6-layer encoder: every layer, the top one twice), also at K =
+    every layer once (the sweep of `heads sweep`); each batched into one module (`batch_heads="always"`) and
+    stepped one after another (`"never"`)."""
+    with open_store(stores["train"]) as store:
+        stored = list(store.layers)
+    layers = len(stored)
+    top_down = [stored[-1 - k % layers] for k in range(8)]
     sweeps = {
-        "linear_probes": [{"type": "linear", "layers": [layer % 7], "name": f"linear{k}", "lr": PROBE_LR}
-                          for k, layer in enumerate(range(6, -2, -1))],
+        "linear_probes": [{"type": "linear", "layers": [layer], "name": f"linear{k}", "lr": PROBE_LR}
+                          for k, layer in enumerate(top_down)],
         "adapters": [{"type": "adapter", "name": f"adapter{k}", "lr": ADAPTER_LR * (1 + k % 4), "seed": 1 + k // 4}
                      for k in range(8)],
     }
+    counts = {"linear_probes": sorted({1, 4, layers, 8}), "adapters": [1, 4, 8]}
     for sweep, specs in sweeps.items():
         for batched in (True, False):
             kind = sweep if batched else f"{sweep}_one_by_one"
             base = None
-            for k in (1, 4, 8):
+            for k in counts[sweep]:
                 _, seconds = steady_epoch_seconds(stores, workdir / f"k_{kind}_{k}", specs[:k],
                                                   batch_heads="always" if batched else "never")
                 base = base or seconds
