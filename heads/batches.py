@@ -8,7 +8,8 @@ shuffled stream, then yielding the pool's batches in random order, keeps the epo
 the padding to a few percent (the recipe of AllenNLP's bucket iterator and HF's `group_by_length`). It is
 off by default: on CoNLL-2003 the adapter trained on grouped batches scored lower (BENCHMARKS.md, "Defaults").
 Evaluation batches are always grouped (results do not depend on the batching). Either way the batches are
-packed (heads.packing): the heads compute only the real tokens, so a batch's padding costs the head nothing.
+packed (heads.packing): the heads compute only the real tokens, and attention runs on the sequences side by
+side, so only the bilstm and tail blocks pay for a batch's padding.
 """
 
 from __future__ import annotations

@@ -66,18 +66,18 @@ class HeadGroup:
         template = self.template
         device_type = hidden.device.type
 
-        def head_loss(weights: dict[str, torch.Tensor], head_index: torch.Tensor, features: torch.Tensor
-                      ) -> torch.Tensor:
+        def head_output(weights: dict[str, torch.Tensor], head_index: torch.Tensor, features: torch.Tensor
+                        ) -> torch.Tensor:
             with mask_streams(generators, head_index), \
                     torch.autocast(device_type, autocast_dtype, enabled=autocast_dtype is not None):
-                output = functional_call(template, weights, (features, mask, word_ids, num_words, layout))
-            return template.loss(output.float(), labels)
+                return functional_call(template, weights, (features, mask, word_ids, num_words, layout))
 
         index = torch.arange(len(self.heads), device=hidden.device)
         # randomness "same": the only random draws are the dropout masks, made outside vmap's batching from
         # each head's own generator (mask_streams)
-        batched = vmap(head_loss, in_dims=(0, 0, heads_dim), randomness="same")
-        return batched(parameters, index, hidden)
+        outputs = vmap(head_output, in_dims=(0, 0, heads_dim), randomness="same")(parameters, index, hidden)
+        # the losses outside vmap, in one call for the K heads (no grouped head has a CRF: batch_key)
+        return template.config.task_def.losses(outputs.float(), labels)
 
     def train(self, mode: bool = True) -> None:
         self.template.train(mode)

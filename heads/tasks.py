@@ -46,6 +46,10 @@ class Task(ABC):
     @abstractmethod
     def loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor: ...
 
+    def losses(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(K,): the loss of each of K heads' outputs, stacked (K, ...), on the same labels (heads/grouped.py)."""
+        return torch.stack([self.loss(output, labels) for output in outputs])
+
     @abstractmethod
     def rows(self, output: torch.Tensor, labels: torch.Tensor, decoded: torch.Tensor | None = None
              ) -> Iterator[tuple[Any, Any]]:
@@ -71,9 +75,17 @@ class TokenClassification(Task):
         return labels.shape[1]
 
     def loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The mean cross-entropy over the real words of output (B, W, C)."""
         # classes on dim 1, (B, C, W): the CPU's log-softmax over a short last dim (a few labels) runs row by row,
         # 3x slower for a batch's words than over dim 1 (BENCHMARKS.md, "Speed"); the same loss
         return nn.functional.cross_entropy(output.transpose(1, 2), labels, ignore_index=LABEL_PADDING)
+
+    def losses(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """`loss` of K heads' outputs (K, B, W, C) in one call: vmap's cross-entropy, or K calls, took 1.6x as
+        long for 7 heads (BENCHMARKS.md, "Speed")."""
+        per_word = nn.functional.cross_entropy(outputs.flatten(0, 1).transpose(1, 2), labels.repeat(len(outputs), 1),
+                                               ignore_index=LABEL_PADDING, reduction="none")
+        return per_word.view(len(outputs), -1).sum(1) / (labels != LABEL_PADDING).sum()
 
     def rows(self, output: torch.Tensor, labels: torch.Tensor, decoded: torch.Tensor | None = None
              ) -> Iterator[tuple[Any, Any]]:

@@ -138,10 +138,10 @@ class TrainConfig:
     batch_size: int = option(32, minimum=1, help="sequences per optimiser step")
     group_by_length: bool = option(False, help=f"batch sequences of similar lengths: pools of {POOL_BATCHES} batches "
                                    "from the shuffled stream sorted by length, their batches in random order. Heads "
-                                   "compute packed tokens, so this spares only the padding of what mixes a "
-                                   "sentence's tokens (bilstm, transformer and tail blocks, the tailor's attention; "
-                                   "adapter epochs on CoNLL-2003 are no faster), and the batches are less mixed (0.7 "
-                                   "test F1 lower for the adapter there: off by default; BENCHMARKS.md, \"Defaults\")")
+                                   "compute packed tokens, so this spares only the padding of the bilstm and tail "
+                                   "blocks (adapter epochs on CoNLL-2003 are no faster), and the batches are less "
+                                   "mixed (0.7 test F1 lower for the adapter there: off by default; BENCHMARKS.md, "
+                                   "\"Defaults\")")
     lr: float | None = option(None, minimum=0, help="peak learning rate of the one-cycle schedule (a head spec's "
                               "own 'lr' wins)", default_text=f"by head type: {LR_BY_TYPE}")
     weight_decay: float = option(0.0, minimum=0, help="AdamW weight decay (0: plain Adam, as in the reference "

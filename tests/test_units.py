@@ -392,3 +392,20 @@ def test_dropout_masks_keep_the_asked_share_in_every_lane_and_the_mean():
         assert mask.double().mean().item() == pytest.approx(1.0, abs=0.01)  # inverted dropout keeps the mean
         again = keep_mask(torch.Size([400, 500]), keep, torch.device("cpu"), generator).flatten()
         assert not torch.equal(again, mask)  # the stream moves on
+
+
+def test_a_task_gives_each_of_k_heads_the_loss_it_gives_one():
+    import torch
+
+    from heads.tasks import TASKS
+
+    torch.manual_seed(0)
+    words = torch.randint(0, 5, (3, 7))
+    words[0, 4:] = words[2, 6:] = -100  # padded words
+    labels = {"token-classification": words, "sequence-classification": torch.tensor([0, 4, 2]),
+              "regression": torch.tensor([0.5, -1.0, 2.0])}
+    outputs = {"token-classification": (4, 3, 7, 5), "sequence-classification": (4, 3, 5), "regression": (4, 3)}
+    for name, task in TASKS.items():
+        stacked = torch.randn(outputs[name])
+        expected = torch.stack([task.loss(output, labels[name]) for output in stacked])
+        torch.testing.assert_close(task.losses(stacked, labels[name]), expected, msg=name)
