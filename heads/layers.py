@@ -58,6 +58,8 @@ class Dropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
+        if torch.compiler.is_compiling():  # a compiled head (--compile) steps alone: the compiler's own masks
+            return nn.functional.dropout(x, self.p, True)
         keep = 1 - self.p
         streams = _MASK_STREAMS.get()
         if streams is None:

@@ -101,11 +101,14 @@ def keeps_in_memory(keep_in_memory: str, stores_bytes: int, epochs: int) -> bool
     return epochs > 1 and stores_bytes <= KEEP_SHARE * available_memory()
 
 
-def batches_heads(batch_heads: str, device: str) -> bool:
+def batches_heads(batch_heads: str, device: str, compiled: bool = False) -> bool:
     """Whether heads of one architecture step as one batched module (heads/grouped.py): by default on CUDA only —
     on the CPU their matrix products already keep the cores busy and the batched step was no faster (BENCHMARKS.md,
-    "Speed")."""
-    return batch_heads == "always" or (batch_heads == "auto" and torch.device(device).type == "cuda")
+    "Speed") — and not when the heads are compiled (torch.compile runs a vmapped forward eagerly)."""
+    if compiled and batch_heads == "always":
+        raise ConfigError("--compile and --batch-heads always exclude each other: torch.compile does not compile a "
+                          "batched group's forward (under vmap it runs eagerly); give one of them")
+    return batch_heads == "always" or (batch_heads == "auto" and torch.device(device).type == "cuda" and not compiled)
 
 
 def travels_as_stored(device: str) -> bool:
@@ -168,6 +171,10 @@ class TrainConfig:
     precision: str = option("auto", choices=PRECISIONS, help="the heads' training precision: bfloat16 runs their "
                             "forward passes under autocast (losses, optimiser states and saved weights stay float32)",
                             default_text="auto: bfloat16 on a CUDA device that supports it, else float32")
+    compile: bool = option(False, help="compile each head's forward and backward with torch.compile (inductor, "
+                           "dynamic shapes; the first steps of each head compile it). Off by default: on a 2-core CPU "
+                           "the default adapter's step ran 2x slower compiled (BENCHMARKS.md, \"Speed\"); heads then "
+                           "step one by one (a batched group's vmap is not compiled)")
     resume: bool = option(False, help="continue an interrupted run from OUT/trainer_state.pt")
     progress: bool = option(True, help="no progress bars")  # the flag is --no-progress
     log_every: int = option(50, minimum=1, help="steps between loss records in metrics.jsonl")
@@ -334,6 +341,7 @@ class Trainer:
         self.eval_store = open_store(config.eval_store) if config.eval_store else None
         if not config.heads:
             raise ConfigError("no heads to train: list at least one head")
+        self.batched = batches_heads(config.batch_heads, config.device, config.compile)  # refused combinations too
         # checked before any sweep: names, and every head against both stores (probes at the rule's layer)
         head_configs = [build_head_config(spec, self.store) for spec in config.heads]
         names = [head.name for head in head_configs]
@@ -391,6 +399,8 @@ class Trainer:
                                                              head_config.encoder.weights_sha256))
         device = torch.device(self.config.device)
         head.to(device)
+        if self.config.compile:
+            head.compile(dynamic=True)  # in place: the module, its state_dict and saving stay as they are
         lr = spec.get("lr", self.config.lr if self.config.lr is not None else default_lr(head_config))
         trainable = [parameter for parameter in head.parameters() if parameter.requires_grad]  # LoRA freezes some
         # fused: one kernel for all of a head's parameters, 4.6x faster per step than the default on this CPU
@@ -464,7 +474,7 @@ class Trainer:
     def _groups(self, runs: list[HeadRun]) -> list[tuple[list[HeadRun], HeadGroup | None]]:
         """The runs in the groups that step together (heads/grouped.py; None: a run that steps alone), unless
         batching is off."""
-        if not batches_heads(self.config.batch_heads, self.config.device):
+        if not self.batched:
             return [([run], None) for run in runs]
         groups = []
         for indices in group_by_key([run.head.config for run in runs]):

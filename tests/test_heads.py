@@ -282,3 +282,30 @@ def test_bfloat16_autocast_trains_float32_heads_and_is_off_by_default_on_cpu(ner
     head = Head.from_pretrained(tmp_path)
     assert head.training_record.recipe["precision"] == "bfloat16"
     assert all(tensor.dtype == torch.float32 for tensor in head.state_dict().values())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_compiled_heads_learn_what_eager_heads_learn(ner_stores, tmp_path, device):
+    """--compile (torch.compile, inductor): a probe's weights equal the eager run's up to the rounding of fused
+    kernels; a head with dropout (the compiler draws its masks) learns the task; the heads save and load as any
+    other, and step one by one."""
+    from featstore.errors import ConfigError
+    from heads.trainer import batches_heads
+
+    probe = {"type": "linear", "layers": [1], "word_pooling": "mean", "lr": 0.1}
+    options = {"device": device, "precision": "float32"}
+    for compiling in (True, False):
+        trainer = Trainer(TrainConfig(store=ner_stores["train"], out=str(tmp_path / f"compile={compiling}"),
+                                      heads=[probe], epochs=2, batch_size=16, progress=False, compile=compiling,
+                                      **options))
+        trainer.train()
+        assert (trainer.runs[0].head._compiled_call_impl is not None) == compiling
+    eager, compiled = Head.from_pretrained(tmp_path / "compile=False"), Head.from_pretrained(tmp_path / "compile=True")
+    for name, tensor in eager.state_dict().items():
+        torch.testing.assert_close(compiled.state_dict()[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    summary = _train(ner_stores, tmp_path / "mlp", [{"type": "mlp", "layers": [-1]}], compile=True, **options)
+    assert summary["mlp"]["best"] > 0.8, summary
+    assert not batches_heads("auto", "cuda", compiled=True)
+    with pytest.raises(ConfigError, match="--compile and --batch-heads always"):
+        batches_heads("always", "cpu", compiled=True)

@@ -15,8 +15,9 @@
 6. Speed (`--sections speed`): the adapter+tailor's steady store epoch against its arithmetic — FLOPs per epoch
    counted on the real tokens (padding excluded), the GFLOP/s this machine reaches on the matmuls of the same
    shapes, the ratio of the epoch's time to that bound; padded positions per real token, epoch time and a per-op
-   profile with and without length grouping; one live epoch on the same batches (live/store ratio), and the ratio
-   the arithmetic allows (the encoder's forward FLOPs plus the head's, over the head's).
+   profile with and without length grouping; the steady epoch compiled (`compile=True`) against eager; one live
+   epoch on the same batches (live/store ratio), and the ratio the arithmetic allows (the encoder's forward FLOPs
+   plus the head's, over the head's).
 
     HF_HUB_OFFLINE=1 python tools/bench_heads.py --data ../shared/data/conll2003 --json bench_heads.json
     HF_HUB_OFFLINE=1 python tools/bench_heads.py --sections gap --seeds 1 2 3 --json gap.json
@@ -387,6 +388,12 @@ def adapter_speed(stores: dict[str, str], data: Path, workdir: Path, record: Rec
         record[f"speed_adapter_epoch_seconds_{kind}"] = seconds
         record[f"speed_adapter_achieved_gflops_{kind}"] = flops / 1e9 / seconds
         record[f"speed_adapter_epoch_vs_compute_bound_{kind}"] = seconds / (flops / 1e9 / ceiling)
+    # --compile: the first epoch also compiles (and recompiles for dynamic shapes); the steady one is the figure
+    first, seconds = steady_epoch_seconds(stores, workdir / "speed_adapter_compiled", [{"type": "adapter"}],
+                                          compile=True)
+    record["speed_adapter_compiled_first_epoch_seconds"] = first
+    record["speed_adapter_compiled_epoch_seconds"] = seconds
+    record["speed_adapter_compiled_vs_eager"] = seconds / record.results["speed_adapter_epoch_seconds_plain"]
     # What live/store can reach at equal arithmetic speed: a live epoch also runs the encoder's forward pass.
     encoder_flops = encoder_epoch_flops(shapes)
     record["speed_encoder_forward_epoch_gflop"] = encoder_flops / 1e9
