@@ -101,14 +101,14 @@ def keeps_in_memory(keep_in_memory: str, stores_bytes: int, epochs: int) -> bool
     return epochs > 1 and stores_bytes <= KEEP_SHARE * available_memory()
 
 
-def batches_heads(batch_heads: str, device: str, compiled: bool = False) -> bool:
-    """Whether heads of one architecture step as one batched module (heads/grouped.py): by default on CUDA only —
-    on the CPU their matrix products already keep the cores busy and the batched step was no faster (BENCHMARKS.md,
-    "Speed") — and not when the heads are compiled (torch.compile runs a vmapped forward eagerly)."""
-    if compiled and batch_heads == "always":
-        raise ConfigError("--compile and --batch-heads always exclude each other: torch.compile does not compile a "
-                          "batched group's forward (under vmap it runs eagerly); give one of them")
-    return batch_heads == "always" or (batch_heads == "auto" and torch.device(device).type == "cuda" and not compiled)
+def batches_heads(batch_heads: str, device: str, head_type: str, compiled: bool = False) -> bool:
+    """Whether heads of `head_type` that can step as one batched module (heads/grouped.py) do: `auto` on a CUDA
+    device, where K heads' small kernels become one, and on the CPU for the types whose step is mostly
+    per-operation overhead (`HeadType.batched_on_cpu`); never when the heads are compiled (torch.compile runs a
+    vmapped forward eagerly)."""
+    if batch_heads != "auto" or compiled:
+        return batch_heads == "always" and not compiled
+    return torch.device(device).type == "cuda" or HEAD_TYPES[head_type].batched_on_cpu
 
 
 def travels_as_stored(device: str) -> bool:
@@ -160,8 +160,10 @@ class TrainConfig:
     batch_heads: str = option("auto", choices=SWITCH, help="step heads of one architecture that differ only in "
                               "learning rate, weight decay, seed or the layers they read as one batched module "
                               "(vmap; the same weights as one by one up to float rounding)",
-                              default_text="auto: on a CUDA device, where K heads' small kernels become one; not on "
-                              "the CPU, where the batched step measured no faster")
+                              default_text="auto: on a CUDA device, where K heads' small kernels become one; on the "
+                              "CPU for linear probes and scalar mixes, whose step is mostly per-operation overhead "
+                              "(a sweep of 7 probes 1.5x faster batched), not for the larger heads, whose batched "
+                              "step measured no faster there")
     keep_in_memory: str = option("auto", choices=SWITCH, help="keep the stores' hidden states in memory once read "
                                  "and checked, so that later epochs read nothing (the same batches either way)",
                                  default_text="auto: when training runs more than one epoch and both stores' "
@@ -341,7 +343,9 @@ class Trainer:
         self.eval_store = open_store(config.eval_store) if config.eval_store else None
         if not config.heads:
             raise ConfigError("no heads to train: list at least one head")
-        self.batched = batches_heads(config.batch_heads, config.device, config.compile)  # refused combinations too
+        if config.compile and config.batch_heads == "always":
+            raise ConfigError("--compile and --batch-heads always exclude each other: torch.compile does not compile "
+                              "a batched group's forward (under vmap it runs eagerly); give one of them")
         # checked before any sweep: names, and every head against both stores (probes at the rule's layer)
         head_configs = [build_head_config(spec, self.store) for spec in config.heads]
         names = [head.name for head in head_configs]
@@ -472,12 +476,15 @@ class Trainer:
         return summary
 
     def _groups(self, runs: list[HeadRun]) -> list[tuple[list[HeadRun], HeadGroup | None]]:
-        """The runs in the groups that step together (heads/grouped.py; None: a run that steps alone), unless
-        batching is off."""
-        if not self.batched:
-            return [([run], None) for run in runs]
+        """The runs in the groups that step together (heads/grouped.py; None: a run that steps alone), where their
+        type batches (`batches_heads`)."""
+        config = self.config
         groups = []
         for indices in group_by_key([run.head.config for run in runs]):
+            if not batches_heads(config.batch_heads, config.device, runs[indices[0]].head.config.head_type,
+                                 config.compile):
+                groups.extend(([runs[index]], None) for index in indices)
+                continue
             # by the layers they read: a sweep's probes then read adjacent columns, a view of the batch, not a copy
             members = sorted((runs[index] for index in indices), key=lambda run: run.head.config.layers)
             group = HeadGroup([run.head for run in members]) if len(members) > 1 else None

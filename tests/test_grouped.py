@@ -4,6 +4,7 @@ runs, up to float rounding; which heads are batched together."""
 import pytest
 import torch
 
+from featstore.errors import ConfigError
 from heads import TrainConfig, train
 from heads.grouped import HeadGroup
 from heads.trainer import Trainer
@@ -120,6 +121,14 @@ def test_which_heads_step_together(ner_stores, tmp_path):
     groups = [[run.name for run in runs] for runs, _ in trainer._groups(trainer.runs)]
     # a different width, dropout rate, a CRF or a type vmap cannot batch (the LSTM) steps alone
     assert groups == [["a1", "a2"], ["p0", "p2"], ["narrow"], ["lstm"], ["crf"], ["a3"]]
-    for batch_heads in ("never", "auto"):  # auto: on CUDA only
-        alone = Trainer(_config(ner_stores, tmp_path, specs, batch_heads=batch_heads))
-        assert all(len(runs) == 1 and group is None for runs, group in alone._groups(alone.runs))
+    alone = Trainer(_config(ner_stores, tmp_path, specs, batch_heads="never"))
+    assert all(len(runs) == 1 and group is None for runs, group in alone._groups(alone.runs))
+    # auto: every group on CUDA; on the CPU the probes' (their step is mostly per-operation overhead), not the rest
+    auto = Trainer(_config(ner_stores, tmp_path, specs, batch_heads="auto"))
+    expected = groups if auto.config.device == "cuda" else [[name] for name in ["a1", "a2"]] + [["p0", "p2"]] + \
+        [[name] for name in ("narrow", "lstm", "crf", "a3")]
+    assert [[run.name for run in runs] for runs, _ in auto._groups(auto.runs)] == expected
+    compiled = Trainer(_config(ner_stores, tmp_path, specs, batch_heads="auto", compile=True))
+    assert all(len(runs) == 1 and group is None for runs, group in compiled._groups(compiled.runs))
+    with pytest.raises(ConfigError, match="--compile and --batch-heads always"):
+        Trainer(_config(ner_stores, tmp_path, specs, compile=True))

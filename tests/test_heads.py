@@ -289,10 +289,7 @@ def test_bfloat16_autocast_trains_float32_heads_and_is_off_by_default_on_cpu(ner
 def test_compiled_heads_learn_what_eager_heads_learn(ner_stores, tmp_path, device):
     """--compile (torch.compile, inductor): a probe's weights equal the eager run's up to the rounding of fused
     kernels; a head with dropout (the compiler draws its masks) learns the task; the heads save and load as any
-    other, and step one by one."""
-    from featstore.errors import ConfigError
-    from heads.trainer import batches_heads
-
+    other (which heads step one by one: test_grouped)."""
     probe = {"type": "linear", "layers": [1], "word_pooling": "mean", "lr": 0.1}
     options = {"device": device, "precision": "float32"}
     for compiling in (True, False):
@@ -306,6 +303,3 @@ def test_compiled_heads_learn_what_eager_heads_learn(ner_stores, tmp_path, devic
         torch.testing.assert_close(compiled.state_dict()[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
     summary = _train(ner_stores, tmp_path / "mlp", [{"type": "mlp", "layers": [-1]}], compile=True, **options)
     assert summary["mlp"]["best"] > 0.8, summary
-    assert not batches_heads("auto", "cuda", compiled=True)
-    with pytest.raises(ConfigError, match="--compile and --batch-heads always"):
-        batches_heads("always", "cpu", compiled=True)

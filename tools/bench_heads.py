@@ -411,7 +411,7 @@ def k_heads_timing(stores: dict[str, str], workdir: Path, record: Recorder) -> N
     batches, as ratios to K = 1: adapters that differ only in hyper-parameters (learning rate, seed) and linear
     probes, one per layer from the top (K = 8 on a 6-layer encoder: every layer, the top one twice), also at K =
     every layer once (the sweep of `heads sweep`); each batched into one module (`batch_heads="always"`) and
-    stepped one after another (`"never"`)."""
+    stepped one after another (`"never"`); and 4 heads of each other batchable type both ways."""
     with open_store(stores["train"]) as store:
         stored = list(store.layers)
     layers = len(stored)
@@ -433,6 +433,16 @@ def k_heads_timing(stores: dict[str, str], workdir: Path, record: Recorder) -> N
                 base = base or seconds
                 record[f"k{k}_{kind}_epoch_seconds"] = seconds
                 record[f"k{k}_{kind}_vs_k1"] = seconds / base
+    # which types `--batch-heads auto` batches on the CPU (HeadType.batched_on_cpu): 4 heads of each other batchable
+    # type (seeds apart; mlp probes on the top layers), batched against one by one
+    for head_type in ("scalar_mix", "mlp", "fusion"):
+        specs = [{"type": head_type, "name": f"{head_type}{k}", "seed": 1 + k,
+                  **({"layers": [top_down[k]]} if head_type == "mlp" else {})} for k in range(4)]
+        seconds = {batch_heads: steady_epoch_seconds(stores, workdir / f"k4_{head_type}_{batch_heads}", specs,
+                                                     batch_heads=batch_heads)[1] for batch_heads in ("always", "never")}
+        record[f"k4_{head_type}_batched_epoch_seconds"] = seconds["always"]
+        record[f"k4_{head_type}_one_by_one_epoch_seconds"] = seconds["never"]
+        record[f"k4_{head_type}_one_by_one_vs_batched"] = seconds["never"] / seconds["always"]
 
 
 def main() -> None:
