@@ -26,8 +26,8 @@ class HeadType:
     epochs: int | None = None  # epochs when none are given (None: the trainer's rule, heads.trainer.default_epochs)
     batched: bool = False  # heads of this type with equal shapes train as one batched module (heads/grouped.py)
     # ... by default on the CPU too (--batch-heads auto): heads whose step is mostly per-operation overhead, which
-    # the batched module pays once (4 linear probes or scalar mixes 1.2x and 1.9x faster batched on a 2-core CPU;
-    # adapters and mlp probes no faster, fusions 1.4x slower: BENCHMARKS.md, "Speed")
+    # the batched module pays once (on a 2-core CPU 4 linear probes 1.4x and 4 scalar mixes 2.0x faster batched;
+    # adapters and mlp probes no faster, fusions 1.4x slower: BENCHMARKS.md, "Speed", run 7)
     batched_on_cpu: bool = False
 
 

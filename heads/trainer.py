@@ -175,8 +175,8 @@ class TrainConfig:
                             default_text="auto: bfloat16 on a CUDA device that supports it, else float32")
     compile: bool = option(False, help="compile each head's forward and backward with torch.compile (inductor, "
                            "dynamic shapes; the first steps of each head compile it). Off by default: on a 2-core CPU "
-                           "the default adapter's step ran 2x slower compiled (BENCHMARKS.md, \"Speed\"); heads then "
-                           "step one by one (a batched group's vmap is not compiled)")
+                           "the default adapter's epoch ran 1.9x slower compiled (BENCHMARKS.md, \"Speed\"); heads "
+                           "then step one by one (a batched group's vmap is not compiled)")
     resume: bool = option(False, help="continue an interrupted run from OUT/trainer_state.pt")
     progress: bool = option(True, help="no progress bars")  # the flag is --no-progress
     log_every: int = option(50, minimum=1, help="steps between loss records in metrics.jsonl")
