@@ -105,10 +105,10 @@ def batches_heads(batch_heads: str, device: str, head_type: str, compiled: bool 
     """Whether heads of `head_type` that can step as one batched module (heads/grouped.py) do: `auto` on a CUDA
     device, where K heads' small kernels become one, and on the CPU for the types whose step is mostly
     per-operation overhead (`HeadType.batched_on_cpu`); never when the heads are compiled (torch.compile runs a
-    vmapped forward eagerly)."""
-    if batch_heads != "auto" or compiled:
-        return batch_heads == "always" and not compiled
-    return torch.device(device).type == "cuda" or HEAD_TYPES[head_type].batched_on_cpu
+    vmapped forward eagerly; the trainer refuses `always` with compiled heads)."""
+    if batch_heads != "auto":
+        return batch_heads == "always"
+    return not compiled and (torch.device(device).type == "cuda" or HEAD_TYPES[head_type].batched_on_cpu)
 
 
 def travels_as_stored(device: str) -> bool:
