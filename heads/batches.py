@@ -79,10 +79,12 @@ def padding_ratio(batches: Iterable[dict[str, Any]]) -> float:
     return positions / max(tokens, 1)
 
 
-def head_inputs(batch: dict[str, Any], columns: slice | list[int]) -> tuple[torch.Tensor, torch.Tensor,
-                                                                            torch.Tensor | None, Layout]:
-    """A head's layers (columns of the packed batch's layers), mask, word ids and the batch's layout."""
-    return batch["hidden_states"][:, columns], batch["mask"], batch.get("word_ids"), Layout.of_batch(batch)
+def head_inputs(batch: dict[str, Any], columns: slice | list[int], layout: Layout | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, Layout]:
+    """A head's layers (columns of the packed batch's layers), mask, word ids and the batch's layout (`layout`:
+    read from the batch once for all its heads; else read now)."""
+    layout = layout if layout is not None else Layout.of_batch(batch)
+    return batch["hidden_states"][:, columns], batch["mask"], batch.get("word_ids"), layout
 
 
 def on_device(batches: Iterable[dict[str, Any]], device: str | torch.device) -> Iterator[dict[str, Any]]:

@@ -304,9 +304,10 @@ def _evaluate(heads: list[Head], store: Store, batch_size: int, device: str, ret
     for batch in on_device(batches, device):
         labels = batch["labels"].cpu()
         rows = batch["index"].tolist()
+        layout = Layout.of_batch(batch)  # once for all the heads
         for k, head in enumerate(heads):
             task = head.config.task_def
-            hidden, mask, word_ids, layout = head_inputs(batch, columns[k])
+            hidden, mask, word_ids, layout = head_inputs(batch, columns[k], layout)
             output = head(hidden, mask, word_ids, task.num_words(labels), layout)
             decoded = head.decode(output, batch["labels"] != LABEL_PADDING) if task.per_word else None
             output, decoded = output.cpu(), None if decoded is None else decoded.cpu()
@@ -456,8 +457,12 @@ class Trainer:
             bar = tqdm(on_device(islice(batches, self.steps_per_epoch), config.device),
                        total=self.steps_per_epoch, desc=f"epoch {epoch + 1}", unit="batch", disable=not config.progress)
             for step, batch in enumerate(bar):
+                layout = Layout.of_batch(batch)  # once for all the heads
                 for runs, group in groups:
-                    losses = [self._step(runs[0], batch)] if group is None else self._group_step(runs, group, batch)
+                    if group is None:
+                        losses = [self._step(runs[0], batch, layout)]
+                    else:
+                        losses = self._group_step(runs, group, batch, layout)
                     if step % config.log_every == 0:
                         for run, loss in zip(runs, losses):
                             self._check_finite(run)
@@ -493,7 +498,8 @@ class Trainer:
             groups.append((members, group))
         return groups
 
-    def _group_step(self, runs: list[HeadRun], group: HeadGroup, batch: dict[str, Any]) -> list[torch.Tensor]:
+    def _group_step(self, runs: list[HeadRun], group: HeadGroup, batch: dict[str, Any], layout: Layout
+                    ) -> list[torch.Tensor]:
         """One optimiser step of each run of a group, their forward and backward passes batched into one."""
         hidden, labels = batch["hidden_states"], batch["labels"]
         columns = [list(range(len(self.layers))[run.columns]) if isinstance(run.columns, slice) else run.columns
@@ -507,7 +513,7 @@ class Trainer:
         generators = [torch.Generator(device).set_state(run.cuda_rng_state if device.type == "cuda"
                                                         else run.rng_state) for run in runs]
         losses = group.losses(features, heads_dim, batch["mask"], batch.get("word_ids"),
-                              runs[0].head.config.task_def.num_words(labels), Layout.of_batch(batch), labels,
+                              runs[0].head.config.task_def.num_words(labels), layout, labels,
                               generators, self.autocast_dtype)
         for run in runs:
             run.optimizer.zero_grad(set_to_none=True)
@@ -523,8 +529,8 @@ class Trainer:
             run.finite = run.finite & torch.isfinite(loss)
         return list(losses)
 
-    def _step(self, run: HeadRun, batch: dict[str, Any]) -> torch.Tensor:
-        hidden, mask, word_ids, layout = head_inputs(batch, run.columns)
+    def _step(self, run: HeadRun, batch: dict[str, Any], layout: Layout) -> torch.Tensor:
+        hidden, mask, word_ids, layout = head_inputs(batch, run.columns, layout)
         labels = batch["labels"]
         task = run.head.config.task_def
         with run.own_rng():
