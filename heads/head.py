@@ -27,7 +27,7 @@ from .card import CARD_NAME, TrainingRecord, render_model_card
 from .config import HEAD_TYPES, EncoderIdentity, HeadConfig
 from .context import BiLSTMContext, ConcatLayers, TransformerContext
 from .crf import CRF
-from .layers import Dropout, SequencePooling, pool_words
+from .layers import Dropout, LinearChain, SequencePooling, pool_words
 from .mixers import AdapterMixer, AttentionFusion, ScalarMix, SelectLayer
 from .packing import Layout, Words, is_packed
 from .tail import EncoderTail, load_encoder_model
@@ -64,8 +64,8 @@ class Head(nn.Module):
         self.context = self._context(config, num_layers * hidden if mixer == "concat" else hidden)
         features = self.context.output_size if self.context is not None else hidden
         if config.head_type == "adapter":  # the notes' classifier: H -> 256 -> C, no nonlinearity
-            self.classifier: nn.Module = nn.Sequential(nn.Linear(hidden, config.classifier_dim),
-                                                       nn.Linear(config.classifier_dim, outputs))
+            self.classifier: nn.Module = LinearChain(nn.Linear(hidden, config.classifier_dim),
+                                                     nn.Linear(config.classifier_dim, outputs))
         elif config.head_type == "mlp":
             self.classifier = nn.Sequential(nn.Linear(hidden, config.mlp_dim), nn.GELU(), Dropout(config.dropout),
                                             nn.Linear(config.mlp_dim, outputs))
@@ -74,10 +74,11 @@ class Head(nn.Module):
         self.sequence_pooling = None if config.task_def.per_word else SequencePooling(config.sequence_pooling,
                                                                                       features)
         self.crf = CRF(outputs, config.label_names if config.crf_constraints else None) if config.crf else None
-        # Word pooling (first subword, or the mean) is linear, so a single linear classifier gives the same logits
-        # on tokens, then pooled: pooling C logits instead of H features is the cheaper side when C < H (a layer
+        # Word pooling (first subword, or the mean) is linear, so a linear classifier gives the same logits on
+        # tokens, then pooled: pooling C logits instead of H features is the cheaper side when C < H (a layer
         # sweep's gathers of K heads' features were a third of its step, BENCHMARKS.md "Speed").
-        self.classifies_tokens = isinstance(self.classifier, nn.Linear) and outputs < self.classifier.in_features
+        self.classifies_tokens = isinstance(self.classifier, (nn.Linear, LinearChain)) and \
+            outputs < self.classifier.in_features
         self.training_record: TrainingRecord | None = None  # how a loaded head was trained, when it says
         self.weights_sha256: str | None = None  # of model.safetensors, once saved or loaded
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
+from itertools import pairwise
 
 import torch
 from torch import nn
@@ -43,7 +44,12 @@ def keep_mask(shape: torch.Size, keep: float, device: torch.device, generator: t
     words = torch.empty(-(-count // 4), dtype=torch.int64, device=device).random_(generator=generator)
     levels = words.view(torch.int16)[:count].view(shape) & (KEEP_LEVELS - 1)  # 63 random bits: 15 per lane
     threshold = max(round(keep * KEEP_LEVELS), 1)
-    return (levels < threshold) * (KEEP_LEVELS / threshold)
+    if threshold == KEEP_LEVELS:
+        return torch.ones(shape, device=device)
+    # kept where levels < threshold: the sign of levels - threshold, in int16 arithmetic (a comparison to bool and
+    # bool -> float ran 5x slower on the CPU than these integer operations)
+    kept = ((levels - threshold) >> 15).neg_()  # 1 kept, 0 dropped
+    return kept.float().mul_(KEEP_LEVELS / threshold)
 
 
 class Dropout(nn.Module):
@@ -70,6 +76,51 @@ class Dropout(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+def mix_layers(weights: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """sum_l weights[n, l] * hidden[n, l] -> (N, H), for weights (N, L) per token or (L,) shared, hidden (N, L, H):
+    one batched matrix product. (`einsum` with shared weights copied the (N, L, H) features first: a scalar mix's
+    forward and backward took 6x as long, BENCHMARKS.md "Speed".)"""
+    rows = weights.expand(hidden.shape[0], -1) if weights.dim() == 1 else weights
+    return torch.bmm(rows.unsqueeze(1), hidden).squeeze(1)
+
+
+def chained_linear(x: torch.Tensor, *maps: nn.Linear) -> torch.Tensor:
+    """x through linear maps applied one after another, computed as their product when that is cheaper per row:
+    the same function, and each map's gradient is the same (exactly so in exact arithmetic), with the arithmetic
+    of one map from the first one's inputs to the last one's outputs. A chain H -> 256 -> C (the adapter's
+    classifier) was a quarter of the adapter's training FLOPs (BENCHMARKS.md, "Speed")."""
+    sizes = [maps[0].in_features, *(linear.out_features for linear in maps)]
+    chained = sum(width * height for width, height in pairwise(sizes))
+    if sizes[0] * sizes[-1] >= chained:
+        for linear in maps:
+            x = linear(x)
+        return x
+    weight, bias = maps[0].weight, maps[0].bias
+    for linear in maps[1:]:
+        bias = linear(bias) if bias is not None else linear.bias
+        weight = linear.weight @ weight
+    return nn.functional.linear(x, weight, bias)
+
+
+class LinearChain(nn.Sequential):
+    """Linear maps with nothing between them (`chained_linear`): a Sequential of nn.Linear, so its parameters and
+    saved names are a Sequential's."""
+
+    def __init__(self, *maps: nn.Linear) -> None:
+        super().__init__(*maps)
+
+    @property
+    def in_features(self) -> int:
+        return self[0].in_features
+
+    @property
+    def out_features(self) -> int:
+        return self[-1].out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return chained_linear(x, *self)
 
 
 class AttentionWeights(nn.Module):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import AttentionWeights, Dropout
+from .layers import AttentionWeights, Dropout, mix_layers
 from .packing import Packing
 
 
@@ -28,7 +28,7 @@ class ScalarMix(nn.Module):
         self.scale = nn.Parameter(torch.ones(()))
 
     def forward(self, hidden: torch.Tensor, packing: Packing) -> torch.Tensor:
-        return self.scale * torch.einsum("nlh,l->nh", hidden, self.weights.softmax(0))
+        return self.scale * mix_layers(self.weights.softmax(0), hidden)
 
 
 class AttentionFusion(nn.Module):
@@ -43,7 +43,7 @@ class AttentionFusion(nn.Module):
     def forward(self, hidden: torch.Tensor, packing: Packing) -> torch.Tensor:
         normed = self.dropout(self.norm(hidden))
         weights = (normed @ self.query).softmax(dim=-1)  # (N, L)
-        return nn.functional.gelu(torch.einsum("nl,nlh->nh", weights, normed))
+        return nn.functional.gelu(mix_layers(weights, normed))
 
 
 class LayerAttention(nn.Module):
@@ -62,13 +62,14 @@ class LayerAttention(nn.Module):
         self.last_weights: torch.Tensor | None = None  # (B, T, L) of the last forward in eval mode
 
     def forward(self, hidden: torch.Tensor, packing: Packing) -> torch.Tensor:
-        queries = self.query_projection(hidden.mean(dim=1))  # (N, d)
+        layer_mean = mix_layers(hidden.new_full((hidden.shape[1],), 1 / hidden.shape[1]), hidden)
+        queries = self.query_projection(layer_mean)  # (N, d)
         keys = self.key_projection(packing.segment_mean(hidden))  # (B, L, d)
         # each token's query against its own sequence's layer keys: a one-query attention per token
         attention = self.attention(queries[:, None], keys.index_select(0, packing.segment))[:, 0]  # (N, L)
         if not self.training:  # inspected on trained heads (heads.report); training may run batched under vmap
             self.last_weights = packing.unpack(attention.detach())
-        return torch.einsum("nl,nlh->nh", attention, hidden)
+        return mix_layers(attention, hidden)
 
 
 class Tailor(nn.Module):

@@ -392,6 +392,51 @@ def test_dropout_masks_keep_the_asked_share_in_every_lane_and_the_mean():
         assert mask.double().mean().item() == pytest.approx(1.0, abs=0.01)  # inverted dropout keeps the mean
         again = keep_mask(torch.Size([400, 500]), keep, torch.device("cpu"), generator).flatten()
         assert not torch.equal(again, mask)  # the stream moves on
+    nearly_all = keep_mask(torch.Size([50, 60]), 1 - 1e-6, torch.device("cpu"), generator)
+    assert torch.equal(nearly_all, torch.ones(50, 60))  # a keep rate that rounds to 1 keeps every element
+
+
+@pytest.mark.parametrize("widths", [(384, 256, 9), (8, 32, 16), (6, 4, 5, 3), (4, 2, 8)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_a_linear_chain_gives_the_outputs_and_gradients_of_its_maps_one_after_another(widths, with_bias):
+    from itertools import pairwise
+
+    import torch
+    from torch import nn
+
+    from heads.layers import LinearChain
+
+    torch.manual_seed(0)
+    chain = LinearChain(*(nn.Linear(width, height, bias=with_bias) for width, height in pairwise(widths)))
+    inputs = torch.randn(40, widths[0])
+    outputs = chain(inputs)
+    one_after_another = nn.Sequential.forward(chain, inputs)
+    torch.testing.assert_close(outputs, one_after_another, rtol=1e-4, atol=1e-5)
+    target = torch.randn_like(outputs)
+    gradients = torch.autograd.grad((outputs * target).sum(), list(chain.parameters()))
+    expected = torch.autograd.grad((one_after_another * target).sum(), list(chain.parameters()))
+    for gradient, reference in zip(gradients, expected):
+        torch.testing.assert_close(gradient, reference, rtol=1e-4, atol=1e-4)
+    assert (chain.in_features, chain.out_features) == (widths[0], widths[-1])
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_mixing_layers_weighs_each_layer_as_the_sum_does(shared):
+    import torch
+
+    from heads.layers import mix_layers
+
+    torch.manual_seed(0)
+    hidden = torch.randn(30, 7, 12)
+    weights = torch.randn(7 if shared else (30, 7), requires_grad=True)
+    mixed = mix_layers(weights, hidden)
+    per_token = weights.expand(30, 7)
+    expected = (per_token[:, :, None] * hidden).sum(1)
+    torch.testing.assert_close(mixed, expected)
+    target = torch.randn(30, 12)
+    gradient, = torch.autograd.grad((mixed * target).sum(), weights)
+    reference, = torch.autograd.grad((expected * target).sum(), weights)
+    torch.testing.assert_close(gradient, reference, rtol=1e-4, atol=1e-4)
 
 
 def test_a_task_gives_each_of_k_heads_the_loss_it_gives_one():
