@@ -63,7 +63,7 @@ class Head(nn.Module):
                                       config.enable_tailor, config.tailor_attention)
         self.context = self._context(config, num_layers * hidden if mixer == "concat" else hidden)
         features = self.context.output_size if self.context is not None else hidden
-        if config.head_type == "adapter":  # the notes' classifier: H -> 256 -> C, no nonlinearity
+        if config.head_type == "adapter":  # the notes' classifier: H -> 256 -> C, no nonlinearity (run as one map)
             self.classifier: nn.Module = LinearChain(nn.Linear(hidden, config.classifier_dim),
                                                      nn.Linear(config.classifier_dim, outputs))
         elif config.head_type == "mlp":

@@ -236,26 +236,31 @@ def test_head_word_pooling_matches_store_pooling(ner_stores):
                     assert not got[position, len(expected):].any()  # padded words stay empty
 
 
+@pytest.mark.parametrize("head_type", ["linear", "adapter"])
 @pytest.mark.parametrize("pooling", ["first", "mean"])
-def test_probe_logits_pooled_from_tokens_equal_its_classifier_on_pooled_words(ner_stores, pooling):
-    """A linear classifier pools its logits (C per token) rather than the features (H): the same logits as the
-    classifier on each word's first subword or subword mean, for words of several subwords."""
+def test_logits_pooled_from_tokens_equal_the_classifier_on_pooled_words(ner_stores, head_type, pooling):
+    """A linear classifier (a probe's, or the adapter's chain of two maps) pools its logits (C per token) rather
+    than the features (H): the same logits as the classifier on each word's first subword or subword mean, for
+    words of several subwords."""
     with open_store(ner_stores["dev"]) as store:
-        head = Head(build_head_config({"type": "linear", "layers": [-1], "word_pooling": pooling}, store)).eval()
+        head = Head(build_head_config({"type": head_type, "layers": [-1] if head_type == "linear" else None,
+                                       "word_pooling": pooling}, store)).eval()
     assert head.classifies_tokens
     word_ids = torch.tensor([[-1, 0, 0, 1, 2, 2, 2, -1], [-1, 0, 1, 1, -1, -1, -1, -1]])
     mask = torch.tensor([[True] * 8, [True] * 5 + [False] * 3])
-    hidden = torch.randn(2, 8, 1, head.config.hidden_size)
+    hidden = torch.randn(2, 8, len(head.config.layers), head.config.hidden_size)
     with torch.no_grad():
         got = head(hidden, mask, word_ids, 3)
+        packing = Layout.of(mask).tokens
+        vectors = packing.unpack(head.mixer(packing.pack(hidden), packing))  # what the classifier reads per token
         for row in range(2):
             for word in range(3):
-                tokens = hidden[row, word_ids[row] == word, 0]
+                tokens = vectors[row, word_ids[row] == word]
                 if not len(tokens):
                     assert not got[row, word].any()  # a padded word stays empty
                     continue
                 pooled = tokens[0] if pooling == "first" else tokens.mean(0)
-                torch.testing.assert_close(got[row, word], head.classifier(pooled))
+                torch.testing.assert_close(got[row, word], head.classifier(pooled), rtol=1e-4, atol=1e-5)
 
 
 def test_raw_text_predictions_read_like_ner_output(ner_stores, tmp_path):
