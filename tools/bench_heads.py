@@ -377,11 +377,11 @@ def adapter_speed(stores: dict[str, str], data: Path, workdir: Path, record: Rec
         head = Head(build_head_config({"type": "adapter"}, store)).train()
     flops = epoch_flops(head, shapes)
     record["speed_adapter_epoch_gflop"] = flops / 1e9
-    # the classifier's two maps applied one after another, as written in the design notes, for comparison with
-    # runs before they were applied as their product (heads.layers.LinearChain)
-    chain, head.classifier = head.classifier, torch.nn.Sequential(*head.classifier)
+    # the classifier's two maps applied one after another to each word, as written in the design notes (and as run
+    # before they ran as their product, heads.layers.LinearChain), for comparison with earlier runs
+    chain, head.classifier, head.classifies_tokens = head.classifier, torch.nn.Sequential(*head.classifier), False
     record["speed_adapter_epoch_gflop_classifier_unchained"] = epoch_flops(head, shapes) / 1e9
-    head.classifier = chain
+    head.classifier, head.classifies_tokens = chain, True
     for grouped in (False, True):
         kind = "grouped" if grouped else "plain"
         record[f"speed_profile_{kind}"], calls = profile_steps(stores, grouped)
@@ -438,8 +438,13 @@ def k_heads_timing(stores: dict[str, str], workdir: Path, record: Recorder) -> N
                 base = base or seconds
                 record[f"k{k}_{kind}_epoch_seconds"] = seconds
                 record[f"k{k}_{kind}_vs_k1"] = seconds / base
-    # which types `--batch-heads auto` batches on the CPU (HeadType.batched_on_cpu): 4 heads of each other batchable
-    # type (seeds apart; mlp probes on the top layers), batched against one by one
+    batched_types_timing(stores, top_down, workdir, record)
+
+
+def batched_types_timing(stores: dict[str, str], top_down: list[int], workdir: Path, record: Recorder) -> None:
+    """Which types `--batch-heads auto` batches on the CPU (HeadType.batched_on_cpu): a steady epoch of 4 heads of
+    each other batchable type (seeds apart; mlp probes on the layers `top_down` starts with), batched against one by
+    one."""
     for head_type in ("scalar_mix", "mlp", "fusion"):
         specs = [{"type": head_type, "name": f"{head_type}{k}", "seed": 1 + k,
                   **({"layers": [top_down[k]]} if head_type == "mlp" else {})} for k in range(4)]
