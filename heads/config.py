@@ -26,15 +26,16 @@ class HeadType:
     epochs: int | None = None  # epochs when none are given (None: the trainer's rule, heads.trainer.default_epochs)
     batched: bool = False  # heads of this type with equal shapes train as one batched module (heads/grouped.py)
     # ... by default on the CPU too (--batch-heads auto): heads whose step is mostly per-operation overhead, which
-    # the batched module pays once (on a 2-core CPU 4 linear probes 1.4x and 4 scalar mixes 2.0x faster batched;
-    # adapters and mlp probes no faster, fusions 1.4x slower: BENCHMARKS.md, "Speed", run 7)
+    # the batched module pays once (on a 2-core CPU a sweep of 7 linear probes 1.1-1.5x faster batched; adapters
+    # and mlp probes no faster, scalar mixes (since their layer mix is one matrix product) 1.2-1.4x and fusions
+    # 1.4x slower: BENCHMARKS.md, "Speed", runs 7 and 8)
     batched_on_cpu: bool = False
 
 
 HEAD_TYPES: dict[str, HeadType] = {
     "adapter": HeadType(lr=1e-3, batched=True),
     "linear": HeadType(lr=1e-2, single_layer=True, batched=True, batched_on_cpu=True),
-    "scalar_mix": HeadType(lr=1e-2, batched=True, batched_on_cpu=True),
+    "scalar_mix": HeadType(lr=1e-2, batched=True),
     "mlp": HeadType(lr=3e-3, single_layer=True, batched=True),
     "fusion": HeadType(lr=1e-2, batched=True),
     # Not yet on the grid: the usual Adam rates for a BiLSTM tagger and for small post-LN-free transformer layers

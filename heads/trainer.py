@@ -161,9 +161,9 @@ class TrainConfig:
                               "learning rate, weight decay, seed or the layers they read as one batched module "
                               "(vmap; the same weights as one by one up to float rounding)",
                               default_text="auto: on a CUDA device, where K heads' small kernels become one; on the "
-                              "CPU for linear probes and scalar mixes, whose step is mostly per-operation overhead "
-                              "(a sweep of 7 probes 1.5x faster batched), not for the larger heads, whose batched "
-                              "step measured no faster there")
+                              "CPU for linear probes, whose step is mostly per-operation overhead (a sweep of 7 "
+                              "probes 1.1-1.5x faster batched), not for the other heads, whose batched step "
+                              "measured no faster there")
     keep_in_memory: str = option("auto", choices=SWITCH, help="keep the stores' hidden states in memory once read "
                                  "and checked, so that later epochs read nothing (the same batches either way)",
                                  default_text="auto: when training runs more than one epoch and both stores' "
