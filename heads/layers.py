@@ -90,7 +90,7 @@ def chained_linear(x: torch.Tensor, *maps: nn.Linear) -> torch.Tensor:
     """x through linear maps applied one after another, computed as their product when that is cheaper per row:
     the same function, and each map's gradient is the same (exactly so in exact arithmetic), with the arithmetic
     of one map from the first one's inputs to the last one's outputs. A chain H -> 256 -> C (the adapter's
-    classifier) was a quarter of the adapter's training FLOPs (BENCHMARKS.md, "Speed")."""
+    classifier) was a tenth of the adapter's training FLOPs (BENCHMARKS.md, "Speed")."""
     sizes = [maps[0].in_features, *(linear.out_features for linear in maps)]
     chained = sum(width * height for width, height in pairwise(sizes))
     if sizes[0] * sizes[-1] >= chained:
