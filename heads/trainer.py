@@ -48,7 +48,7 @@ from .config import (
     default_probe_layer,
     is_probe,
 )
-from .grouped import HeadGroup, group_by_key
+from .grouped import HeadGroup, group_by_key, step_optimizers
 from .head import Head, check_store
 from .packing import Layout
 from .tail import load_encoder_model, tail_architecture, tail_start_layer
@@ -519,8 +519,8 @@ class Trainer:
             run.optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()  # each head's loss reaches only its own weights
         losses = losses.detach()
+        step_optimizers([run.optimizer for run in runs])
         for run, generator, loss in zip(runs, generators, losses):
-            run.optimizer.step()
             run.scheduler.step()
             if device.type == "cuda":
                 run.cuda_rng_state = generator.get_state()

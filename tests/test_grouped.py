@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from featstore.errors import ConfigError
-from heads import TrainConfig, train
-from heads.grouped import HeadGroup
+from heads import TrainConfig, grouped, train
+from heads.grouped import HeadGroup, step_optimizers
 from heads.trainer import Trainer
 
 from .conftest import sequence_store
@@ -110,6 +110,50 @@ def test_batched_adam_runs_learn_like_separate_ones(ner_stores, tmp_path):
         alone = train(_config(ner_stores, tmp_path / spec["name"], [spec], **options))
         assert together[spec["name"]]["best"] == pytest.approx(alone[spec["name"]]["best"], abs=0.05)
         assert together[spec["name"]]["best"] > 0.8
+
+
+
+def test_optimizers_stepped_together_equal_their_own_steps():
+    """step_optimizers: fused AdamW optimisers of equal hyper-parameters update in one call, the others alone;
+    every weight and state is exactly what each optimiser's own step makes, through its first step (which makes
+    the state) and a schedule that changes the learning rate."""
+    def optimizers(seed):
+        torch.manual_seed(seed)
+        made = []
+        for lr, kind in [(1e-2, "fused"), (1e-2, "fused"), (1e-2, "fused"), (3e-2, "fused"), (1e-2, "plain"),
+                         (1e-2, "fused, no grad")]:
+            params = [torch.nn.Parameter(torch.randn(9, 16)), torch.nn.Parameter(torch.randn(9))]
+            if kind == "fused, no grad":
+                params.append(torch.nn.Parameter(torch.randn(3)))  # no gradient: Adam leaves it as it is
+            made.append(torch.optim.AdamW(params, lr=lr, weight_decay=0.01, fused=kind != "plain" or None))
+        return made
+
+    together, alone = optimizers(0), optimizers(0)
+    schedules = [torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.1, total_iters=4) for optimizer in together]
+    schedules += [torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.1, total_iters=4) for optimizer in alone]
+    calls = []
+    adam = grouped.adam
+    for step in range(4):
+        torch.manual_seed(100 + step)
+        for first, second in zip(together, alone):
+            for a, b in zip(first.param_groups[0]["params"][:2], second.param_groups[0]["params"][:2]):
+                a.grad = torch.randn_like(a)
+                b.grad = a.grad.clone()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(grouped, "adam", lambda params, *args, **kwargs: calls.append(len(params)) or
+                          adam(params, *args, **kwargs))
+            step_optimizers(together)
+        for optimizer in alone:
+            optimizer.step()
+        for schedule in schedules:
+            schedule.step()
+    # after the first step the three fused ones of lr 1e-2 with gradients everywhere and the one whose third
+    # tensor has none (its two tensors) update in one call; lr 3e-2 and the plain AdamW step alone
+    assert calls == [8, 8, 8]
+    for first, second in zip(together, alone):
+        for a, b in zip(first.param_groups[0]["params"], second.param_groups[0]["params"]):
+            assert torch.equal(a, b)
+            assert all(torch.equal(first.state[a][key], second.state[b][key]) for key in second.state[b])
 
 
 def test_which_heads_step_together(ner_stores, tmp_path):
