@@ -96,7 +96,7 @@ def step_optimizers(optimizers: Sequence[torch.optim.Optimizer]) -> None:
     in one fused call: the kernel updates each tensor on its own, so each head's weights and state are exactly
     what its own step gives, and K heads pay the optimiser's per-call overhead once (7 probes' steps 0.25 ms
     one by one on a 2-core CPU, 0.07 ms together; BENCHMARKS.md, "Speed")."""
-    together: dict[tuple, list[torch.optim.Optimizer]] = {}
+    together: dict[tuple, list[tuple[torch.optim.Optimizer, list[torch.Tensor]]]] = {}
     for optimizer in optimizers:
         group = optimizer.param_groups[0]
         params = [param for param in group["params"] if param.grad is not None]
@@ -104,15 +104,14 @@ def step_optimizers(optimizers: Sequence[torch.optim.Optimizer]) -> None:
             and params and all(optimizer.state[param] for param in params) and not isinstance(group["lr"], torch.Tensor)
         # one that cannot (its first step makes its state; an optimiser this does not know) steps on its own
         key = tuple(group[name] for name in _ADAM_HYPERPARAMETERS) if fusable else (id(optimizer),)
-        together.setdefault(key, []).append(optimizer)
+        together.setdefault(key, []).append((optimizer, params))
     for key, members in together.items():
         if len(members) == 1:
-            members[0].step()
+            members[0][0].step()
             continue
         group = dict(zip(_ADAM_HYPERPARAMETERS, key))
-        held = [(param, optimizer.state[param]) for optimizer in members
-                for param in optimizer.param_groups[0]["params"] if param.grad is not None]
-        params, states = [param for param, _ in held], [state for _, state in held]
+        params = [param for _, own in members for param in own]
+        states = [optimizer.state[param] for optimizer, own in members for param in own]
         with torch.no_grad():
             adam(params, [param.grad for param in params], [state["exp_avg"] for state in states],
                  [state["exp_avg_sq"] for state in states],

@@ -112,7 +112,6 @@ def test_batched_adam_runs_learn_like_separate_ones(ner_stores, tmp_path):
         assert together[spec["name"]]["best"] > 0.8
 
 
-
 def test_optimizers_stepped_together_equal_their_own_steps():
     """step_optimizers: fused AdamW optimisers of equal hyper-parameters update in one call, the others alone;
     every weight and state is exactly what each optimiser's own step makes, through its first step (which makes
@@ -129,8 +128,8 @@ def test_optimizers_stepped_together_equal_their_own_steps():
         return made
 
     together, alone = optimizers(0), optimizers(0)
-    schedules = [torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.1, total_iters=4) for optimizer in together]
-    schedules += [torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.1, total_iters=4) for optimizer in alone]
+    schedules = [torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.1, total_iters=4)
+                 for optimizer in together + alone]
     calls = []
     adam = grouped.adam
     for step in range(4):

@@ -379,9 +379,10 @@ def adapter_speed(stores: dict[str, str], data: Path, workdir: Path, record: Rec
     record["speed_adapter_epoch_gflop"] = flops / 1e9
     # the classifier's two maps applied one after another to each word, as written in the design notes (and as run
     # before they ran as their product, heads.layers.LinearChain), for comparison with earlier runs
-    chain, head.classifier, head.classifies_tokens = head.classifier, torch.nn.Sequential(*head.classifier), False
+    chain, on_tokens = head.classifier, head.classifies_tokens
+    head.classifier, head.classifies_tokens = torch.nn.Sequential(*chain), False
     record["speed_adapter_epoch_gflop_classifier_unchained"] = epoch_flops(head, shapes) / 1e9
-    head.classifier, head.classifies_tokens = chain, True
+    head.classifier, head.classifies_tokens = chain, on_tokens
     for grouped in (False, True):
         kind = "grouped" if grouped else "plain"
         record[f"speed_profile_{kind}"], calls = profile_steps(stores, grouped)
