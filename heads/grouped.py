@@ -5,7 +5,7 @@ seed, the layer a probe reads) run as one module under `torch.func.vmap`: their 
 step, so each matrix product runs once for all K heads instead of K times, and the per-operation overhead is
 paid once. Each head keeps its own parameters, optimiser and schedule (the stack is differentiable: gradients
 land on each head's own weights), and its dropout masks come from its own random stream
-(heads.layers.mask_streams), so each head's weights equal those of a separate run up to float rounding. Their
+(heads.layers.batched_heads), so each head's weights equal those of a separate run up to float rounding. Their
 optimisers step together too (`step_optimizers`).
 """
 
@@ -21,7 +21,7 @@ from torch.optim.adam import adam
 
 from .config import HEAD_TYPES, HeadConfig
 from .head import Head
-from .layers import mask_streams
+from .layers import batched_heads
 from .packing import Layout
 
 
@@ -70,13 +70,13 @@ class HeadGroup:
 
         def head_output(weights: dict[str, torch.Tensor], head_index: torch.Tensor, features: torch.Tensor
                         ) -> torch.Tensor:
-            with mask_streams(generators, head_index), \
+            with batched_heads(generators, head_index), \
                     torch.autocast(device_type, autocast_dtype, enabled=autocast_dtype is not None):
                 return functional_call(template, weights, (features, mask, word_ids, num_words, layout))
 
         index = torch.arange(len(self.heads), device=hidden.device)
         # randomness "same": the only random draws are the dropout masks, made outside vmap's batching from
-        # each head's own generator (mask_streams)
+        # each head's own generator (batched_heads)
         outputs = vmap(head_output, in_dims=(0, 0, heads_dim), randomness="same")(parameters, index, hidden)
         # the losses outside vmap, in one call for the K heads (no grouped head has a CRF: batch_key)
         return template.config.task_def.losses(outputs.float(), labels)

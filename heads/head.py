@@ -27,7 +27,7 @@ from .card import CARD_NAME, TrainingRecord, render_model_card
 from .config import HEAD_TYPES, EncoderIdentity, HeadConfig
 from .context import BiLSTMContext, ConcatLayers, TransformerContext
 from .crf import CRF
-from .layers import Dropout, LinearChain, SequencePooling, pool_words
+from .layers import Dropout, Linear, LinearChain, SequencePooling, pool_words
 from .mixers import AdapterMixer, AttentionFusion, ScalarMix, SelectLayer
 from .packing import Layout, Words, is_packed
 from .tail import EncoderTail, load_encoder_model
@@ -68,9 +68,9 @@ class Head(nn.Module):
                                                      nn.Linear(config.classifier_dim, outputs))
         elif config.head_type == "mlp":
             self.classifier = nn.Sequential(nn.Linear(hidden, config.mlp_dim), nn.GELU(), Dropout(config.dropout),
-                                            nn.Linear(config.mlp_dim, outputs))
+                                            Linear(config.mlp_dim, outputs))
         else:
-            self.classifier = nn.Linear(features, outputs)
+            self.classifier = Linear(features, outputs)
         self.sequence_pooling = None if config.task_def.per_word else SequencePooling(config.sequence_pooling,
                                                                                       features)
         self.crf = CRF(outputs, config.label_names if config.crf_constraints else None) if config.crf else None

@@ -17,18 +17,45 @@ from .packing import Words
 
 # While heads step as one batched module (heads/grouped.py): each head's random generator and the head's index
 # (a tensor batched over the heads), so every head's dropout masks come from its own stream
-_MASK_STREAMS: ContextVar[tuple[Sequence[torch.Generator], torch.Tensor] | None] = ContextVar("mask_streams",
-                                                                                              default=None)
+_BATCHED_HEADS: ContextVar[tuple[Sequence[torch.Generator], torch.Tensor] | None] = ContextVar("batched_heads",
+                                                                                               default=None)
 
 
 @contextmanager
-def mask_streams(generators: Sequence[torch.Generator], head_index: torch.Tensor) -> Iterator[None]:
-    """Dropout inside the block draws head k's masks from generators[k] (`head_index`: k, batched under vmap)."""
-    token = _MASK_STREAMS.set((generators, head_index))
+def batched_heads(generators: Sequence[torch.Generator], head_index: torch.Tensor) -> Iterator[None]:
+    """The block computes one head's slice of heads batched under vmap: dropout draws head k's masks from
+    generators[k] (`head_index`: k, batched under vmap), and narrow linear maps take their batched form
+    (`linear`)."""
+    token = _BATCHED_HEADS.set((generators, head_index))
     try:
         yield
     finally:
-        _MASK_STREAMS.reset(token)
+        _BATCHED_HEADS.reset(token)
+
+
+# Linear maps to at most this many outputs are narrow (`linear`): measured on a 2-core AVX-512 CPU (MKL),
+# BENCHMARKS.md "Speed": 9 outputs ran 1.3-3x faster batched as (W X^T)^T, 33 about 15%, 64 no faster
+NARROW_OUTPUTS = 32
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`nn.functional.linear(x, weight, bias)`. For heads batched on the CPU (`batched_heads`) and a narrow map
+    (outputs, e.g. a classifier's labels, up to NARROW_OUTPUTS) it is computed as (weight @ x^T)^T: vmap turns a
+    linear map into a batched product (K, N, H) x (K, H, C), and with C narrow the CPU's batched product (and its
+    weight gradient, (K, H, N) x (K, N, C)) ran 2-3x slower than the same arithmetic laid out as
+    (K, C, H) x (K, H, N). One head alone is faster as `linear` (a plain matrix product), so it stays that."""
+    if _BATCHED_HEADS.get() is None or x.device.type != "cpu" or weight.shape[0] > NARROW_OUTPUTS:
+        return nn.functional.linear(x, weight, bias)
+    rows = (weight @ x.mT).mT
+    return rows + bias if bias is not None else rows
+
+
+class Linear(nn.Linear):
+    """nn.Linear (the same parameters and saved names) computed by `linear`: a narrow map (a classifier) runs in
+    the faster layout when heads are batched on the CPU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 KEEP_LEVELS = 1 << 15  # a dropout mask's keep rate is a multiple of 1/KEEP_LEVELS (15 random bits per element)
@@ -67,7 +94,7 @@ class Dropout(nn.Module):
         if torch.compiler.is_compiling():  # a compiled head (--compile) steps alone: the compiler's own masks
             return nn.functional.dropout(x, self.p, True)
         keep = 1 - self.p
-        streams = _MASK_STREAMS.get()
+        streams = _BATCHED_HEADS.get()
         if streams is None:
             return x * keep_mask(x.shape, keep, x.device).to(x.dtype)
         generators, head_index = streams  # x is one head's slice here: draw every head's mask, take this head's
@@ -91,17 +118,17 @@ def chained_linear(x: torch.Tensor, *maps: nn.Linear) -> torch.Tensor:
     the same function, and each map's gradient is the same (exactly so in exact arithmetic), with the arithmetic
     of one map from the first one's inputs to the last one's outputs. A chain H -> 256 -> C (the adapter's
     classifier) was a tenth of the adapter's training FLOPs (BENCHMARKS.md, "Speed")."""
-    sizes = [maps[0].in_features, *(linear.out_features for linear in maps)]
+    sizes = [maps[0].in_features, *(each.out_features for each in maps)]
     chained = sum(width * height for width, height in pairwise(sizes))
     if sizes[0] * sizes[-1] >= chained:
-        for linear in maps:
-            x = linear(x)
+        for each in maps:
+            x = linear(x, each.weight, each.bias)
         return x
     weight, bias = maps[0].weight, maps[0].bias
-    for linear in maps[1:]:
-        bias = linear(bias) if bias is not None else linear.bias
-        weight = linear.weight @ weight
-    return nn.functional.linear(x, weight, bias)
+    for each in maps[1:]:
+        bias = each(bias) if bias is not None else each.bias
+        weight = each.weight @ weight
+    return linear(x, weight, bias)
 
 
 class LinearChain(nn.Sequential):

@@ -439,6 +439,36 @@ def test_mixing_layers_weighs_each_layer_as_the_sum_does(shared):
     torch.testing.assert_close(gradient, reference, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("outputs", [2, 9, 200])  # narrow maps take the batched layout; 200 outputs do not
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_linear_maps_of_batched_heads_equal_a_plain_linear_map(outputs, with_bias, input_grad):
+    """heads.layers.linear, as HeadGroup runs it (vmapped over K heads inside batched_heads), gives the outputs
+    and the weight, bias and input gradients of nn.functional.linear."""
+    import torch
+    from torch.func import vmap
+
+    from heads.layers import batched_heads, linear
+
+    torch.manual_seed(0)
+    heads, rows, features = 3, 50, 24
+    weight = torch.randn(heads, outputs, features, requires_grad=True)
+    bias = torch.randn(heads, outputs, requires_grad=True) if with_bias else None
+    inputs = torch.randn(rows, heads, features, requires_grad=input_grad)  # each head reads its own column
+    generators = [torch.Generator() for _ in range(heads)]
+    with batched_heads(generators, torch.arange(heads)):
+        batched = vmap(linear, in_dims=(1, 0, 0 if with_bias else None))(inputs, weight, bias)
+    expected = torch.stack([torch.nn.functional.linear(inputs[:, k], weight[k], bias[k] if with_bias else None)
+                            for k in range(heads)])
+    torch.testing.assert_close(batched, expected)
+    target = torch.randn_like(expected)
+    wanted = [tensor for tensor in (weight, bias, inputs) if tensor is not None and tensor.requires_grad]
+    gradients = torch.autograd.grad((batched * target).sum(), wanted)
+    references = torch.autograd.grad((expected * target).sum(), wanted)
+    for gradient, reference in zip(gradients, references):
+        torch.testing.assert_close(gradient, reference, rtol=1e-4, atol=1e-4)
+
+
 def test_a_task_gives_each_of_k_heads_the_loss_it_gives_one():
     import torch
 
