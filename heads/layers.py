@@ -33,18 +33,24 @@ def batched_heads(generators: Sequence[torch.Generator], head_index: torch.Tenso
         _BATCHED_HEADS.reset(token)
 
 
-# Linear maps to at most this many outputs are narrow (`linear`): measured on a 2-core AVX-512 CPU (MKL),
-# BENCHMARKS.md "Speed": 9 outputs ran 1.3-3x faster batched as (W X^T)^T, 33 about 15%, 64 no faster
-NARROW_OUTPUTS = 32
+# Which linear maps of batched heads are narrow (`linear`), measured on a 2-core AVX-512 CPU (MKL) by
+# tools/bench_linear_layouts.py (BENCHMARKS.md, "Speed"): below 16 outputs (one AVX-512 vector of floats) the
+# batched form ran 1.8-3.1x faster where the input needs no gradient (a probe's frozen features) and 1.02-1.4x
+# where it does; from 16 to 33 outputs 1.03-1.24x faster where it needs none, 1.07-1.5x slower where it does; at
+# 64 outputs no faster
+NARROW_OUTPUTS = 16
+NARROW_OUTPUTS_FROZEN_INPUT = 32
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """`nn.functional.linear(x, weight, bias)`. For heads batched on the CPU (`batched_heads`) and a narrow map
-    (outputs, e.g. a classifier's labels, up to NARROW_OUTPUTS) it is computed as (weight @ x^T)^T: vmap turns a
-    linear map into a batched product (K, N, H) x (K, H, C), and with C narrow the CPU's batched product (and its
-    weight gradient, (K, H, N) x (K, N, C)) ran 2-3x slower than the same arithmetic laid out as
-    (K, C, H) x (K, H, N). One head alone is faster as `linear` (a plain matrix product), so it stays that."""
-    if _BATCHED_HEADS.get() is None or x.device.type != "cpu" or weight.shape[0] > NARROW_OUTPUTS:
+    (a classifier's few labels: NARROW_OUTPUTS) it is computed as (weight @ x^T)^T: vmap turns a linear map into
+    a batched product (K, N, H) x (K, H, C), and with C narrow the CPU's batched product (and its weight gradient,
+    (K, H, N) x (K, N, C)) ran up to 3x slower than the same arithmetic laid out as (K, C, H) x (K, H, N). One
+    head alone is faster as `linear` (a plain matrix product), so it stays that."""
+    outputs = weight.shape[0]
+    narrow = outputs < NARROW_OUTPUTS or (outputs <= NARROW_OUTPUTS_FROZEN_INPUT and not x.requires_grad)
+    if not narrow or _BATCHED_HEADS.get() is None or x.device.type != "cpu":
         return nn.functional.linear(x, weight, bias)
     rows = (weight @ x.mT).mT
     return rows + bias if bias is not None else rows

@@ -439,7 +439,7 @@ def test_mixing_layers_weighs_each_layer_as_the_sum_does(shared):
     torch.testing.assert_close(gradient, reference, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("outputs", [2, 9, 200])  # narrow maps take the batched layout; 200 outputs do not
+@pytest.mark.parametrize("outputs", [2, 9, 24, 200])  # 24: narrow for frozen inputs only; 200: never narrow
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("input_grad", [True, False])
 def test_linear_maps_of_batched_heads_equal_a_plain_linear_map(outputs, with_bias, input_grad):
