@@ -33,13 +33,12 @@ def batched_heads(generators: Sequence[torch.Generator], head_index: torch.Tenso
         _BATCHED_HEADS.reset(token)
 
 
-# Which linear maps of batched heads are narrow (`linear`), measured on a 2-core AVX-512 CPU (MKL) by
-# tools/bench_linear_layouts.py (BENCHMARKS.md, "Speed"): below 16 outputs (one AVX-512 vector of floats) the
-# batched form ran 1.8-3.1x faster where the input needs no gradient (a probe's frozen features) and 1.02-1.4x
-# where it does; from 16 to 33 outputs 1.03-1.24x faster where it needs none, 1.07-1.5x slower where it does; at
-# 64 outputs no faster
+# Linear maps of batched heads with fewer outputs than this are narrow (`linear`), measured on a 2-core AVX-512 CPU
+# (MKL) by tools/bench_linear_layouts.py (BENCHMARKS.md, "Speed"): below 16 outputs (one AVX-512 vector of floats)
+# the batched form ran 1.8-3.1x faster where the input needs no gradient (a probe's frozen features) and
+# 1.02-1.4x where it does; from 16 to 33 outputs 1.03-1.24x faster where it needs none but 1.07-1.5x slower where
+# it does, which a map cannot tell under vmap (a batched input does not show its requires_grad); at 64, no faster
 NARROW_OUTPUTS = 16
-NARROW_OUTPUTS_FROZEN_INPUT = 32
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -48,9 +47,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     a batched product (K, N, H) x (K, H, C), and with C narrow the CPU's batched product (and its weight gradient,
     (K, H, N) x (K, N, C)) ran up to 3x slower than the same arithmetic laid out as (K, C, H) x (K, H, N). One
     head alone is faster as `linear` (a plain matrix product), so it stays that."""
-    outputs = weight.shape[0]
-    narrow = outputs < NARROW_OUTPUTS or (outputs <= NARROW_OUTPUTS_FROZEN_INPUT and not x.requires_grad)
-    if not narrow or _BATCHED_HEADS.get() is None or x.device.type != "cpu":
+    if weight.shape[0] >= NARROW_OUTPUTS or _BATCHED_HEADS.get() is None or x.device.type != "cpu":
         return nn.functional.linear(x, weight, bias)
     rows = (weight @ x.mT).mT
     return rows + bias if bias is not None else rows

@@ -439,12 +439,14 @@ def test_mixing_layers_weighs_each_layer_as_the_sum_does(shared):
     torch.testing.assert_close(gradient, reference, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("outputs", [2, 9, 24, 200])  # 24: narrow for frozen inputs only; 200: never narrow
+@pytest.mark.parametrize("outputs", [2, 9, 200])  # narrow maps take the batched layout; 200 outputs do not
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("input_grad", [True, False])
-def test_linear_maps_of_batched_heads_equal_a_plain_linear_map(outputs, with_bias, input_grad):
-    """heads.layers.linear, as HeadGroup runs it (vmapped over K heads inside batched_heads), gives the outputs
-    and the weight, bias and input gradients of nn.functional.linear."""
+@pytest.mark.parametrize("autocast", [False, True])
+def test_linear_maps_of_batched_heads_equal_a_plain_linear_map(outputs, with_bias, input_grad, autocast):
+    """heads.layers.linear, as HeadGroup runs it (vmapped over K heads inside batched_heads, autocast inside),
+    gives the outputs (their dtype too, under bfloat16 autocast) and the weight, bias and input gradients of
+    nn.functional.linear run the same way."""
     import torch
     from torch.func import vmap
 
@@ -456,17 +458,25 @@ def test_linear_maps_of_batched_heads_equal_a_plain_linear_map(outputs, with_bia
     bias = torch.randn(heads, outputs, requires_grad=True) if with_bias else None
     inputs = torch.randn(rows, heads, features, requires_grad=input_grad)  # each head reads its own column
     generators = [torch.Generator() for _ in range(heads)]
+
+    def each_head(function, x, w, b):
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            return function(x, w, b)
+
     with batched_heads(generators, torch.arange(heads)):
-        batched = vmap(linear, in_dims=(1, 0, 0 if with_bias else None))(inputs, weight, bias)
-    expected = torch.stack([torch.nn.functional.linear(inputs[:, k], weight[k], bias[k] if with_bias else None)
-                            for k in range(heads)])
-    torch.testing.assert_close(batched, expected)
-    target = torch.randn_like(expected)
+        batched = vmap(lambda *args: each_head(linear, *args), in_dims=(1, 0, 0 if with_bias else None))(
+            inputs, weight, bias)
+    expected = vmap(lambda *args: each_head(torch.nn.functional.linear, *args),
+                    in_dims=(1, 0, 0 if with_bias else None))(inputs, weight, bias)
+    assert batched.dtype == expected.dtype
+    tolerance = {"rtol": 2e-2, "atol": 5e-2} if autocast else {"rtol": 1e-4, "atol": 1e-4}
+    torch.testing.assert_close(batched, expected, **tolerance)
+    target = torch.randn(expected.shape)
     wanted = [tensor for tensor in (weight, bias, inputs) if tensor is not None and tensor.requires_grad]
-    gradients = torch.autograd.grad((batched * target).sum(), wanted)
-    references = torch.autograd.grad((expected * target).sum(), wanted)
+    gradients = torch.autograd.grad((batched.float() * target).sum(), wanted)
+    references = torch.autograd.grad((expected.float() * target).sum(), wanted)
     for gradient, reference in zip(gradients, references):
-        torch.testing.assert_close(gradient, reference, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(gradient, reference, **tolerance)
 
 
 def test_a_task_gives_each_of_k_heads_the_loss_it_gives_one():

@@ -2,7 +2,7 @@
 
 `heads.layers.linear` computes a narrow map (a classifier's few outputs) of heads batched under vmap
 (heads/grouped.py) as (W X^T)^T instead of `nn.functional.linear`, and leaves one head alone to
-`nn.functional.linear`; `NARROW_OUTPUTS` and `NARROW_OUTPUTS_FROZEN_INPUT` say which maps are narrow. This
+`nn.functional.linear`; `NARROW_OUTPUTS` says which maps are narrow. This
 times, for each output width, a forward and backward pass of both layouts (the median of --repeats rounds,
 each the best of 5 timings of 50 passes, rounds alternating which layout goes first), with and without the
 input's gradient:
@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 from torch.func import vmap
 
-from heads.layers import NARROW_OUTPUTS, NARROW_OUTPUTS_FROZEN_INPUT
+from heads.layers import NARROW_OUTPUTS
 
 HIDDEN = 384
 OUTPUTS = (2, 9, 15, 16, 24, 33, 64)
@@ -70,8 +70,7 @@ def main() -> None:
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
     results: dict = {"machine": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
-                     "heads": args.heads, "hidden": HIDDEN, "narrow_outputs": NARROW_OUTPUTS,
-                     "narrow_outputs_frozen_input": NARROW_OUTPUTS_FROZEN_INPUT, "rows": []}
+                     "heads": args.heads, "hidden": HIDDEN, "narrow_outputs_below": NARROW_OUTPUTS, "rows": []}
     for heads in (args.heads, None):
         for input_grad in (False, True):
             for rows in args.rows:
