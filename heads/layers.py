@@ -16,7 +16,8 @@ from torch import nn
 from .packing import Words
 
 # While heads step as one batched module (heads/grouped.py): each head's random generator and the head's index
-# (a tensor batched over the heads), so every head's dropout masks come from its own stream
+# (a tensor batched over the heads), so every head's dropout masks come from its own stream; `linear` reads
+# whether it is set
 _BATCHED_HEADS: ContextVar[tuple[Sequence[torch.Generator], torch.Tensor] | None] = ContextVar("batched_heads",
                                                                                                default=None)
 
@@ -49,6 +50,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     head alone is faster as `linear` (a plain matrix product), so it stays that."""
     if weight.shape[0] >= NARROW_OUTPUTS or _BATCHED_HEADS.get() is None or x.device.type != "cpu":
         return nn.functional.linear(x, weight, bias)
+    return linear_by_rows(x, weight, bias)
+
+
+def linear_by_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`nn.functional.linear(x, weight, bias)` as (weight @ x^T)^T: `linear`'s form for narrow maps of batched
+    heads (and what tools/bench_linear_layouts.py times against `nn.functional.linear`)."""
     rows = (weight @ x.mT).mT
     return rows + bias if bias is not None else rows
 

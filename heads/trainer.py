@@ -71,6 +71,7 @@ SWITCH = ("auto", "always", "never")  # choices of the options whose "auto" the 
 # trainer's batches, the heads and whatever else runs
 KEEP_SHARE = 0.5
 EPOCHS_BY_TYPE = ", ".join(f"{name} heads {kind.epochs}" for name, kind in HEAD_TYPES.items() if kind.epochs)
+BATCHED_ON_CPU = ", ".join(f"{name} heads" for name, kind in HEAD_TYPES.items() if kind.batched_on_cpu)
 
 
 def autocast_dtype(precision: str, device: str) -> torch.dtype | None:
@@ -161,9 +162,9 @@ class TrainConfig:
                               "learning rate, weight decay, seed or the layers they read as one batched module "
                               "(vmap; the same weights as one by one up to float rounding)",
                               default_text="auto: on a CUDA device, where K heads' small kernels become one; on the "
-                              "CPU for linear probes, whose step is mostly per-operation overhead (a sweep of 7 "
-                              "probes 1.1-1.5x faster batched), not for the other heads, whose batched step "
-                              "measured no faster there")
+                              f"CPU for {BATCHED_ON_CPU}, whose step is mostly per-operation overhead (a sweep of 7 "
+                              "linear probes 1.85x faster batched), not for the other heads, whose batched step "
+                              "measured no faster or slower there")
     keep_in_memory: str = option("auto", choices=SWITCH, help="keep the stores' hidden states in memory once read "
                                  "and checked, so that later epochs read nothing (the same batches either way)",
                                  default_text="auto: when training runs more than one epoch and both stores' "

@@ -25,18 +25,11 @@ from collections.abc import Callable
 import torch
 from torch.func import vmap
 
-from heads.layers import NARROW_OUTPUTS
+from heads.layers import NARROW_OUTPUTS, linear_by_rows
 
 HIDDEN = 384
 OUTPUTS = (2, 9, 15, 16, 24, 33, 64)
-
-
-def plain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.linear(x, weight, bias)
-
-
-def by_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    return (weight @ x.mT).mT + bias  # heads.layers.linear's batched form, whatever the context
+LAYOUTS: dict[str, Callable] = {"plain": torch.nn.functional.linear, "by_rows": linear_by_rows}
 
 
 def pass_seconds(layout: Callable, heads: int | None, rows: int, outputs: int, input_grad: bool) -> float:
@@ -77,9 +70,9 @@ def main() -> None:
                 for outputs in OUTPUTS:
                     ratios, seconds = [], {"plain": [], "by_rows": []}
                     for repeat in range(args.repeats):
-                        order = (plain, by_rows) if repeat % 2 == 0 else (by_rows, plain)
-                        timed = {layout.__name__: pass_seconds(layout, heads, rows, outputs, input_grad)
-                                 for layout in order}
+                        order = ("plain", "by_rows") if repeat % 2 == 0 else ("by_rows", "plain")
+                        timed = {name: pass_seconds(LAYOUTS[name], heads, rows, outputs, input_grad)
+                                 for name in order}
                         for name, value in timed.items():
                             seconds[name].append(value)
                         ratios.append(timed["plain"] / timed["by_rows"])
