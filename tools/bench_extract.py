@@ -3,11 +3,14 @@
 Measures, in one run on one machine:
 1. tokens/s of the bare encoder forward pass over exactly the batches extraction uses,
    vs full extraction into Zarr and into HDF5 (encoder + gather + background writes);
-2. hidden-state bytes/token on disk against the raw minimum (layers x hidden x bytes);
+2. hidden-state bytes/token on disk against the raw minimum (layers x hidden x bytes), and the rate extraction
+   wrote them to disk (until synced) against the disk's own sequential write bandwidth, measured on as many bytes
+   (where the disk is the wall, e.g. on a GPU, that ratio is extraction's figure);
 3. read throughput of `Store.iter_epoch` (shuffled, all layers) vs `numpy.memmap` reading
    the same bytes in the same spans and order.
 
     HF_HUB_OFFLINE=1 python tools/bench_extract.py --corpus ../shared/data/conll2003/train.txt
+    HF_HUB_OFFLINE=1 python tools/bench_extract.py --device cuda --json extract-gpu.json  # float16 on the GPU
 """
 
 from __future__ import annotations
@@ -43,6 +46,24 @@ def bare_forward_tokens_per_second(model: str | None, corpus_path: str, max_batc
             if encoder.device.type == "cuda":
                 torch.cuda.synchronize()
     return plan.num_tokens / (time.perf_counter() - started), plan.num_tokens
+
+
+def disk_write_bytes_per_second(directory: Path, nbytes: int, block: int = 8 << 20) -> float:
+    """Sequential write bandwidth of the disk under `directory`: `nbytes` (rounded up to whole blocks) of
+    incompressible bytes written in `block`-byte writes, timed until they are on disk (fsync)."""
+    data = os.urandom(block)
+    blocks = max(1, -(-nbytes // block))
+    probe = directory / "disk-write-probe.bin"
+    os.sync()
+    started = time.perf_counter()
+    with open(probe, "wb") as file:
+        for _ in range(blocks):
+            file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    seconds = time.perf_counter() - started
+    probe.unlink()
+    return blocks * block / seconds
 
 
 def read_throughput(store_path: str, raw_path: Path, seed: int = 0) -> tuple[float, float]:
@@ -116,6 +137,9 @@ def main() -> None:
         result = extract(ExtractConfig(out=str(out), model=args.model, corpus=CorpusSpec(args.corpus),
                                        backend=backend, device=args.device, dtype=args.dtype,
                                        max_batch_tokens=args.max_batch_tokens, overwrite=True, progress=False))
+        syncing = time.perf_counter()
+        os.sync()  # what extraction wrote is on disk, as the disk probe's bytes are
+        write_seconds = result.encode_seconds + time.perf_counter() - syncing
         rate = result.num_tokens / result.encode_seconds
         results[f"{backend}_extract_tok_s"] = rate
         results[f"{backend}_vs_bare"] = rate / bare
@@ -126,6 +150,10 @@ def main() -> None:
             results[f"{backend}_bytes_per_token"] = stored / store.num_tokens
             results[f"{backend}_overhead"] = stored / minimum - 1
             results["raw_bytes_per_token"] = minimum / store.num_tokens
+        if "disk_write_MB_s" not in results:
+            results["disk_write_MB_s"] = disk_write_bytes_per_second(workdir, stored) / 1e6
+        results[f"{backend}_write_MB_s"] = stored / write_seconds / 1e6
+        results[f"{backend}_vs_disk_write"] = results[f"{backend}_write_MB_s"] / results["disk_write_MB_s"]
         store_rate, memmap_rate = read_throughput(str(out), workdir / "raw.npy")
         results[f"{backend}_read_MB_s"] = store_rate / 1e6
         results[f"{backend}_memmap_MB_s"] = memmap_rate / 1e6

@@ -22,6 +22,10 @@
     HF_HUB_OFFLINE=1 python tools/bench_heads.py --data ../shared/data/conll2003 --json bench_heads.json
     HF_HUB_OFFLINE=1 python tools/bench_heads.py --sections gap --seeds 1 2 3 --json gap.json
     HF_HUB_OFFLINE=1 python tools/bench_heads.py --sections speed k --json speed.json
+
+On a GPU (`--device cuda`): the stores are extracted there (float16), every head trains there, the live epochs run
+the encoder there in float16, and section 6 profiles device time and measures the matmul ceiling on the device.
+tools/gpu_checks.sh runs this with the GPU tests and the extraction benchmark.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import json
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -39,12 +44,13 @@ import numpy as np
 import torch
 from benchargs import Recorder, conll2003_workdir, train_and_test
 
-from featstore import ExtractConfig, FrozenEncoder, collate_features, extract, load_corpus, open_store
+from featstore import ExtractConfig, FrozenEncoder, extract, load_corpus, open_store
 from featstore.extraction.corpus import CorpusSpec
 from featstore.store.reader import SequenceFeatures
 from heads import Head, TrainConfig, Trainer, evaluate_heads
-from heads.batches import padding_ratio, training_batches
+from heads.batches import collated_batches, on_device, padding_ratio, training_batches
 from heads.metrics import tagging_metrics
+from heads.packing import Layout
 from heads.trainer import build_head_config
 
 LABELS = ["B-LOC", "B-MISC", "B-ORG", "B-PER", "I-LOC", "I-MISC", "I-ORG", "I-PER", "O"]
@@ -52,12 +58,37 @@ RECIPE = {"epochs": 10, "batch_size": 32, "seed": 1, "patience": None}  # design
 ADAPTER_LR, PROBE_LR = 1e-3, 5e-3
 
 
+@dataclass
+class Setup:
+    """What every section runs on: the encoder (None: the packaged MiniLM) and the device stores are extracted and
+    heads train on."""
+    model: str | None = None
+    device: str = "cpu"
+
+    @property
+    def on_cuda(self) -> bool:
+        return torch.device(self.device).type == "cuda"
+
+    def synchronize(self) -> None:
+        """Wait for the device's queued work (before reading a clock)."""
+        if self.on_cuda:
+            torch.cuda.synchronize(self.device)
+
+    def live_encoder(self) -> FrozenEncoder:
+        """The frozen encoder of the live runs: float32 on the CPU; on a GPU as extraction runs it (float16)."""
+        return FrozenEncoder.load(self.model, device=self.device, dtype=None if self.on_cuda else "float32",
+                                  progress=False)
+
+
+SETUP = Setup()  # set from the command line (main)
+
+
 def extract_splits(data: Path, workdir: Path, record: Recorder) -> dict[str, str]:
     stores = {}
     for split in ("train", "dev", "test"):
         started = time.perf_counter()
         result = extract(ExtractConfig(out=str(workdir / f"{split}.zarr"), corpus=CorpusSpec(
-            str(data / f"{split}.txt"), label_names=LABELS), progress=False))
+            str(data / f"{split}.txt"), label_names=LABELS), model=SETUP.model, device=SETUP.device, progress=False))
         if not result.already_complete:
             record[f"extract_{split}_seconds"] = time.perf_counter() - started
         stores[split] = result.path
@@ -66,7 +97,7 @@ def extract_splits(data: Path, workdir: Path, record: Recorder) -> dict[str, str
 
 def test_f1(head_dir: Path, test_store: str) -> float:
     with open_store(test_store) as store:
-        return evaluate_heads([Head.from_pretrained(head_dir)], store)[0]["metrics"]["f1"]
+        return evaluate_heads([Head.from_pretrained(head_dir)], store, device=SETUP.device)[0]["metrics"]["f1"]
 
 
 def train_from_store(stores: dict[str, str], out: Path, specs: list[dict[str, Any]], epochs: int,
@@ -80,7 +111,8 @@ def train_epochs(stores: dict[str, str], out: Path, specs: list[dict[str, Any]],
                  evaluate: bool = True, **options: Any) -> tuple[dict[str, Any], list[float]]:
     """The trainer summary and each training epoch's seconds (evaluation excluded)."""
     trainer = Trainer(TrainConfig(store=stores["train"], eval_store=stores["dev"] if evaluate else None,
-                                  out=str(out), heads=specs, progress=False, **{**RECIPE, "epochs": epochs, **options}))
+                                  out=str(out), heads=specs, progress=False, device=SETUP.device,
+                                  **{**RECIPE, "epochs": epochs, **options}))
     summary = trainer.train()
     return summary, [json.loads(line)["seconds"] for line in (out / "metrics.jsonl").read_text().splitlines()
                      if '"event": "epoch"' in line]
@@ -97,8 +129,10 @@ def steady_epoch_seconds(stores: dict[str, str], out: Path, specs: list[dict[str
 
 
 def adapter_step(head: Head, batch: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
-    """One training step of a head on a collated batch (the live run's and the profiled steps')."""
-    output = head(batch["hidden_states"], batch["mask"], batch["word_ids"], batch["labels"].shape[1])
+    """One training step of a head on a collated batch (the live run's and the profiled steps'), with the layout
+    the batch carries, as the trainer steps."""
+    output = head(batch["hidden_states"], batch["mask"], batch["word_ids"], batch["labels"].shape[1],
+                  Layout.of_batch(batch))
     loss = head.loss(output, batch["labels"])
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -108,18 +142,19 @@ def adapter_step(head: Head, batch: dict[str, Any], optimizer: torch.optim.Optim
 def train_live_adapter(stores: dict[str, str], data: Path, out: Path, epochs: int | None = None,
                        evaluate: bool = True) -> float:
     """The reference way: the frozen encoder (eval mode) runs on every batch of every epoch. Same Head class,
-    same batches (the trainer's, grouped by length), same optimiser and schedule as the store-trained adapter."""
-    encoder = FrozenEncoder.load(None, device="cpu", dtype="float32")
+    same batches (the trainer's), same optimiser and schedule as the store-trained adapter; on SETUP.device, the
+    encoder's features handed to the head where it computed them."""
+    encoder = SETUP.live_encoder()
     train_store = open_store(stores["train"])
     extraction = train_store.manifest.extraction
     corpus = load_corpus(CorpusSpec(str(data / "train.txt"), label_names=LABELS))
     sequences = encoder.tokenize(corpus.examples, extraction.max_length, extraction.stride)
     labels = [train_store.sequence(row).labels for row in range(len(train_store))]
     torch.manual_seed(RECIPE["seed"])
-    head = Head(build_head_config({"type": "adapter", "name": "adapter_live"}, train_store))
+    head = Head(build_head_config({"type": "adapter", "name": "adapter_live"}, train_store)).to(SETUP.device)
     epochs = epochs or RECIPE["epochs"]
     steps = -(-len(train_store) // RECIPE["batch_size"]) * epochs
-    optimizer = torch.optim.AdamW(head.parameters(), lr=ADAPTER_LR, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=ADAPTER_LR, weight_decay=0.0, fused=True)  # the trainer's
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=ADAPTER_LR, total_steps=steps, pct_start=0.1,
                                                     anneal_strategy="cos")
     epoch_seconds, best = [], -1.0
@@ -130,18 +165,21 @@ def train_live_adapter(stores: dict[str, str], data: Path, out: Path, epochs: in
         head.train()
         for rows in epoch_rows:
             batch_sequences = [sequences[row] for row in rows]
-            hidden = encoder.features(batch_sequences, head.config.layers)
-            offsets = np.cumsum([0] + [s.num_tokens for s in batch_sequences])
-            batch = collate_features([SequenceFeatures(row, hidden[offsets[i]: offsets[i + 1]], s.input_ids,
-                                                       s.word_ids, s.num_words, labels[row])
-                                      for i, (row, s) in enumerate(zip(rows, batch_sequences))])
-            adapter_step(head, batch, optimizer)
+            # the batch's tokens, sequence after sequence: the packed rows the store's collate makes
+            hidden = encoder.forward(batch_sequences, head.config.layers)
+            # the rest of the batch (mask, words, labels, layout) as the store's batches carry it, without features
+            items = [SequenceFeatures(row, np.empty((s.num_tokens, 0, encoder.hidden_size), np.float32), s.input_ids,
+                                      s.word_ids, s.num_words, labels[row]) for row, s in zip(rows, batch_sequences)]
+            batch = next(on_device(collated_batches(items, len(items)), SETUP.device))
+            # a copy made outside the encoder's inference mode (float16 widened), which autograd may keep
+            adapter_step(head, {**batch, "hidden_states": hidden.to(torch.float32, copy=True)}, optimizer)
             scheduler.step()
+        SETUP.synchronize()
         epoch_seconds.append(time.perf_counter() - started)
         if not evaluate:
             continue
         with open_store(stores["dev"]) as dev:
-            f1 = evaluate_heads([head], dev)[0]["metrics"]["f1"]
+            f1 = evaluate_heads([head], dev, device=SETUP.device)[0]["metrics"]["f1"]
         if f1 > best:
             best = f1
             head.save_pretrained(out)
@@ -154,10 +192,10 @@ def fine_tune(data: Path, out: Path, epochs: int = 3, lr: float = 5e-5, seed: in
     (test entity F1, training seconds)."""
     from transformers import AutoModelForTokenClassification
 
-    encoder = FrozenEncoder.load(None, device="cpu", dtype="float32")
+    encoder = FrozenEncoder.load(SETUP.model, device="cpu", dtype="float32", progress=False)  # its tokenizer
     torch.manual_seed(seed)
     model = AutoModelForTokenClassification.from_pretrained(encoder.name_or_path, num_labels=len(LABELS),
-                                                            local_files_only=True)
+                                                            local_files_only=True).to(SETUP.device)
     train = load_corpus(CorpusSpec(str(data / "train.txt"), label_names=LABELS)).examples
     test = load_corpus(CorpusSpec(str(data / "test.txt"), label_names=LABELS)).examples
 
@@ -178,7 +216,7 @@ def fine_tune(data: Path, out: Path, epochs: int = 3, lr: float = 5e-5, seed: in
                 firsts = [p for p in range(len(word_ids)) if word_ids[p] >= 0 and (p == 0 or word_ids[p - 1] !=
                                                                                      word_ids[p])]
                 targets[i, firsts] = torch.tensor(examples[row].label)
-            yield rows, input_ids, mask, targets
+            yield rows, input_ids.to(SETUP.device), mask.to(SETUP.device), targets.to(SETUP.device)
 
     steps = -(-len(train) // RECIPE["batch_size"]) * epochs
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -193,6 +231,7 @@ def fine_tune(data: Path, out: Path, epochs: int = 3, lr: float = 5e-5, seed: in
             loss.backward()
             optimizer.step()
             scheduler.step()
+    SETUP.synchronize()
     seconds = time.perf_counter() - started
     model.eval()
     gold, predicted = [], []
@@ -240,7 +279,8 @@ def closing_the_gap(stores: dict[str, str], data: Path, workdir: Path, record: R
             if key in record.results:
                 continue
             out = workdir / f"gap_{label}_seed{seed}"
-            result = train_and_test(stores, out, [{**spec, "name": label}], seed=seed, **options)[label]
+            result = train_and_test(stores, out, [{**spec, "name": label}], seed=seed, device=SETUP.device,
+                                    **options)[label]
             epochs = [json.loads(line)["seconds"] for line in (out / "metrics.jsonl").read_text().splitlines()
                       if '"event": "epoch"' in line]
             record[key] = {"dev_f1": result["best"], "test_f1": result["test_f1"], "epochs_run": len(epochs),
@@ -290,18 +330,21 @@ def epoch_flops(head: Head, shapes: Counter[tuple[int, int]]) -> int:
 
 
 def matmul_ceiling(calls: Counter[tuple[str, tuple[tuple[int, ...], ...]]], min_seconds: float = 0.02) -> float:
-    """GFLOP/s of this machine on the given matmul calls (op and input shapes, with their counts), each timed
-    alone on fresh random operands."""
+    """GFLOP/s of this machine (SETUP.device) on the given matmul calls (op and input shapes, with their counts),
+    each timed alone on fresh random operands."""
     flops = seconds = 0.0
     for (name, shapes), count in calls.items():
-        operands = [torch.randn(shape) for shape in shapes[MATMULS[name]: MATMULS[name] + 2]]
+        operands = [torch.randn(shape, device=SETUP.device) for shape in shapes[MATMULS[name]: MATMULS[name] + 2]]
         operation = torch.bmm if name == "aten::bmm" else torch.mm
         a, b = operands
         operation(a, b)  # warm-up
+        SETUP.synchronize()
         repeats, started = 0, time.perf_counter()
         while (elapsed := time.perf_counter() - started) < min_seconds:
-            operation(a, b)
-            repeats += 1
+            for _ in range(10):  # a GPU's products are queued: ten between clock reads
+                operation(a, b)
+            repeats += 10
+            SETUP.synchronize()
         batch = a.shape[0] if a.dim() == 3 else 1
         flops += count * 2 * batch * a.shape[-2] * a.shape[-1] * b.shape[-1]
         seconds += count * elapsed / repeats
@@ -310,25 +353,31 @@ def matmul_ceiling(calls: Counter[tuple[str, tuple[tuple[int, ...], ...]]], min_
 
 def profile_steps(stores: dict[str, str], group_by_length: bool, steps: int = 60
                   ) -> tuple[list[dict[str, Any]], Counter[tuple[str, tuple[tuple[int, ...], ...]]]]:
-    """Per-op self CPU time over `steps` adapter+tailor training steps (the trainer's batches), and the matmul
-    calls (op, input shapes) they made."""
+    """Per-op self time (CPU time; on a GPU, device time) over `steps` adapter+tailor training steps (the trainer's
+    batches and optimiser), and the matmul calls (op, input shapes) they made."""
     from torch.profiler import ProfilerActivity, profile
 
     with open_store(stores["train"]) as store:
         torch.manual_seed(RECIPE["seed"])
-        head = Head(build_head_config({"type": "adapter"}, store)).train()
-        optimizer = torch.optim.AdamW(head.parameters(), lr=ADAPTER_LR)
-        batches = list(islice(training_batches(store, head.config.layers, RECIPE["batch_size"], RECIPE["seed"], 0,
-                                               group_by_length), steps))
+        head = Head(build_head_config({"type": "adapter"}, store)).to(SETUP.device).train()
+        optimizer = torch.optim.AdamW(head.parameters(), lr=ADAPTER_LR, fused=True)
+        batches = list(on_device(islice(training_batches(store, head.config.layers, RECIPE["batch_size"],
+                                                         RECIPE["seed"], 0, group_by_length), steps), SETUP.device))
     adapter_step(head, batches[0], optimizer)  # warm-up
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as profiler:
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if SETUP.on_cuda else [])]
+    with profile(activities=activities, record_shapes=True) as profiler:
         for batch in batches:
             adapter_step(head, batch, optimizer)
+        SETUP.synchronize()
+
+    def self_time(event: Any) -> float:
+        return event.self_device_time_total if SETUP.on_cuda else event.self_cpu_time_total
+
     events = profiler.key_averages()
-    total = sum(event.self_cpu_time_total for event in events)
-    top = sorted(events, key=lambda event: event.self_cpu_time_total, reverse=True)[:12]
-    table = [{"op": event.key, "calls": event.count, "self_ms_per_step": event.self_cpu_time_total / 1e3 / steps,
-              "share": event.self_cpu_time_total / total} for event in top]
+    total = sum(self_time(event) for event in events)
+    top = sorted(events, key=self_time, reverse=True)[:12]
+    table = [{"op": event.key, "calls": event.count, "self_ms_per_step": self_time(event) / 1e3 / steps,
+              "share": self_time(event) / total} for event in top]
     calls: Counter[tuple[str, tuple[tuple[int, ...], ...]]] = Counter()
     for event in profiler.events():
         if event.name in MATMULS:
@@ -339,14 +388,16 @@ def profile_steps(stores: dict[str, str], group_by_length: bool, steps: int = 60
 def optimizer_step_ms(head: Head, options: dict[str, Any], steps: int = 300) -> float:
     """Milliseconds per AdamW step over the head's parameters (random gradients) with these implementation
     options."""
-    parameters = [parameter for parameter in head.parameters() if parameter.requires_grad]
+    parameters = [parameter for parameter in head.to(SETUP.device).parameters() if parameter.requires_grad]
     for parameter in parameters:
         parameter.grad = torch.randn_like(parameter)
     optimizer = torch.optim.AdamW(parameters, lr=1e-6, **options)
     optimizer.step()
+    SETUP.synchronize()
     started = time.perf_counter()
     for _ in range(steps):
         optimizer.step()
+    SETUP.synchronize()
     return (time.perf_counter() - started) / steps * 1e3
 
 
@@ -354,7 +405,7 @@ def encoder_epoch_flops(shapes: Counter[tuple[int, int]]) -> int:
     """FLOPs of the frozen encoder's forward pass (all hidden states) over an epoch's sequences, each alone."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    encoder = FrozenEncoder.load(None, device="cpu", dtype="float32").model
+    encoder = FrozenEncoder.load(SETUP.model, device="cpu", dtype="float32", progress=False).model
     lengths = Counter[int]()
     for (tokens, _), count in shapes.items():
         lengths[tokens] += count
@@ -460,6 +511,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="../shared/data/conll2003")
     parser.add_argument("--workdir", default="bench-heads")
+    parser.add_argument("--device", default=SETUP.device,
+                        help="where stores are extracted, heads train and live epochs run (e.g. cuda)")
+    parser.add_argument("--model", default=SETUP.model,
+                        help="the encoder's local directory (default: the packaged all-MiniLM-L6-v2)")
     parser.add_argument("--json", help="write figures here as they are measured")
     parser.add_argument("--sections", nargs="*", default=["store", "k", "live", "finetune"],
                         choices=["store", "k", "live", "finetune", "gap", "speed"])
@@ -474,6 +529,7 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, default=3)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    SETUP.device, SETUP.model = args.device, args.model
     data, workdir = Path(args.data), Path(args.workdir)
     conll2003_workdir(data, workdir)
     RECIPE["epochs"] = args.epochs
