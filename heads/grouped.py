@@ -21,7 +21,7 @@ from torch.optim.adam import adam
 
 from .config import HEAD_TYPES, HeadConfig
 from .head import Head
-from .layers import batched_heads
+from .layers import Dropout, batched_heads
 from .packing import Layout
 
 
@@ -55,6 +55,10 @@ class HeadGroup:
         # a stateless copy to call with each head's weights in turn (functional_call swaps them in under vmap)
         self.template = copy.deepcopy(heads[0])
         self.names = [name for name, _ in self.template.named_parameters()]
+        self.parameters = [parameter for head in self.heads for parameter in head.parameters()]
+        # a batched step draws random numbers only for its dropout masks (batched_heads): without dropout, the
+        # heads' random streams need no generators
+        self.draws_randomness = any(isinstance(module, Dropout) and module.p > 0 for module in self.template.modules())
 
     def losses(self, hidden: torch.Tensor, heads_dim: int | None, mask: torch.Tensor, word_ids: torch.Tensor | None,
                num_words: int | None, layout: Layout, labels: torch.Tensor, generators: Sequence[torch.Generator],
@@ -62,8 +66,9 @@ class HeadGroup:
         """Each head's training loss on the batch, (K,). `hidden`: the layers every head reads, packed (N, L, H), or
         each head's own stacked along `heads_dim` (e.g. (N, K, L, H) with heads_dim 1); `layout`: the batch's
         tokens and words (heads.packing), the same for every head. `generators`: each head's random stream for its
-        dropout. The forward runs under autocast in `autocast_dtype` (None: float32), the loss in float32, as when
-        the head trains alone."""
+        dropout (none where the heads have no dropout: `draws_randomness`). The forward runs under autocast in
+        `autocast_dtype` (None: float32), the loss in float32, as when the head trains alone; token tasks' logits
+        stay packed for it (Task.losses)."""
         parameters = {name: torch.stack([head.get_parameter(name) for head in self.heads]) for name in self.names}
         template = self.template
         device_type = hidden.device.type
@@ -72,14 +77,15 @@ class HeadGroup:
                         ) -> torch.Tensor:
             with batched_heads(generators, head_index), \
                     torch.autocast(device_type, autocast_dtype, enabled=autocast_dtype is not None):
-                return functional_call(template, weights, (features, mask, word_ids, num_words, layout))
+                return functional_call(template, weights, (features, mask, word_ids, num_words, layout),
+                                       {"packed_words": True})
 
         index = torch.arange(len(self.heads), device=hidden.device)
         # randomness "same": the only random draws are the dropout masks, made outside vmap's batching from
         # each head's own generator (batched_heads)
         outputs = vmap(head_output, in_dims=(0, 0, heads_dim), randomness="same")(parameters, index, hidden)
         # the losses outside vmap, in one call for the K heads (no grouped head has a CRF: batch_key)
-        return template.config.task_def.losses(outputs.float(), labels)
+        return template.config.task_def.losses(outputs.float(), labels, layout)
 
     def train(self, mode: bool = True) -> None:
         self.template.train(mode)

@@ -100,14 +100,16 @@ class Head(nn.Module):
         return self.context if isinstance(self.context, EncoderTail) else None
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor, word_ids: torch.Tensor | None = None,
-                num_words: int | None = None, layout: Layout | None = None) -> torch.Tensor:
+                num_words: int | None = None, layout: Layout | None = None, packed_words: bool = False
+                ) -> torch.Tensor:
         """Hidden states of the head's layers, padded (B, T, L, H) or packed (N, L, H: the real tokens of `mask`
         row by row, heads.packing) -> logits (B, W, C) for token tasks, (B, C) for classification, (B,) regression.
 
         Token tasks need `word_ids` (B, T) with -1 for special/padded tokens. Padding is never computed: a padded
         input is packed first, and only what mixes a sequence's tokens lays them out on a grid (the padded one, or
         the batch's bins: heads.packing). `layout`: where the batch's tokens (and words) are, when found already
-        (the trainer's batches carry theirs).
+        (the trainer's batches carry theirs). `packed_words`: token tasks' logits packed (Nw, C), in the order of
+        `layout.words` (which must be given), rather than on the padded (B, W) grid (Task.losses reads them so).
         """
         layout = layout if layout is not None else Layout.of(mask)
         packing = layout.tokens
@@ -122,13 +124,15 @@ class Head(nn.Module):
                 raise ValueError(f"the layout's words are laid out for {words.packing.mask.shape[1]} words per "
                                  f"sequence, not {num_words}")
             if words is None:
+                if packed_words:
+                    raise ValueError("packed word logits need the batch's word layout (layout.words)")
                 width = num_words if num_words is not None else int(word_ids.max().item()) + 1
                 words = Words.of(packing, packing.pack(word_ids), max(width, 1))
             if self.classifies_tokens:
                 logits = pool_words(self.classifier(tokens), words, self.config.word_pooling)
             else:
                 logits = self.classifier(pool_words(tokens, words, self.config.word_pooling))
-            return words.packing.unpack(logits)  # padded words' logits are 0: no loss reads them
+            return logits if packed_words else words.packing.unpack(logits)  # padded words' logits are 0
         pooled = self.sequence_pooling(packing.unpack(tokens), mask)
         return self.config.task_def.shape_output(self.classifier(pooled))
 

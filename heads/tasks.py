@@ -7,6 +7,7 @@ Task names are the store's (featstore.extraction.corpus): a head trains on a sto
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
@@ -20,6 +21,7 @@ from featstore.store.dataset import LABEL_PADDING
 
 from .entities import is_bio, repair_bio
 from .metrics import classification_metrics, regression_metrics, tagging_metrics
+from .packing import Layout
 
 
 class Task(ABC):
@@ -46,8 +48,9 @@ class Task(ABC):
     @abstractmethod
     def loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor: ...
 
-    def losses(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """(K,): the loss of each of K heads' outputs, stacked (K, ...), on the same labels (heads/grouped.py)."""
+    def losses(self, outputs: torch.Tensor, labels: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """(K,): `loss` of each of K heads' outputs, stacked (K, ...), on the same labels (heads/grouped.py); per-word
+        tasks' outputs are packed (Head.forward's `packed_words`, in the order of `layout.words`)."""
         return torch.stack([self.loss(output, labels) for output in outputs])
 
     @abstractmethod
@@ -80,12 +83,17 @@ class TokenClassification(Task):
         # 3x slower for a batch's words than over dim 1 (BENCHMARKS.md, "Speed"); the same loss
         return nn.functional.cross_entropy(output.transpose(1, 2), labels, ignore_index=LABEL_PADDING)
 
-    def losses(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """`loss` of K heads' outputs (K, B, W, C) in one call: vmap's cross-entropy, or K calls, took 1.6x as
-        long for 7 heads (BENCHMARKS.md, "Speed")."""
-        per_word = nn.functional.cross_entropy(outputs.flatten(0, 1).transpose(1, 2), labels.repeat(len(outputs), 1),
-                                               ignore_index=LABEL_PADDING, reduction="none")
-        return per_word.view(len(outputs), -1).sum(1) / (labels != LABEL_PADDING).sum()
+    def losses(self, outputs: torch.Tensor, labels: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """`loss` of K heads' packed word logits (K, Nw, C) in one call, over the words some token belongs to
+        (`layout.words`) rather than the padded (B, W) grid, which shuffled CoNLL-2003 batches fill 3x over: the
+        loss of 7 probes' step took half the time (BENCHMARKS.md, "Speed"). A labelled word no token belongs to
+        has zero logits in `loss`'s padded output: a cross-entropy of log(C) and no gradient, added as such."""
+        word_labels = labels.reshape(-1).index_select(0, layout.words.packing.index)  # (Nw,)
+        per_word = nn.functional.cross_entropy(outputs.transpose(1, 2), word_labels.expand(len(outputs), -1),
+                                               ignore_index=LABEL_PADDING, reduction="none")  # classes on dim 1: loss
+        labelled = (labels != LABEL_PADDING).sum()
+        without_tokens = labelled - (word_labels != LABEL_PADDING).sum()
+        return (per_word.sum(1) + without_tokens * math.log(outputs.shape[-1])) / labelled
 
     def rows(self, output: torch.Tensor, labels: torch.Tensor, decoded: torch.Tensor | None = None
              ) -> Iterator[tuple[Any, Any]]:

@@ -510,25 +510,27 @@ class Trainer:
         else:  # e.g. a layer sweep: each head's layers side by side (a view when they follow each other)
             features = hidden[:, compact_columns([column for own in columns for column in own])]
             features, heads_dim = features.unflatten(1, (len(runs), len(columns[0]))), 1
-        device = hidden.device
-        generators = [torch.Generator(device).set_state(run.cuda_rng_state if device.type == "cuda"
-                                                        else run.rng_state) for run in runs]
+        on_cuda = hidden.device.type == "cuda"
+        generators = [torch.Generator(hidden.device).set_state(run.cuda_rng_state if on_cuda else run.rng_state)
+                      for run in runs] if group.draws_randomness else []
         losses = group.losses(features, heads_dim, batch["mask"], batch.get("word_ids"),
                               runs[0].head.config.task_def.num_words(labels), layout, labels,
                               generators, self.autocast_dtype)
-        for run in runs:
-            run.optimizer.zero_grad(set_to_none=True)
+        for parameter in group.parameters:  # each optimiser's zero_grad(set_to_none=True), without its overhead
+            parameter.grad = None
         losses.sum().backward()  # each head's loss reaches only its own weights
         losses = losses.detach()
         step_optimizers([run.optimizer for run in runs])
-        for run, generator, loss in zip(runs, generators, losses):
+        for run in runs:
             run.scheduler.step()
-            if device.type == "cuda":
+        for run, generator in zip(runs, generators):
+            if on_cuda:
                 run.cuda_rng_state = generator.get_state()
             else:
                 run.rng_state = generator.get_state()
-            run.finite = run.finite & torch.isfinite(loss)
-        return list(losses)
+        for run, finite in zip(runs, torch.isfinite(losses).unbind()):
+            run.finite &= finite
+        return list(losses.unbind())
 
     def _step(self, run: HeadRun, batch: dict[str, Any], layout: Layout) -> torch.Tensor:
         hidden, mask, word_ids, layout = head_inputs(batch, run.columns, layout)

@@ -480,17 +480,32 @@ def test_linear_maps_of_batched_heads_equal_a_plain_linear_map(outputs, with_bia
 
 
 def test_a_task_gives_each_of_k_heads_the_loss_it_gives_one():
+    """Task.losses on K heads' outputs as HeadGroup makes them (word logits packed) equals each head's `loss` on its
+    padded output, value and gradient, a labelled word without tokens (zero logits when padded) included."""
     import torch
 
+    from heads.packing import Layout
     from heads.tasks import TASKS
 
     torch.manual_seed(0)
     words = torch.randint(0, 5, (3, 7))
     words[0, 4:] = words[2, 6:] = -100  # padded words
+    word_ids = torch.tensor([[-1, 0, 1, 1, 2, 3, -1, -1, -1],
+                             [-1, 0, 1, 2, 4, 5, 6, 6, -1],  # word 3, labelled, has no token
+                             [-1, 0, 1, 2, 3, 4, 5, -1, -1]])
+    layout = Layout.of(torch.arange(9) < torch.tensor([7, 9, 8])[:, None], word_ids, num_words=7)
+    present = len(layout.words.packing.index)
+    assert present == 16
     labels = {"token-classification": words, "sequence-classification": torch.tensor([0, 4, 2]),
               "regression": torch.tensor([0.5, -1.0, 2.0])}
-    outputs = {"token-classification": (4, 3, 7, 5), "sequence-classification": (4, 3, 5), "regression": (4, 3)}
+    outputs = {"token-classification": (4, present, 5), "sequence-classification": (4, 3, 5), "regression": (4, 3)}
     for name, task in TASKS.items():
-        stacked = torch.randn(outputs[name])
-        expected = torch.stack([task.loss(output, labels[name]) for output in stacked])
-        torch.testing.assert_close(task.losses(stacked, labels[name]), expected, msg=name)
+        stacked = torch.randn(outputs[name], requires_grad=True)
+        padded = torch.stack([layout.words.packing.unpack(output) for output in stacked]) if task.per_word \
+            else stacked
+        expected = torch.stack([task.loss(output, labels[name]) for output in padded])
+        losses = task.losses(stacked, labels[name], layout)
+        torch.testing.assert_close(losses, expected, msg=name)
+        weights = torch.randn(4)
+        torch.testing.assert_close(torch.autograd.grad((losses * weights).sum(), stacked)[0],
+                                   torch.autograd.grad((expected * weights).sum(), stacked)[0], msg=name)
