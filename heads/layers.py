@@ -48,7 +48,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     a batched product (K, N, H) x (K, H, C), and with C narrow the CPU's batched product (and its weight gradient,
     (K, H, N) x (K, N, C)) ran up to 3x slower than the same arithmetic laid out as (K, C, H) x (K, H, N). One
     head alone is faster as `linear` (a plain matrix product), so it stays that."""
-    if weight.shape[0] >= NARROW_OUTPUTS or _BATCHED_HEADS.get() is None or x.device.type != "cpu":
+    # a compiled head steps alone (--compile), and reading the context variable would break its graph
+    if torch.compiler.is_compiling() or weight.shape[0] >= NARROW_OUTPUTS or _BATCHED_HEADS.get() is None \
+            or x.device.type != "cpu":
         return nn.functional.linear(x, weight, bias)
     return linear_by_rows(x, weight, bias)
 

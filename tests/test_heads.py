@@ -294,7 +294,10 @@ def test_bfloat16_autocast_trains_float32_heads_and_is_off_by_default_on_cpu(ner
 def test_compiled_heads_learn_what_eager_heads_learn(ner_stores, tmp_path, device):
     """--compile (torch.compile, inductor): a probe's weights equal the eager run's up to the rounding of fused
     kernels; a head with dropout (the compiler draws its masks) learns the task; the heads save and load as any
-    other (which heads step one by one: test_grouped)."""
+    other (which heads step one by one: test_grouped); nothing in them breaks the compiled graph."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     probe = {"type": "linear", "layers": [1], "word_pooling": "mean", "lr": 0.1}
     options = {"device": device, "precision": "float32"}
     for compiling in (True, False):
@@ -308,3 +311,4 @@ def test_compiled_heads_learn_what_eager_heads_learn(ner_stores, tmp_path, devic
         torch.testing.assert_close(compiled.state_dict()[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
     summary = _train(ner_stores, tmp_path / "mlp", [{"type": "mlp", "layers": [-1]}], compile=True, **options)
     assert summary["mlp"]["best"] > 0.8, summary
+    assert counters["stats"]["unique_graphs"] and not counters["graph_break"], dict(counters["graph_break"])
