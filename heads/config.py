@@ -26,9 +26,9 @@ class HeadType:
     epochs: int | None = None  # epochs when none are given (None: the trainer's rule, heads.trainer.default_epochs)
     batched: bool = False  # heads of this type with equal shapes train as one batched module (heads/grouped.py)
     # ... by default on the CPU too (--batch-heads auto): heads whose step is mostly per-operation overhead, which
-    # the batched module pays once (on a 2-core CPU a sweep of 7 linear probes 1.85x faster batched; adapters no
+    # the batched module pays once (on a 2-core CPU a sweep of 7 linear probes 1.97x faster batched; adapters no
     # faster, mlp probes 1.25x, scalar mixes (since their layer mix is one matrix product) 1.2-1.4x and fusions
-    # 1.4-1.8x slower: BENCHMARKS.md, "Speed", runs 7 to 9)
+    # 1.4-1.8x slower: BENCHMARKS.md, "Speed", runs 7 to 10)
     batched_on_cpu: bool = False
 
 

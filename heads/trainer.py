@@ -163,7 +163,7 @@ class TrainConfig:
                               "(vmap; the same weights as one by one up to float rounding)",
                               default_text="auto: on a CUDA device, where K heads' small kernels become one; on the "
                               f"CPU for {BATCHED_ON_CPU}, whose step is mostly per-operation overhead (a sweep of 7 "
-                              "linear probes 1.85x faster batched), not for the other heads, whose batched step "
+                              "linear probes 1.97x faster batched), not for the other heads, whose batched step "
                               "measured no faster or slower there")
     keep_in_memory: str = option("auto", choices=SWITCH, help="keep the stores' hidden states in memory once read "
                                  "and checked, so that later epochs read nothing (the same batches either way)",
