@@ -55,7 +55,7 @@ class HeadGroup:
         # a stateless copy to call with each head's weights in turn (functional_call swaps them in under vmap)
         self.template = copy.deepcopy(heads[0])
         self.names = [name for name, _ in self.template.named_parameters()]
-        self.parameters = [parameter for head in self.heads for parameter in head.parameters()]
+        self.head_parameters = [parameter for head in self.heads for parameter in head.parameters()]
         # a batched step draws random numbers only for its dropout masks (batched_heads): without dropout, the
         # heads' random streams need no generators
         self.draws_randomness = any(isinstance(module, Dropout) and module.p > 0 for module in self.template.modules())
