@@ -54,7 +54,10 @@ class HeadGroup:
         self.heads = list(heads)
         # a stateless copy to call with each head's weights in turn (functional_call swaps them in under vmap)
         self.template = copy.deepcopy(heads[0])
-        self.names = [name for name, _ in self.template.named_parameters()]
+        # each parameter of the template's, in every head (found once: looking them up by name every step showed in
+        # the profile of a sweep's step)
+        self.by_name = {name: [head.get_parameter(name) for head in self.heads]
+                        for name, _ in self.template.named_parameters()}
         self.head_parameters = [parameter for head in self.heads for parameter in head.parameters()]
         # a batched step draws random numbers only for its dropout masks (batched_heads): without dropout, the
         # heads' random streams need no generators
@@ -69,7 +72,7 @@ class HeadGroup:
         dropout (none where the heads have no dropout: `draws_randomness`). The forward runs under autocast in
         `autocast_dtype` (None: float32), the loss in float32, as when the head trains alone; token tasks' logits
         stay packed for it (Task.losses)."""
-        parameters = {name: torch.stack([head.get_parameter(name) for head in self.heads]) for name in self.names}
+        parameters = {name: torch.stack(each) for name, each in self.by_name.items()}
         template = self.template
         device_type = hidden.device.type
 
