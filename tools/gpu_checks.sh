@@ -36,14 +36,14 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 mkdir -p "$out" "$workdir"
 
 if [[ $device == cuda* ]]; then
-    python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device: these checks need one'
+    python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device: these checks need one'
 print('torch', torch.__version__, 'on', torch.cuda.get_device_name())" | tee "$out/device.txt" || exit 1
     nvidia-smi >> "$out/device.txt" 2>&1 || true
 fi
 
 run_step() {  # name, limit in seconds, command...
     local name=$1 limit
-    limit=$(python -c "print(int($2 * $scale))")
+    limit=$(python3 -c "print(int($2 * $scale))")
     shift 2
     echo "== $name (limit ${limit} s): $*" | tee -a "$out/summary.txt"
     local started=$SECONDS
@@ -55,17 +55,17 @@ run_step() {  # name, limit in seconds, command...
 }
 
 xdist=()
-python -c "import xdist" 2>/dev/null && xdist=(-n 8)
+python3 -c "import xdist" 2>/dev/null && xdist=(-n 8)
 for step in "${steps[@]}"; do
     case $step in
-        cuda-tests) run_step cuda-tests 180 python -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py ;;
-        extract) run_step extract 150 python tools/bench_extract.py --corpus "$data/train.txt" --device "$device" \
+        cuda-tests) run_step cuda-tests 180 python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py ;;
+        extract) run_step extract 150 python3 tools/bench_extract.py --corpus "$data/train.txt" --device "$device" \
                      --workdir "$workdir/extract" --json "$out/extract-$kind.json" "${model_args[@]}" ;;
-        heads-speed) run_step heads-speed 300 python tools/bench_heads.py --data "$data" --device "$device" \
+        heads-speed) run_step heads-speed 300 python3 tools/bench_heads.py --data "$data" --device "$device" \
                          --workdir "$workdir/heads" --json "$out/heads-$kind.json" --sections speed "${model_args[@]}" ;;
-        heads-k) run_step heads-k 420 python tools/bench_heads.py --data "$data" --device "$device" \
+        heads-k) run_step heads-k 420 python3 tools/bench_heads.py --data "$data" --device "$device" \
                      --workdir "$workdir/heads" --json "$out/heads-$kind.json" --sections k "${model_args[@]}" ;;
-        tests) run_step tests 480 python -m pytest -q -p no:cacheprovider -rs "${xdist[@]}" ;;
+        tests) run_step tests 480 python3 -m pytest -q -p no:cacheprovider -rs "${xdist[@]}" ;;
         *) echo "unknown step $step: choose cuda-tests extract heads-speed heads-k tests" >&2; exit 2 ;;
     esac
 done
