@@ -58,7 +58,6 @@ class HeadGroup:
         # the profile of a sweep's step)
         self.by_name = {name: [head.get_parameter(name) for head in self.heads]
                         for name, _ in self.template.named_parameters()}
-        self.head_parameters = [parameter for head in self.heads for parameter in head.parameters()]
         # a batched step draws random numbers only for its dropout masks (batched_heads): without dropout, the
         # heads' random streams need no generators
         self.draws_randomness = any(isinstance(module, Dropout) and module.p > 0 for module in self.template.modules())
@@ -89,6 +88,13 @@ class HeadGroup:
         outputs = vmap(head_output, in_dims=(0, 0, heads_dim), randomness="same")(parameters, index, hidden)
         # the losses outside vmap, in one call for the K heads (no grouped head has a CRF: batch_key)
         return template.config.task_def.losses(outputs.float(), labels, layout)
+
+    def zero_grad(self) -> None:
+        """Every head's gradients set to None: what each optimiser's zero_grad(set_to_none=True) does, without its
+        per-call overhead."""
+        for parameters in self.by_name.values():
+            for parameter in parameters:
+                parameter.grad = None
 
     def train(self, mode: bool = True) -> None:
         self.template.train(mode)

@@ -88,7 +88,7 @@ class TokenClassification(Task):
         (`layout.words`) rather than the padded (B, W) grid, which shuffled CoNLL-2003 batches fill 3x over: the
         loss of 7 probes' step took half the time (BENCHMARKS.md, "Speed"). A labelled word no token belongs to
         has zero logits in `loss`'s padded output: a cross-entropy of log(C) and no gradient, added as such."""
-        word_labels = labels.reshape(-1).index_select(0, layout.words.packing.index)  # (Nw,)
+        word_labels = layout.words.packing.pack(labels)  # (Nw,)
         per_word = nn.functional.cross_entropy(outputs.transpose(1, 2), word_labels.expand(len(outputs), -1),
                                                ignore_index=LABEL_PADDING, reduction="none")  # classes on dim 1: loss
         labelled = (labels != LABEL_PADDING).sum()

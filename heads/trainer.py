@@ -516,8 +516,7 @@ class Trainer:
         losses = group.losses(features, heads_dim, batch["mask"], batch.get("word_ids"),
                               runs[0].head.config.task_def.num_words(labels), layout, labels,
                               generators, self.autocast_dtype)
-        for parameter in group.head_parameters:  # each optimiser's zero_grad(set_to_none=True), without its overhead
-            parameter.grad = None
+        group.zero_grad()
         losses.sum().backward()  # each head's loss reaches only its own weights
         losses = losses.detach()
         step_optimizers([run.optimizer for run in runs])
