@@ -75,8 +75,10 @@ BATCHED_ON_CPU = ", ".join(f"{name} heads" for name, kind in HEAD_TYPES.items() 
 
 
 def autocast_dtype(precision: str, device: str) -> torch.dtype | None:
-    """The dtype a head's forward pass runs in under autocast; None: plain float32. Off by default on the CPU,
-    where bfloat16 matmuls are not faster on most machines (BENCHMARKS.md, "Speed")."""
+    """The dtype a head's forward pass runs in under autocast; None: plain float32. Off by default on the CPU: even
+    on a CPU with bfloat16 instructions (AVX512-BF16), where a wide bfloat16 matmul ran 2.2-2.8x as fast as float32,
+    the default adapter's epoch ran 2x as slow under bfloat16 autocast, its narrow products (a few outputs) and
+    casts far slower than float32's (BENCHMARKS.md, "Speed", run 11)."""
     if precision == "auto":
         on_cuda = torch.device(device).type == "cuda"
         return torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else None
@@ -173,10 +175,12 @@ class TrainConfig:
     device: str = option("cpu", help="torch device the heads train on")
     precision: str = option("auto", choices=PRECISIONS, help="the heads' training precision: bfloat16 runs their "
                             "forward passes under autocast (losses, optimiser states and saved weights stay float32)",
-                            default_text="auto: bfloat16 on a CUDA device that supports it, else float32")
+                            default_text="auto: bfloat16 on a CUDA device that supports it, else float32 (on a "
+                            "2-core CPU with bfloat16 instructions the default adapter's epoch ran 2x slower in "
+                            "bfloat16)")
     compile: bool = option(False, help="compile each head's forward and backward with torch.compile (inductor, "
                            "dynamic shapes; the first steps of each head compile it). Off by default: on a 2-core CPU "
-                           "the default adapter's epoch ran 1.9x slower compiled (BENCHMARKS.md, \"Speed\"); heads "
+                           "the default adapter's epoch ran 1.3x slower compiled (BENCHMARKS.md, \"Speed\"); heads "
                            "then step one by one (a batched group's vmap is not compiled)")
     resume: bool = option(False, help="continue an interrupted run from OUT/trainer_state.pt")
     progress: bool = option(True, help="no progress bars")  # the flag is --no-progress
@@ -324,6 +328,15 @@ def _evaluate(heads: list[Head], store: Store, batch_size: int, device: str, ret
         results.append({"head": head.config.name, "metrics": metrics,
                         **({"predictions": predicted, "gold": expected} if return_predictions else {})})
     return results
+
+
+def training_loss(head: Head, hidden: torch.Tensor, mask: torch.Tensor, word_ids: torch.Tensor | None,
+                  labels: torch.Tensor, layout: Layout, autocast_dtype: torch.dtype | None) -> torch.Tensor:
+    """A head's training loss on a batch: its forward pass under autocast in `autocast_dtype` (None: float32), the
+    loss in float32 (a CRF's partition function needs it)."""
+    with torch.autocast(hidden.device.type, autocast_dtype, enabled=autocast_dtype is not None):
+        output = head(hidden, mask, word_ids, head.config.task_def.num_words(labels), layout)
+    return head.loss(output.float(), labels)
 
 
 def _anneal_schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
@@ -533,12 +546,8 @@ class Trainer:
 
     def _step(self, run: HeadRun, batch: dict[str, Any], layout: Layout) -> torch.Tensor:
         hidden, mask, word_ids, layout = head_inputs(batch, run.columns, layout)
-        labels = batch["labels"]
-        task = run.head.config.task_def
         with run.own_rng():
-            with torch.autocast(hidden.device.type, self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                output = run.head(hidden, mask, word_ids, task.num_words(labels), layout)
-            loss = run.head.loss(output.float(), labels)  # a CRF's partition function needs float32
+            loss = training_loss(run.head, hidden, mask, word_ids, batch["labels"], layout, self.autocast_dtype)
             run.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             run.optimizer.step()

@@ -15,7 +15,9 @@
 6. Speed (`--sections speed`): the adapter+tailor's steady store epoch against its arithmetic — FLOPs per epoch
    counted on the real tokens (padding excluded), the GFLOP/s this machine reaches on the matmuls of the same
    shapes, the ratio of the epoch's time to that bound; padded positions per real token, epoch time and a per-op
-   profile with and without length grouping; the steady epoch compiled (`compile=True`) against eager; one live
+   profile with and without length grouping (all at the trainer's default precision, the ceiling's matmuls in the
+   dtypes the profiled steps ran them in); the steady epoch in the other precision (bfloat16 autocast on the CPU,
+   float32 on a GPU) and compiled (`compile=True`), each against the default one; one live
    epoch on the same batches (live/store ratio), and the ratio the arithmetic allows (the encoder's forward FLOPs
    plus the head's, over the head's).
 
@@ -38,7 +40,7 @@ from collections import Counter
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -51,7 +53,7 @@ from heads import Head, TrainConfig, Trainer, evaluate_heads
 from heads.batches import collated_batches, on_device, padding_ratio, training_batches
 from heads.metrics import tagging_metrics
 from heads.packing import Layout
-from heads.trainer import build_head_config
+from heads.trainer import autocast_dtype, build_head_config, training_loss
 
 LABELS = ["B-LOC", "B-MISC", "B-ORG", "B-PER", "I-LOC", "I-MISC", "I-ORG", "I-PER", "O"]
 RECIPE = {"epochs": 10, "batch_size": 32, "seed": 1, "patience": None}  # design notes, section 3
@@ -73,6 +75,12 @@ class Setup:
         """Wait for the device's queued work (before reading a clock)."""
         if self.on_cuda:
             torch.cuda.synchronize(self.device)
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The heads' training precision on this device by the trainer's default (`--precision auto`): the bench's
+        own steps (live epochs, profiles) run in it as the trainer's do."""
+        return autocast_dtype("auto", self.device)
 
     def live_encoder(self) -> FrozenEncoder:
         """The frozen encoder of the live runs: float32 on the CPU; on a GPU as extraction runs it (float16)."""
@@ -130,10 +138,9 @@ def steady_epoch_seconds(stores: dict[str, str], out: Path, specs: list[dict[str
 
 def adapter_step(head: Head, batch: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
     """One training step of a head on a collated batch (the live run's and the profiled steps'), with the layout
-    the batch carries, as the trainer steps."""
-    output = head(batch["hidden_states"], batch["mask"], batch["word_ids"], batch["labels"].shape[1],
-                  Layout.of_batch(batch))
-    loss = head.loss(output, batch["labels"])
+    the batch carries and the trainer's default precision, as the trainer steps."""
+    loss = training_loss(head, batch["hidden_states"], batch["mask"], batch["word_ids"], batch["labels"],
+                         Layout.of_batch(batch), SETUP.autocast_dtype)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -142,8 +149,8 @@ def adapter_step(head: Head, batch: dict[str, Any], optimizer: torch.optim.Optim
 def train_live_adapter(stores: dict[str, str], data: Path, out: Path, epochs: int | None = None,
                        evaluate: bool = True) -> float:
     """The reference way: the frozen encoder (eval mode) runs on every batch of every epoch. Same Head class,
-    same batches (the trainer's), same optimiser and schedule as the store-trained adapter; on SETUP.device, the
-    encoder's features handed to the head where it computed them."""
+    same batches (the trainer's), same optimiser, schedule and precision as the store-trained adapter; on
+    SETUP.device, the encoder's features handed to the head where it computed them."""
     encoder = SETUP.live_encoder()
     train_store = open_store(stores["train"])
     extraction = train_store.manifest.extraction
@@ -309,6 +316,15 @@ def closing_the_gap(stores: dict[str, str], data: Path, workdir: Path, record: R
 
 # Section 6: the adapter's store epoch against what its arithmetic costs
 MATMULS = {"aten::mm": 0, "aten::addmm": 1, "aten::bmm": 0}  # profiler op -> index of its first matrix input
+# the profiler's names of the dtypes a step's matrix products run in (float32; under autocast bfloat16 or float16)
+PROFILER_DTYPES = {"float": torch.float32, "c10::BFloat16": torch.bfloat16, "c10::Half": torch.float16}
+
+
+class MatmulCall(NamedTuple):
+    """A matrix product a profiled step made: the op, its input shapes and the dtype of its matrices."""
+    op: str
+    shapes: tuple[tuple[int, ...], ...]
+    dtype: str
 
 
 def epoch_flops(head: Head, shapes: Counter[tuple[int, int]]) -> int:
@@ -329,12 +345,13 @@ def epoch_flops(head: Head, shapes: Counter[tuple[int, int]]) -> int:
     return total
 
 
-def matmul_ceiling(calls: Counter[tuple[str, tuple[tuple[int, ...], ...]]], min_seconds: float = 0.02) -> float:
-    """GFLOP/s of this machine (SETUP.device) on the given matmul calls (op and input shapes, with their counts),
-    each timed alone on fresh random operands."""
+def matmul_ceiling(calls: Counter[MatmulCall], min_seconds: float = 0.02) -> float:
+    """GFLOP/s of this machine (SETUP.device) on the given matmul calls (with their counts), each timed alone on
+    fresh random operands of its shapes and dtype."""
     flops = seconds = 0.0
-    for (name, shapes), count in calls.items():
-        operands = [torch.randn(shape, device=SETUP.device) for shape in shapes[MATMULS[name]: MATMULS[name] + 2]]
+    for (name, shapes, dtype), count in calls.items():
+        operands = [torch.randn(shape, device=SETUP.device, dtype=PROFILER_DTYPES[dtype])
+                    for shape in shapes[MATMULS[name]: MATMULS[name] + 2]]
         operation = torch.bmm if name == "aten::bmm" else torch.mm
         a, b = operands
         operation(a, b)  # warm-up
@@ -352,9 +369,9 @@ def matmul_ceiling(calls: Counter[tuple[str, tuple[tuple[int, ...], ...]]], min_
 
 
 def profile_steps(stores: dict[str, str], group_by_length: bool, steps: int = 60
-                  ) -> tuple[list[dict[str, Any]], Counter[tuple[str, tuple[tuple[int, ...], ...]]]]:
+                  ) -> tuple[list[dict[str, Any]], Counter[MatmulCall]]:
     """Per-op self time (CPU time; on a GPU, device time) over `steps` adapter+tailor training steps (the trainer's
-    batches and optimiser), and the matmul calls (op, input shapes) they made."""
+    batches, optimiser and default precision), and the matmul calls (op, input shapes, dtype) they made."""
     from torch.profiler import ProfilerActivity, profile
 
     with open_store(stores["train"]) as store:
@@ -378,10 +395,11 @@ def profile_steps(stores: dict[str, str], group_by_length: bool, steps: int = 60
     top = sorted(events, key=self_time, reverse=True)[:12]
     table = [{"op": event.key, "calls": event.count, "self_ms_per_step": self_time(event) / 1e3 / steps,
               "share": self_time(event) / total} for event in top]
-    calls: Counter[tuple[str, tuple[tuple[int, ...], ...]]] = Counter()
+    calls: Counter[MatmulCall] = Counter()
     for event in profiler.events():
         if event.name in MATMULS:
-            calls[(event.name, tuple(tuple(shape) for shape in event.input_shapes if shape))] += 1
+            inputs = [(tuple(shape), dtype) for shape, dtype in zip(event.input_shapes, event.input_dtypes) if shape]
+            calls[MatmulCall(event.name, tuple(shape for shape, _ in inputs), inputs[MATMULS[event.name]][1])] += 1
     return table, calls
 
 
@@ -445,6 +463,16 @@ def adapter_speed(stores: dict[str, str], data: Path, workdir: Path, record: Rec
         record[f"speed_adapter_epoch_seconds_{kind}"] = seconds
         record[f"speed_adapter_achieved_gflops_{kind}"] = flops / 1e9 / seconds
         record[f"speed_adapter_epoch_vs_compute_bound_{kind}"] = seconds / (flops / 1e9 / ceiling)
+    # the other training precision against the default one (`--precision auto`: float32 on the CPU, bfloat16
+    # autocast on a CUDA device that supports it), on the same (plain) batches
+    default = "bfloat16" if SETUP.autocast_dtype == torch.bfloat16 else "float32"
+    other = "float32" if default == "bfloat16" else "bfloat16"
+    record["speed_precision"] = default
+    epochs = {default: record.results["speed_adapter_epoch_seconds_plain"],
+              other: steady_epoch_seconds(stores, workdir / f"speed_adapter_{other}", [{"type": "adapter"}],
+                                          precision=other)[1]}
+    record[f"speed_adapter_{other}_epoch_seconds"] = epochs[other]
+    record["speed_adapter_bfloat16_vs_float32"] = epochs["bfloat16"] / epochs["float32"]
     # --compile: the first epoch also compiles (and recompiles for dynamic shapes); the steady one is the figure
     first, seconds = steady_epoch_seconds(stores, workdir / "speed_adapter_compiled", [{"type": "adapter"}],
                                           compile=True)
