@@ -77,8 +77,8 @@ BATCHED_ON_CPU = ", ".join(f"{name} heads" for name, kind in HEAD_TYPES.items() 
 def autocast_dtype(precision: str, device: str) -> torch.dtype | None:
     """The dtype a head's forward pass runs in under autocast; None: plain float32. Off by default on the CPU: even
     on a CPU with bfloat16 instructions (AVX512-BF16), where a wide bfloat16 matmul ran 2.2-2.8x as fast as float32,
-    the default adapter's epoch ran 2x as slow under bfloat16 autocast, its narrow products (a few outputs) and
-    casts far slower than float32's (BENCHMARKS.md, "Speed", run 11)."""
+    the default adapter's epoch ran 1.7-2.1x as slow under bfloat16 autocast: its narrow products (a few outputs)
+    ran far slower in bfloat16 (BENCHMARKS.md, "Speed", run 11)."""
     if precision == "auto":
         on_cuda = torch.device(device).type == "cuda"
         return torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else None
@@ -176,7 +176,7 @@ class TrainConfig:
     precision: str = option("auto", choices=PRECISIONS, help="the heads' training precision: bfloat16 runs their "
                             "forward passes under autocast (losses, optimiser states and saved weights stay float32)",
                             default_text="auto: bfloat16 on a CUDA device that supports it, else float32 (on a "
-                            "2-core CPU with bfloat16 instructions the default adapter's epoch ran 2x slower in "
+                            "2-core CPU with bfloat16 instructions the default adapter's epoch ran 1.7-2.1x slower in "
                             "bfloat16)")
     compile: bool = option(False, help="compile each head's forward and backward with torch.compile (inductor, "
                            "dynamic shapes; the first steps of each head compile it). Off by default: on a 2-core CPU "
