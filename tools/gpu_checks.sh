@@ -10,7 +10,8 @@
 #   extract     tools/bench_extract.py --device cuda: float16 extraction against the bare float16 forward, and
 #               its write rate against the disk's                                                   (limit 150 s)
 #   heads-speed tools/bench_heads.py --device cuda --sections speed: the adapter's epoch against its compute
-#               bound, device-time profile, --compile, live / store                                 (limit 300 s)
+#               bound, device-time profile, bfloat16 autocast against float32, --compile, live / store
+#                                                                                                   (limit 300 s)
 #   heads-k     tools/bench_heads.py --device cuda --sections k: K = 1, 4, 8 heads in one pass       (limit 420 s)
 #   tests       the whole test suite on the GPU machine (pytest-xdist when installed)                (limit 480 s)
 #
