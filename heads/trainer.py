@@ -175,9 +175,9 @@ class TrainConfig:
     device: str = option("cpu", help="torch device the heads train on")
     precision: str = option("auto", choices=PRECISIONS, help="the heads' training precision: bfloat16 runs their "
                             "forward passes under autocast (losses, optimiser states and saved weights stay float32)",
-                            default_text="auto: bfloat16 on a CUDA device that supports it, else float32 (on a "
+                            default_text="auto: bfloat16 on a CUDA device that supports it, else float32; on a "
                             "2-core CPU with bfloat16 instructions the default adapter's epoch ran 1.7-2.1x slower in "
-                            "bfloat16)")
+                            "bfloat16")
     compile: bool = option(False, help="compile each head's forward and backward with torch.compile (inductor, "
                            "dynamic shapes; the first steps of each head compile it). Off by default: on a 2-core CPU "
                            "the default adapter's epoch ran 1.3x slower compiled (BENCHMARKS.md, \"Speed\"); heads "
