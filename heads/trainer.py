@@ -85,6 +85,11 @@ def autocast_dtype(precision: str, device: str) -> torch.dtype | None:
     return torch.bfloat16 if precision == "bfloat16" else None
 
 
+def precision_name(dtype: torch.dtype | None) -> str:
+    """The `--precision` a training dtype from `autocast_dtype` stands for (None: float32)."""
+    return str(dtype or torch.float32).removeprefix("torch.")
+
+
 def available_memory() -> int:
     """Bytes of memory available to a new allocation without swapping (Linux MemAvailable; else free pages)."""
     try:
@@ -435,7 +440,7 @@ class Trainer:
         recipe = {"lr": lr, "epochs": epochs, "batch_size": config.batch_size, "seed": seed,
                   "weight_decay": spec.get("weight_decay", config.weight_decay), "warmup_ratio": config.warmup_ratio,
                   "patience": config.patience, "final_anneal": config.final_anneal,
-                  "precision": str(self.autocast_dtype or torch.float32).removeprefix("torch.")}
+                  "precision": precision_name(self.autocast_dtype)}
         cuda_rng_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None  # as seeded above
         return HeadRun(head_config.name, head, optimizer, scheduler, _columns(head_config.layers, self.layers),
                        torch.get_rng_state(), output_dir, recipe, finite=torch.tensor(True, device=device),

@@ -53,7 +53,7 @@ from heads import Head, TrainConfig, Trainer, evaluate_heads
 from heads.batches import collated_batches, on_device, padding_ratio, training_batches
 from heads.metrics import tagging_metrics
 from heads.packing import Layout
-from heads.trainer import autocast_dtype, build_head_config, training_loss
+from heads.trainer import autocast_dtype, build_head_config, precision_name, training_loss
 
 LABELS = ["B-LOC", "B-MISC", "B-ORG", "B-PER", "I-LOC", "I-MISC", "I-ORG", "I-PER", "O"]
 RECIPE = {"epochs": 10, "batch_size": 32, "seed": 1, "patience": None}  # design notes, section 3
@@ -465,7 +465,7 @@ def adapter_speed(stores: dict[str, str], data: Path, workdir: Path, record: Rec
         record[f"speed_adapter_epoch_vs_compute_bound_{kind}"] = seconds / (flops / 1e9 / ceiling)
     # the other training precision against the default one (`--precision auto`: float32 on the CPU, bfloat16
     # autocast on a CUDA device that supports it), on the same (plain) batches
-    default = "bfloat16" if SETUP.autocast_dtype == torch.bfloat16 else "float32"
+    default = precision_name(SETUP.autocast_dtype)
     other = "float32" if default == "bfloat16" else "bfloat16"
     record["speed_precision"] = default
     epochs = {default: record.results["speed_adapter_epoch_seconds_plain"],
