@@ -21,9 +21,13 @@
    epoch on the same batches (live/store ratio), and the ratio the arithmetic allows (the encoder's forward FLOPs
    plus the head's, over the head's).
 
+Sections 4 and 6 time every configuration in `--rounds` rounds (the order reversed every other round) and give
+each time and ratio as the median and range over rounds, ratios taken within a round: on a shared VM one epoch's
+time moved by a third from one minute to the next.
+
     HF_HUB_OFFLINE=1 python tools/bench_heads.py --data ../shared/data/conll2003 --json bench_heads.json
     HF_HUB_OFFLINE=1 python tools/bench_heads.py --sections gap --seeds 1 2 3 --json gap.json
-    HF_HUB_OFFLINE=1 python tools/bench_heads.py --sections speed k --json speed.json
+    HF_HUB_OFFLINE=1 python tools/bench_heads.py --sections speed k --rounds 3 --json speed.json
 
 On a GPU (`--device cuda`): the stores are extracted there (float16), every head trains there, the live epochs run
 the encoder there in float16, and section 6 profiles device time and measures the matmul ceiling on the device.
@@ -37,14 +41,16 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from benchargs import Recorder, conll2003_workdir, train_and_test
+from benchargs import Recorder, conll2003_workdir, in_rounds, ratios, spread, train_and_test
 
 from featstore import ExtractConfig, FrozenEncoder, extract, load_corpus, open_store
 from featstore.extraction.corpus import CorpusSpec
@@ -134,6 +140,18 @@ def steady_epoch_seconds(stores: dict[str, str], out: Path, specs: list[dict[str
     trainer's default `--keep-in-memory auto` the steady epoch reads nothing: its store is kept from the first."""
     _, (first, steady) = train_epochs(stores, out, specs, epochs=2, evaluate=False, **options)
     return first, steady
+
+
+def steady_epoch_measure(stores: dict[str, str], out: Path, specs: list[dict[str, Any]],
+                         firsts: list[float] | None = None, **options: Any) -> Callable[[], float]:
+    """A measure for `in_rounds`: the seconds of a steady epoch (steady_epoch_seconds), keeping each first epoch's
+    in `firsts` when given."""
+    def measure() -> float:
+        first, steady = steady_epoch_seconds(stores, out, specs, **options)
+        if firsts is not None:
+            firsts.append(first)
+        return steady
+    return measure
 
 
 def adapter_step(head: Head, batch: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
@@ -436,7 +454,7 @@ def encoder_epoch_flops(shapes: Counter[tuple[int, int]]) -> int:
     return total
 
 
-def adapter_speed(stores: dict[str, str], data: Path, workdir: Path, record: Recorder) -> None:
+def adapter_speed(stores: dict[str, str], data: Path, workdir: Path, record: Recorder, rounds: int) -> None:
     with open_store(stores["train"]) as store:
         for grouped in (False, True):
             batches = training_batches(store, [0], RECIPE["batch_size"], RECIPE["seed"], 0, grouped)
@@ -452,33 +470,48 @@ def adapter_speed(stores: dict[str, str], data: Path, workdir: Path, record: Rec
     head.classifier, head.classifies_tokens = torch.nn.Sequential(*chain), False
     record["speed_adapter_epoch_gflop_classifier_unchained"] = epoch_flops(head, shapes) / 1e9
     head.classifier, head.classifies_tokens = chain, on_tokens
-    for grouped in (False, True):
-        kind = "grouped" if grouped else "plain"
-        record[f"speed_profile_{kind}"], calls = profile_steps(stores, grouped)
-        ceiling = matmul_ceiling(calls)
-        record[f"speed_matmul_ceiling_gflops_{kind}"] = ceiling
-        first, seconds = steady_epoch_seconds(stores, workdir / f"speed_adapter_{kind}", [{"type": "adapter"}],
-                                              group_by_length=grouped)
-        record[f"speed_adapter_first_epoch_seconds_{kind}"] = first
-        record[f"speed_adapter_epoch_seconds_{kind}"] = seconds
-        record[f"speed_adapter_achieved_gflops_{kind}"] = flops / 1e9 / seconds
-        record[f"speed_adapter_epoch_vs_compute_bound_{kind}"] = seconds / (flops / 1e9 / ceiling)
     # the other training precision against the default one (`--precision auto`: float32 on the CPU, bfloat16
     # autocast on a CUDA device that supports it), on the same (plain) batches
     default = precision_name(SETUP.autocast_dtype)
     other = "float32" if default == "bfloat16" else "bfloat16"
     record["speed_precision"] = default
-    epochs = {default: record.results["speed_adapter_epoch_seconds_plain"],
-              other: steady_epoch_seconds(stores, workdir / f"speed_adapter_{other}", [{"type": "adapter"}],
-                                          precision=other)[1]}
-    record[f"speed_adapter_{other}_epoch_seconds"] = epochs[other]
-    record["speed_adapter_bfloat16_vs_float32"] = epochs["bfloat16"] / epochs["float32"]
+    adapter = [{"type": "adapter"}]
+    measures: dict[str, Callable[[], float]] = {}
+    firsts: dict[str, list[float]] = {"plain": [], "grouped": [], "compiled": []}
+    for grouped in (False, True):
+        kind = "grouped" if grouped else "plain"
+        record[f"speed_profile_{kind}"], calls = profile_steps(stores, grouped)
+        measures[f"ceiling_{kind}"] = partial(matmul_ceiling, calls)
+        measures[kind] = steady_epoch_measure(stores, workdir / f"speed_adapter_{kind}", adapter, firsts[kind],
+                                              group_by_length=grouped)
+    measures[other] = steady_epoch_measure(stores, workdir / f"speed_adapter_{other}", adapter, precision=other)
+    compiled = steady_epoch_measure(stores, workdir / "speed_adapter_compiled", adapter, firsts["compiled"],
+                                    compile=True)
+
+    def compiled_afresh() -> float:
+        torch.compiler.reset()  # each round compiles as a new process would (and stays within the recompile limit)
+        return compiled()
+
+    measures["compiled"] = compiled_afresh
+    # the trainer's default (plain) batches, as the store's
+    measures["live"] = partial(train_live_adapter, stores, data, workdir / "speed_adapter_live", epochs=1,
+                               evaluate=False)
+    seconds = in_rounds(measures, rounds)
+    for kind in ("plain", "grouped"):
+        ceilings = seconds[f"ceiling_{kind}"]  # GFLOP/s, measured next to the epoch
+        record[f"speed_matmul_ceiling_gflops_{kind}"] = spread(ceilings, 1)
+        record[f"speed_adapter_first_epoch_seconds_{kind}"] = spread(firsts[kind], 2)
+        record[f"speed_adapter_epoch_seconds_{kind}"] = spread(seconds[kind], 2)
+        record[f"speed_adapter_achieved_gflops_{kind}"] = spread([flops / 1e9 / each for each in seconds[kind]], 1)
+        record[f"speed_adapter_epoch_vs_compute_bound_{kind}"] = spread(
+            [epoch / (flops / 1e9 / ceiling) for epoch, ceiling in zip(seconds[kind], ceilings)])
+    seconds[default] = seconds["plain"]  # the plain epochs ran in the default precision
+    record[f"speed_adapter_{other}_epoch_seconds"] = spread(seconds[other], 2)
+    record["speed_adapter_bfloat16_vs_float32"] = spread(ratios(seconds["bfloat16"], seconds["float32"]))
     # --compile: the first epoch also compiles (and recompiles for dynamic shapes); the steady one is the figure
-    first, seconds = steady_epoch_seconds(stores, workdir / "speed_adapter_compiled", [{"type": "adapter"}],
-                                          compile=True)
-    record["speed_adapter_compiled_first_epoch_seconds"] = first
-    record["speed_adapter_compiled_epoch_seconds"] = seconds
-    record["speed_adapter_compiled_vs_eager"] = seconds / record.results["speed_adapter_epoch_seconds_plain"]
+    record["speed_adapter_compiled_first_epoch_seconds"] = spread(firsts["compiled"], 2)
+    record["speed_adapter_compiled_epoch_seconds"] = spread(seconds["compiled"], 2)
+    record["speed_adapter_compiled_vs_eager"] = spread(ratios(seconds["compiled"], seconds["plain"]))
     # What live/store can reach at equal arithmetic speed: a live epoch also runs the encoder's forward pass.
     encoder_flops = encoder_epoch_flops(shapes)
     record["speed_encoder_forward_epoch_gflop"] = encoder_flops / 1e9
@@ -486,17 +519,17 @@ def adapter_speed(stores: dict[str, str], data: Path, workdir: Path, record: Rec
     adamw_variants = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
     for variant, options in adamw_variants.items():
         record[f"speed_adamw_{variant}_ms_per_step"] = optimizer_step_ms(head, options)
-    live = train_live_adapter(stores, data, workdir / "speed_adapter_live", epochs=1, evaluate=False)
-    record["speed_adapter_live_epoch_seconds"] = live  # the trainer's default (plain) batches, as the store's
-    record["speed_live_vs_store_epoch_time"] = live / record.results["speed_adapter_epoch_seconds_plain"]
+    record["speed_adapter_live_epoch_seconds"] = spread(seconds["live"], 2)
+    record["speed_live_vs_store_epoch_time"] = spread(ratios(seconds["live"], seconds["plain"]))
 
 
-def k_heads_timing(stores: dict[str, str], workdir: Path, record: Recorder) -> None:
+def k_heads_timing(stores: dict[str, str], workdir: Path, record: Recorder, rounds: int) -> None:
     """A steady epoch (the second; evaluation excluded) of K = 1, 4, 8 heads in one pass on the trainer's default
-    batches, as ratios to K = 1: adapters that differ only in hyper-parameters (learning rate, seed) and linear
-    probes, one per layer from the top (K = 8 on a 6-layer encoder: every layer, the top one twice), also at K =
-    every layer once (the sweep of `heads sweep`); each batched into one module (`batch_heads="always"`) and
-    stepped one after another (`"never"`); and 4 heads of each other batchable type both ways."""
+    batches, as ratios to K = 1 in the same round (`in_rounds`): adapters that differ only in hyper-parameters
+    (learning rate, seed) and linear probes, one per layer from the top (K = 8 on a 6-layer encoder: every layer,
+    the top one twice), also at K = every layer once (the sweep of `heads sweep`); each batched into one module
+    (`batch_heads="always"`) and stepped one after another (`"never"`); and 4 heads of each other batchable type
+    both ways."""
     with open_store(stores["train"]) as store:
         stored = list(store.layers)
     layers = len(stored)
@@ -508,31 +541,33 @@ def k_heads_timing(stores: dict[str, str], workdir: Path, record: Recorder) -> N
                      for k in range(8)],
     }
     counts = {"linear_probes": sorted({1, 4, layers, 8}), "adapters": [1, 4, 8]}
+    measures: dict[str, Callable[[], float]] = {}
     for sweep, specs in sweeps.items():
         for batched in (True, False):
             kind = sweep if batched else f"{sweep}_one_by_one"
-            base = None
             for k in counts[sweep]:
-                _, seconds = steady_epoch_seconds(stores, workdir / f"k_{kind}_{k}", specs[:k],
-                                                  batch_heads="always" if batched else "never")
-                base = base or seconds
-                record[f"k{k}_{kind}_epoch_seconds"] = seconds
-                record[f"k{k}_{kind}_vs_k1"] = seconds / base
-    batched_types_timing(stores, top_down, workdir, record)
-
-
-def batched_types_timing(stores: dict[str, str], top_down: list[int], workdir: Path, record: Recorder) -> None:
-    """Which types `--batch-heads auto` batches on the CPU (HeadType.batched_on_cpu): a steady epoch of 4 heads of
-    each other batchable type (seeds apart; mlp probes on the layers `top_down` starts with), batched against one by
-    one."""
-    for head_type in ("scalar_mix", "mlp", "fusion"):
+                measures[f"k{k}_{kind}"] = steady_epoch_measure(stores, workdir / f"k_{kind}_{k}", specs[:k],
+                                                                batch_heads="always" if batched else "never")
+    # 4 heads of each other batchable type (HeadType.batched_on_cpu: which ones `--batch-heads auto` batches on the
+    # CPU), seeds apart, mlp probes on the layers `top_down` starts with: batched against one by one
+    types = ("scalar_mix", "mlp", "fusion")
+    for head_type in types:
         specs = [{"type": head_type, "name": f"{head_type}{k}", "seed": 1 + k,
                   **({"layers": [top_down[k]]} if head_type == "mlp" else {})} for k in range(4)]
-        seconds = {batch_heads: steady_epoch_seconds(stores, workdir / f"k4_{head_type}_{batch_heads}", specs,
-                                                     batch_heads=batch_heads)[1] for batch_heads in ("always", "never")}
-        record[f"k4_{head_type}_batched_epoch_seconds"] = seconds["always"]
-        record[f"k4_{head_type}_one_by_one_epoch_seconds"] = seconds["never"]
-        record[f"k4_{head_type}_one_by_one_vs_batched"] = seconds["never"] / seconds["always"]
+        for batch_heads in ("always", "never"):
+            measures[f"k4_{head_type}_{batch_heads}"] = steady_epoch_measure(
+                stores, workdir / f"k4_{head_type}_{batch_heads}", specs, batch_heads=batch_heads)
+    seconds = in_rounds(measures, rounds)
+    for sweep in sweeps:
+        for kind in (sweep, f"{sweep}_one_by_one"):
+            for k in counts[sweep]:
+                record[f"k{k}_{kind}_epoch_seconds"] = spread(seconds[f"k{k}_{kind}"], 2)
+                record[f"k{k}_{kind}_vs_k1"] = spread(ratios(seconds[f"k{k}_{kind}"], seconds[f"k1_{kind}"]))
+    for head_type in types:
+        batched, one_by_one = seconds[f"k4_{head_type}_always"], seconds[f"k4_{head_type}_never"]
+        record[f"k4_{head_type}_batched_epoch_seconds"] = spread(batched, 2)
+        record[f"k4_{head_type}_one_by_one_epoch_seconds"] = spread(one_by_one, 2)
+        record[f"k4_{head_type}_one_by_one_vs_batched"] = spread(ratios(one_by_one, batched))
 
 
 def main() -> None:
@@ -554,6 +589,9 @@ def main() -> None:
     parser.add_argument("--budget-heads", nargs="*", default=["bilstm_crf"], choices=list(GAP_HEADS),
                         help="gap: heads also trained with as many epochs as fit in a quarter of fine-tuning's time")
     parser.add_argument("--epochs", type=int, default=RECIPE["epochs"], help="head epochs (recipe: 10)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="speed and k: rounds of every timing (default 3; each figure: the median and range "
+                        "over rounds)")
     parser.add_argument("--finetune-epochs", type=int, default=3)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -565,7 +603,7 @@ def main() -> None:
     stores = extract_splits(data, workdir, record)
     skip = set(args.skip) | {section for section in ("store", "k", "live", "finetune") if section not in args.sections}
     if "speed" in args.sections:
-        adapter_speed(stores, data, workdir, record)
+        adapter_speed(stores, data, workdir, record, args.rounds)
     if "gap" in args.sections:
         closing_the_gap(stores, data, workdir, record, args.seeds, args.gap_heads, args.finetune_epochs,
                         args.seeds if args.finetune_seeds is None else args.finetune_seeds, args.budget_heads)
@@ -583,7 +621,7 @@ def main() -> None:
         for name in (best_probe, "scalar_mix", "adapter_no_tailor", "adapter_tailor"):
             record[f"test_f1_{name}"] = test_f1(Path(summary[name]["dir"]), stores["test"])
     if "k" not in skip:
-        k_heads_timing(stores, workdir, record)
+        k_heads_timing(stores, workdir, record, args.rounds)
     if "live" not in skip:
         _, store_seconds = train_from_store(stores, workdir / "adapter_store", [
             {"type": "adapter", "name": "adapter", "lr": ADAPTER_LR}], RECIPE["epochs"])

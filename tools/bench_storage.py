@@ -31,7 +31,6 @@ Phases (each writes its figures to the JSON file as it goes; a run continues a f
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.s3server: the remote phase's server
 
 import numpy as np
-from benchargs import Recorder, conll2003_parser, conll2003_setup, train_and_test
+from benchargs import Recorder, conll2003_parser, conll2003_setup, spread, train_and_test
 
 from featstore import ExtractConfig, extract, open_store
 from featstore.extraction.convert import convert_store
@@ -50,11 +49,6 @@ from featstore.store import format as fmt
 ENCODINGS = ("float16", "bfloat16", "int8", "float8_e4m3")
 HEADS = [{"type": "linear", "name": "linear", "layers": [4]}, {"type": "scalar_mix", "name": "scalar_mix"},
          {"type": "adapter", "name": "adapter_tailor"}]  # the adapter has its tailor by default
-
-
-def _spread(values: list[float], digits: int = 3) -> dict[str, float]:
-    return {"median": round(statistics.median(values), digits), "min": round(min(values), digits),
-            "max": round(max(values), digits)}
 
 
 def _hidden_bytes(store: Any) -> int:
@@ -87,8 +81,8 @@ def extract_phase(data: Path, workdir: Path, record: Recorder, rounds: int) -> d
                     squared_reference += (want**2).sum(axis=(0, 2))
                 record[f"extract_{dtype}"] = {
                     "bytes_per_token": round(_hidden_bytes(store) / tokens, 1),
-                    "tokens_per_s": _spread([tokens / s for s in seconds[dtype]], 0),
-                    "tokens_per_s_vs_float16": _spread([f / s for f, s in zip(seconds["float16"], seconds[dtype])]),
+                    "tokens_per_s": spread([tokens / s for s in seconds[dtype]], 0),
+                    "tokens_per_s_vs_float16": spread([f / s for f, s in zip(seconds["float16"], seconds[dtype])]),
                     "relative_rms_error_per_layer": [float(f"{value:.2e}") for value in
                                                      np.sqrt(squared_error / squared_reference)]}
     return stores
@@ -134,13 +128,13 @@ def read_phase(stores: dict[str, str], record: Recorder, rounds: int) -> None:
             float32_rates[dtype].append(store.num_tokens / _epoch_seconds(store, index))
             batch_rates[dtype].append(store.num_tokens / _batches_seconds(store, index))
     for dtype in ENCODINGS:
-        record[f"read_{dtype}"] = {"tokens_per_s": _spread(rates[dtype], 0), "MB_per_s": _spread(byte_rates[dtype], 1),
-                                   "tokens_per_s_vs_float16": _spread([r / f for r, f in zip(rates[dtype],
+        record[f"read_{dtype}"] = {"tokens_per_s": spread(rates[dtype], 0), "MB_per_s": spread(byte_rates[dtype], 1),
+                                   "tokens_per_s_vs_float16": spread([r / f for r, f in zip(rates[dtype],
                                                                                              rates["float16"])]),
-                                   "as_float32_tokens_per_s_vs_float16": _spread(
+                                   "as_float32_tokens_per_s_vs_float16": spread(
                                        [r / f for r, f in zip(float32_rates[dtype], float32_rates["float16"])]),
-                                   "trainer_batches_tokens_per_s": _spread(batch_rates[dtype], 0),
-                                   "trainer_batches_tokens_per_s_vs_float16": _spread(
+                                   "trainer_batches_tokens_per_s": spread(batch_rates[dtype], 0),
+                                   "trainer_batches_tokens_per_s_vs_float16": spread(
                                        [r / f for r, f in zip(batch_rates[dtype], batch_rates["float16"])])}
     for store in opened.values():
         store.close()
@@ -167,7 +161,7 @@ def codec_phase(data: Path, workdir: Path, record: Recorder, rounds: int, level:
                 "bytes_per_token": round(_hidden_bytes(packed) / packed.num_tokens, 1),
                 "bytes_vs_raw": round(_hidden_bytes(packed) / _hidden_bytes(plain), 3),
                 "bytes_vs_float16_raw": round(_hidden_bytes(packed) / float16_bytes, 3),
-                "read_as_float32_tokens_per_s_vs_raw": _spread(ratios)}
+                "read_as_float32_tokens_per_s_vs_raw": spread(ratios)}
     corpus = CorpusSpec(str(data / "dev.txt"), format="conll")
     for dtype in ("float16", "int8"):
         seconds: dict[str | None, list[float]] = {None: [], codec: []}
@@ -177,7 +171,7 @@ def codec_phase(data: Path, workdir: Path, record: Recorder, rounds: int, level:
                 extract(ExtractConfig(out=str(workdir / f"dev-extract-{dtype}.zarr"), corpus=corpus, dtype=dtype,
                                       compression=compression, overwrite=True, progress=False))
                 seconds[compression].append(time.perf_counter() - started)
-        record[f"codec_{dtype}_{codec}_extract_tokens_per_s_vs_raw"] = _spread(
+        record[f"codec_{dtype}_{codec}_extract_tokens_per_s_vs_raw"] = spread(
             [plain / packed for plain, packed in zip(seconds[None], seconds[codec])])
 
 
@@ -227,9 +221,9 @@ def remote_phase(workdir: Path, record: Recorder, rounds: int) -> None:
         for name, store in opened.items():
             tokens, stored = store.num_tokens, _hidden_bytes(store)
             record[f"remote_{name}"] = {
-                "tokens_per_s": _spread([tokens / s for s in seconds[name]], 0),
-                "MB_per_s": _spread([stored / s / 1e6 for s in seconds[name]], 1),
-                "tokens_per_s_vs_float16": _spread([f / s for f, s in zip(seconds["float16"], seconds[name])])}
+                "tokens_per_s": spread([tokens / s for s in seconds[name]], 0),
+                "MB_per_s": spread([stored / s / 1e6 for s in seconds[name]], 1),
+                "tokens_per_s_vs_float16": spread([f / s for f, s in zip(seconds["float16"], seconds[name])])}
             store.close()
 
 

@@ -1,6 +1,7 @@
 """What the benchmarks share: the command line of those that run on one corpus with repeats, the command line
 and set-up of those that run in phases on CoNLL-2003, a recorder that keeps every figure in a JSON file as it is
-measured, and training heads then scoring them on a test store."""
+measured, timings taken in rounds (a median and its range), and training heads then scoring them on a test
+store."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import argparse
 import json
 import logging
 import platform
+import statistics
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,30 @@ def parse_bench_args(doc: str, prefix: str) -> tuple[argparse.Namespace, Path]:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix=prefix))
     workdir.mkdir(parents=True, exist_ok=True)
     return args, workdir
+
+
+def in_rounds(measures: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Each measure's value in each of `rounds` rounds. Every measure runs once a round, the order reversed every
+    other round: a slow spell of a shared machine (on the 2-core VM they come and go within minutes, and moved
+    one timing by a third) then falls on all of them, and a ratio of two measures is taken within a round
+    (`ratios`)."""
+    values: dict[str, list[float]] = {name: [] for name in measures}
+    for index in range(rounds):
+        for name in list(measures) if index % 2 == 0 else reversed(measures):
+            values[name].append(measures[name]())
+            print(f"round {index + 1}/{rounds} {name}: {values[name][-1]:.4g}", flush=True)  # long runs show progress
+    return values
+
+
+def ratios(numerators: Sequence[float], denominators: Sequence[float]) -> list[float]:
+    """Round by round (`in_rounds`): numerators[i] / denominators[i]."""
+    return [numerator / denominator for numerator, denominator in zip(numerators, denominators, strict=True)]
+
+
+def spread(values: Sequence[float], digits: int = 3) -> dict[str, float]:
+    """A figure measured in rounds: their median, and the range (min, max)."""
+    return {"median": round(statistics.median(values), digits), "min": round(min(values), digits),
+            "max": round(max(values), digits)}
 
 
 def conll2003_parser(doc: str, workdir: str, phases: list[str], default_phases: list[str]

@@ -13,6 +13,7 @@
 #               bound, device-time profile, bfloat16 autocast against float32, --compile, live / store
 #                                                                                                   (limit 300 s)
 #   heads-k     tools/bench_heads.py --device cuda --sections k: K = 1, 4, 8 heads in one pass       (limit 420 s)
+#               (both heads steps time each configuration once, --rounds 1: a lent device's minutes are few)
 #   tests       the whole test suite on the GPU machine (pytest-xdist when installed)                (limit 480 s)
 #
 # Environment: DATA (CoNLL-2003 folder, default ../shared/data/conll2003), MODEL (encoder directory, default the
@@ -63,9 +64,11 @@ for step in "${steps[@]}"; do
         extract) run_step extract 150 python3 tools/bench_extract.py --corpus "$data/train.txt" --device "$device" \
                      --workdir "$workdir/extract" --json "$out/extract-$kind.json" "${model_args[@]}" ;;
         heads-speed) run_step heads-speed 300 python3 tools/bench_heads.py --data "$data" --device "$device" \
-                         --workdir "$workdir/heads" --json "$out/heads-$kind.json" --sections speed "${model_args[@]}" ;;
+                         --workdir "$workdir/heads" --json "$out/heads-$kind.json" --sections speed --rounds 1 \
+                         "${model_args[@]}" ;;
         heads-k) run_step heads-k 420 python3 tools/bench_heads.py --data "$data" --device "$device" \
-                     --workdir "$workdir/heads" --json "$out/heads-$kind.json" --sections k "${model_args[@]}" ;;
+                     --workdir "$workdir/heads" --json "$out/heads-$kind.json" --sections k --rounds 1 \
+                     "${model_args[@]}" ;;
         tests) run_step tests 480 python3 -m pytest -q -p no:cacheprovider -rs "${xdist[@]}" ;;
         *) echo "unknown step $step: choose cuda-tests extract heads-speed heads-k tests" >&2; exit 2 ;;
     esac
