@@ -185,7 +185,7 @@ class TrainConfig:
                             "bfloat16")
     compile: bool = option(False, help="compile each head's forward and backward with torch.compile (inductor, "
                            "dynamic shapes; the first steps of each head compile it). Off by default: on a 2-core CPU "
-                           "the default adapter's epoch ran 1.3x slower compiled (BENCHMARKS.md, \"Speed\"); heads "
+                           "the default adapter's epoch ran 1.3-1.6x slower compiled (BENCHMARKS.md, \"Speed\"); heads "
                            "then step one by one (a batched group's vmap is not compiled)")
     resume: bool = option(False, help="continue an interrupted run from OUT/trainer_state.pt")
     progress: bool = option(True, help="no progress bars")  # the flag is --no-progress
