@@ -39,7 +39,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.s3server: the remote phase's server
 
 import numpy as np
-from benchargs import Recorder, conll2003_parser, conll2003_setup, spread, train_and_test
+from benchargs import Recorder, conll2003_parser, conll2003_setup, ratios, spread, train_and_test
 
 from featstore import ExtractConfig, extract, open_store
 from featstore.extraction.convert import convert_store
@@ -82,7 +82,7 @@ def extract_phase(data: Path, workdir: Path, record: Recorder, rounds: int) -> d
                 record[f"extract_{dtype}"] = {
                     "bytes_per_token": round(_hidden_bytes(store) / tokens, 1),
                     "tokens_per_s": spread([tokens / s for s in seconds[dtype]], 0),
-                    "tokens_per_s_vs_float16": spread([f / s for f, s in zip(seconds["float16"], seconds[dtype])]),
+                    "tokens_per_s_vs_float16": spread(ratios(seconds["float16"], seconds[dtype])),
                     "relative_rms_error_per_layer": [float(f"{value:.2e}") for value in
                                                      np.sqrt(squared_error / squared_reference)]}
     return stores
@@ -129,13 +129,12 @@ def read_phase(stores: dict[str, str], record: Recorder, rounds: int) -> None:
             batch_rates[dtype].append(store.num_tokens / _batches_seconds(store, index))
     for dtype in ENCODINGS:
         record[f"read_{dtype}"] = {"tokens_per_s": spread(rates[dtype], 0), "MB_per_s": spread(byte_rates[dtype], 1),
-                                   "tokens_per_s_vs_float16": spread([r / f for r, f in zip(rates[dtype],
-                                                                                             rates["float16"])]),
+                                   "tokens_per_s_vs_float16": spread(ratios(rates[dtype], rates["float16"])),
                                    "as_float32_tokens_per_s_vs_float16": spread(
-                                       [r / f for r, f in zip(float32_rates[dtype], float32_rates["float16"])]),
+                                       ratios(float32_rates[dtype], float32_rates["float16"])),
                                    "trainer_batches_tokens_per_s": spread(batch_rates[dtype], 0),
                                    "trainer_batches_tokens_per_s_vs_float16": spread(
-                                       [r / f for r, f in zip(batch_rates[dtype], batch_rates["float16"])])}
+                                       ratios(batch_rates[dtype], batch_rates["float16"]))}
     for store in opened.values():
         store.close()
 
@@ -152,16 +151,16 @@ def codec_phase(data: Path, workdir: Path, record: Recorder, rounds: int, level:
         with open_store(raw[dtype]) as plain, open_store(compressed[dtype]) as packed:
             for store in (plain, packed):  # warm the page cache
                 _epoch_seconds(store, 0)
-            ratios = []
+            speedups = []
             for index in range(rounds):
                 pair = (plain, packed) if index % 2 == 0 else (packed, plain)
                 seconds = {id(store): _epoch_seconds(store, index) for store in pair}
-                ratios.append(seconds[id(plain)] / seconds[id(packed)])
+                speedups.append(seconds[id(plain)] / seconds[id(packed)])
             record[f"codec_{dtype}_{codec}"] = {
                 "bytes_per_token": round(_hidden_bytes(packed) / packed.num_tokens, 1),
                 "bytes_vs_raw": round(_hidden_bytes(packed) / _hidden_bytes(plain), 3),
                 "bytes_vs_float16_raw": round(_hidden_bytes(packed) / float16_bytes, 3),
-                "read_as_float32_tokens_per_s_vs_raw": spread(ratios)}
+                "read_as_float32_tokens_per_s_vs_raw": spread(speedups)}
     corpus = CorpusSpec(str(data / "dev.txt"), format="conll")
     for dtype in ("float16", "int8"):
         seconds: dict[str | None, list[float]] = {None: [], codec: []}
@@ -171,8 +170,7 @@ def codec_phase(data: Path, workdir: Path, record: Recorder, rounds: int, level:
                 extract(ExtractConfig(out=str(workdir / f"dev-extract-{dtype}.zarr"), corpus=corpus, dtype=dtype,
                                       compression=compression, overwrite=True, progress=False))
                 seconds[compression].append(time.perf_counter() - started)
-        record[f"codec_{dtype}_{codec}_extract_tokens_per_s_vs_raw"] = spread(
-            [plain / packed for plain, packed in zip(seconds[None], seconds[codec])])
+        record[f"codec_{dtype}_{codec}_extract_tokens_per_s_vs_raw"] = spread(ratios(seconds[None], seconds[codec]))
 
 
 CALIBRATION_TOKENS = 8192  # "the first blocks": what an extractor would have seen before its first write
@@ -223,7 +221,7 @@ def remote_phase(workdir: Path, record: Recorder, rounds: int) -> None:
             record[f"remote_{name}"] = {
                 "tokens_per_s": spread([tokens / s for s in seconds[name]], 0),
                 "MB_per_s": spread([stored / s / 1e6 for s in seconds[name]], 1),
-                "tokens_per_s_vs_float16": spread([f / s for f, s in zip(seconds["float16"], seconds[name])])}
+                "tokens_per_s_vs_float16": spread(ratios(seconds["float16"], seconds[name]))}
             store.close()
 
 
