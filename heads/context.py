@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from .layers import Linear
 from .packing import Packing
 
 
@@ -46,7 +47,7 @@ class TransformerContext(nn.Module):
                  dropout: float) -> None:
         super().__init__()
         # concatenated layers are projected to the encoder's width first
-        self.projection = nn.Linear(input_size, model_size) if input_size != model_size else nn.Identity()
+        self.projection = Linear(input_size, model_size) if input_size != model_size else nn.Identity()
         layer = nn.TransformerEncoderLayer(model_size, num_heads, feedforward, dropout, activation="gelu",
                                            batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)

@@ -21,7 +21,7 @@ from torch.optim.adam import adam
 
 from .config import HEAD_TYPES, HeadConfig
 from .head import Head
-from .layers import Dropout, batched_heads
+from .layers import Dropout, batched_heads, training_precision
 from .packing import Layout
 
 
@@ -68,17 +68,16 @@ class HeadGroup:
         """Each head's training loss on the batch, (K,). `hidden`: the layers every head reads, packed (N, L, H), or
         each head's own stacked along `heads_dim` (e.g. (N, K, L, H) with heads_dim 1); `layout`: the batch's
         tokens and words (heads.packing), the same for every head. `generators`: each head's random stream for its
-        dropout (none where the heads have no dropout: `draws_randomness`). The forward runs under autocast in
-        `autocast_dtype` (None: float32), the loss in float32, as when the head trains alone; token tasks' logits
-        stay packed for it (Task.losses)."""
+        dropout (none where the heads have no dropout: `draws_randomness`). The forward runs in `autocast_dtype`
+        (None: float32; heads.layers.training_precision), the loss in float32, as when the head trains alone; token
+        tasks' logits stay packed for it (Task.losses)."""
         parameters = {name: torch.stack(each) for name, each in self.by_name.items()}
         template = self.template
         device_type = hidden.device.type
 
         def head_output(weights: dict[str, torch.Tensor], head_index: torch.Tensor, features: torch.Tensor
                         ) -> torch.Tensor:
-            with batched_heads(generators, head_index), \
-                    torch.autocast(device_type, autocast_dtype, enabled=autocast_dtype is not None):
+            with batched_heads(generators, head_index), training_precision(device_type, autocast_dtype):
                 return functional_call(template, weights, (features, mask, word_ids, num_words, layout),
                                        {"packed_words": True})
 

@@ -67,7 +67,7 @@ class Head(nn.Module):
             self.classifier: nn.Module = LinearChain(nn.Linear(hidden, config.classifier_dim),
                                                      nn.Linear(config.classifier_dim, outputs))
         elif config.head_type == "mlp":
-            self.classifier = nn.Sequential(nn.Linear(hidden, config.mlp_dim), nn.GELU(), Dropout(config.dropout),
+            self.classifier = nn.Sequential(Linear(hidden, config.mlp_dim), nn.GELU(), Dropout(config.dropout),
                                             Linear(config.mlp_dim, outputs))
         else:
             self.classifier = Linear(features, outputs)

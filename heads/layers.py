@@ -1,4 +1,5 @@
-"""Building blocks shared by the heads: dropout, head-averaged attention weights and pooling.
+"""Building blocks shared by the heads: dropout, linear maps (in their training precision), head-averaged attention
+weights and pooling.
 
 Shapes: B batch, T tokens, N real (packed) tokens, L layers, H hidden, W words, d attention dim.
 """
@@ -41,18 +42,55 @@ def batched_heads(generators: Sequence[torch.Generator], head_index: torch.Tenso
 # it does, which a map cannot tell under vmap (a batched input does not show its requires_grad); at 64, no faster
 NARROW_OUTPUTS = 16
 
+# On a CPU a lower training precision pays only in wide products: on a 2-core AVX512-BF16 CPU a (N, 384) x (384, 384)
+# product ran twice as fast in bfloat16, while the heads' narrow ones (the attention's 16-wide projections, a
+# classifier's few labels) ran up to 14x slower and autocast's casts of the features cost more than they saved
+# (BENCHMARKS.md, "Speed", runs 11 and 13). So there `training_precision` applies to the linear maps with at least
+# this many inputs and outputs (`linear`), and on a GPU to all that autocast casts.
+WIDE_FEATURES = 128
+# Rows of such a product are padded to a multiple of this: the CPU's bfloat16 kernels (oneDNN) are built once per
+# shape and cached, and a packed batch's token count changes every step.
+ROW_MULTIPLE = 16
+# The precision of the wide linear maps of a head's forward pass on a CPU (training_precision)
+_WIDE_PRECISION: ContextVar[torch.dtype | None] = ContextVar("wide_precision", default=None)
+
+
+@contextmanager
+def training_precision(device_type: str, dtype: torch.dtype | None) -> Iterator[None]:
+    """A head's forward pass with its matrix products in `dtype` (None: float32 throughout): on a GPU, whatever
+    torch.autocast casts; on a CPU, the wide linear maps alone (WIDE_FEATURES: the adapter's tailor feed-forward, an
+    mlp probe's hidden layer), computed in `dtype` and returned in float32. Weights, losses and gradients stay
+    float32 either way."""
+    if dtype is None:
+        yield
+    elif device_type != "cpu":
+        with torch.autocast(device_type, dtype):
+            yield
+    else:
+        token = _WIDE_PRECISION.set(dtype)
+        try:
+            yield
+        finally:
+            _WIDE_PRECISION.reset(token)
+
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`nn.functional.linear(x, weight, bias)`. For heads batched on the CPU (`batched_heads`) and a narrow map
-    (a classifier's few labels: NARROW_OUTPUTS) it is computed as (weight @ x^T)^T: vmap turns a linear map into
-    a batched product (K, N, H) x (K, H, C), and with C narrow the CPU's batched product (and its weight gradient,
-    (K, H, N) x (K, N, C)) ran up to 3x slower than the same arithmetic laid out as (K, C, H) x (K, H, N). One
-    head alone is faster as `linear` (a plain matrix product), so it stays that."""
-    # a compiled head steps alone (--compile), and reading the context variable would break its graph
-    if torch.compiler.is_compiling() or weight.shape[0] >= NARROW_OUTPUTS or _BATCHED_HEADS.get() is None \
-            or x.device.type != "cpu":
+    """`nn.functional.linear(x, weight, bias)`, on a CPU computed the faster way where that is known:
+    - a wide map in the training precision (`training_precision`): `linear_in`;
+    - a narrow map (a classifier's few labels: NARROW_OUTPUTS) of heads batched (`batched_heads`): as
+      (weight @ x^T)^T. vmap turns a linear map into a batched product (K, N, H) x (K, H, C), and with C narrow the
+      CPU's batched product (and its weight gradient, (K, H, N) x (K, N, C)) ran up to 3x slower than the same
+      arithmetic laid out as (K, C, H) x (K, H, N). One head alone is faster as `linear` (a plain matrix product)."""
+    # a compiled head reads no context variable (it would break the graph): it steps alone, in float32 on a CPU
+    # (the trainer refuses --compile with a lower precision there)
+    if torch.compiler.is_compiling() or x.device.type != "cpu":
         return nn.functional.linear(x, weight, bias)
-    return linear_by_rows(x, weight, bias)
+    wide_precision = _WIDE_PRECISION.get()
+    if wide_precision is not None and min(weight.shape) >= WIDE_FEATURES:
+        return linear_in(wide_precision, x, weight, bias)
+    if weight.shape[0] < NARROW_OUTPUTS and _BATCHED_HEADS.get() is not None:
+        return linear_by_rows(x, weight, bias)
+    return nn.functional.linear(x, weight, bias)
 
 
 def linear_by_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -62,9 +100,20 @@ def linear_by_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return rows + bias if bias is not None else rows
 
 
+def linear_in(dtype: torch.dtype, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`nn.functional.linear(x, weight, bias)` computed in `dtype` (the kernels accumulate in float32) and returned in
+    x's dtype, its rows padded with zeros to a multiple of ROW_MULTIPLE for the product (so a few shapes recur);
+    the gradients reach x, weight and bias in their own dtypes."""
+    rows = x.reshape(-1, x.shape[-1])
+    count = rows.shape[0]
+    padded = nn.functional.pad(rows.to(dtype), (0, 0, 0, -count % ROW_MULTIPLE))
+    product = nn.functional.linear(padded, weight.to(dtype), bias.to(dtype) if bias is not None else None)
+    return product[:count].to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
 class Linear(nn.Linear):
-    """nn.Linear (the same parameters and saved names) computed by `linear`: a narrow map (a classifier) runs in
-    the faster layout when heads are batched on the CPU."""
+    """nn.Linear (the same parameters and saved names) computed by `linear`: on the CPU, a wide map in the training
+    precision and a narrow map (a classifier) of batched heads in the faster layout."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)

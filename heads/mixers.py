@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import AttentionWeights, Dropout, mix_layers
+from .layers import AttentionWeights, Dropout, Linear, mix_layers
 from .packing import Packing
 
 
@@ -79,7 +79,7 @@ class Tailor(nn.Module):
                  attention: bool) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(hidden_size)
-        self.feed_forward = nn.Linear(hidden_size, hidden_size)
+        self.feed_forward = Linear(hidden_size, hidden_size)  # wide: in the training precision on a CPU too
         self.dropout = Dropout(dropout)
         if attention:
             self.query_projection = nn.Linear(hidden_size, attention_dim)

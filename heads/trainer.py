@@ -50,6 +50,7 @@ from .config import (
 )
 from .grouped import HeadGroup, group_by_key, step_optimizers
 from .head import Head, check_store
+from .layers import training_precision
 from .packing import Layout
 from .tail import load_encoder_model, tail_architecture, tail_start_layer
 from .tracking import TRACKERS, Tracker, make_tracker
@@ -74,15 +75,25 @@ EPOCHS_BY_TYPE = ", ".join(f"{name} heads {kind.epochs}" for name, kind in HEAD_
 BATCHED_ON_CPU = ", ".join(f"{name} heads" for name, kind in HEAD_TYPES.items() if kind.batched_on_cpu)
 
 
-def autocast_dtype(precision: str, device: str) -> torch.dtype | None:
-    """The dtype a head's forward pass runs in under autocast; None: plain float32. Off by default on the CPU: even
-    on a CPU with bfloat16 instructions (AVX512-BF16), where a wide bfloat16 matmul ran 2.2-2.8x as fast as float32,
-    the default adapter's epoch ran 1.7-2.1x as slow under bfloat16 autocast: its narrow products (a few outputs)
-    ran far slower in bfloat16 (BENCHMARKS.md, "Speed", run 11)."""
-    if precision == "auto":
-        on_cuda = torch.device(device).type == "cuda"
-        return torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if precision == "bfloat16" else None
+def autocast_dtype(precision: str, device: str, compiled: bool = False) -> torch.dtype | None:
+    """The dtype of a head's forward pass (heads.layers.training_precision: on a GPU whatever autocast casts, on a CPU
+    the wide linear maps alone); None: plain float32. `auto` takes bfloat16 on a CUDA device that supports it and on
+    a CPU that multiplies it natively (`multiplies_bfloat16`; not for compiled heads, which run float32 there): on a
+    2-core AVX512-BF16 CPU the default adapter's epoch ran 1.09x and an mlp probe's 1.08x as fast, with the same test
+    F1 over 3 seeds (BENCHMARKS.md, "Speed", run 13)."""
+    if precision != "auto":
+        return torch.bfloat16 if precision == "bfloat16" else None
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if kind == "cpu" and not compiled and multiplies_bfloat16() else None
+
+
+def multiplies_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 dot-product instructions (x86 AVX512-BF16 or AMX-BF16), with which a wide
+    bfloat16 product runs about twice as fast as float32; without them it runs slower."""
+    capabilities = getattr(torch.cpu, "get_capabilities", None)  # torch >= 2.10; older ones: not known, so no
+    return capabilities is not None and any(capabilities().get(name) for name in ("avx512_bf16", "amx_bf16"))
 
 
 def precision_name(dtype: torch.dtype | None) -> str:
@@ -179,10 +190,12 @@ class TrainConfig:
                                  "start")
     device: str = option("cpu", help="torch device the heads train on")
     precision: str = option("auto", choices=PRECISIONS, help="the heads' training precision: bfloat16 runs their "
-                            "forward passes under autocast (losses, optimiser states and saved weights stay float32)",
-                            default_text="auto: bfloat16 on a CUDA device that supports it, else float32; on a "
-                            "2-core CPU with bfloat16 instructions the default adapter's epoch ran 1.7-2.1x slower in "
-                            "bfloat16")
+                            "forward passes under autocast on a GPU and their wide linear maps (the adapter's tailor "
+                            "feed-forward, an mlp probe's hidden layer) in bfloat16 on a CPU, where narrow products "
+                            "run slower in it; losses, optimiser states and saved weights stay float32",
+                            default_text="auto: bfloat16 on a CUDA device that supports it and on a CPU with "
+                            "bfloat16 instructions (AVX512-BF16, AMX; there the default adapter's epoch ran 1.09x as "
+                            "fast, with the same F1), unless the heads are compiled; else float32")
     compile: bool = option(False, help="compile each head's forward and backward with torch.compile (inductor, "
                            "dynamic shapes; the first steps of each head compile it). Off by default: on a 2-core CPU "
                            "the default adapter's epoch ran 1.3-1.6x slower compiled (BENCHMARKS.md, \"Speed\"); heads "
@@ -337,9 +350,9 @@ def _evaluate(heads: list[Head], store: Store, batch_size: int, device: str, ret
 
 def training_loss(head: Head, hidden: torch.Tensor, mask: torch.Tensor, word_ids: torch.Tensor | None,
                   labels: torch.Tensor, layout: Layout, autocast_dtype: torch.dtype | None) -> torch.Tensor:
-    """A head's training loss on a batch: its forward pass under autocast in `autocast_dtype` (None: float32), the
-    loss in float32 (a CRF's partition function needs it)."""
-    with torch.autocast(hidden.device.type, autocast_dtype, enabled=autocast_dtype is not None):
+    """A head's training loss on a batch: its forward pass in `autocast_dtype` (None: float32; on a CPU only its wide
+    linear maps: heads.layers.training_precision), the loss in float32 (a CRF's partition function needs it)."""
+    with training_precision(hidden.device.type, autocast_dtype):
         output = head(hidden, mask, word_ids, head.config.task_def.num_words(labels), layout)
     return head.loss(output.float(), labels)
 
@@ -363,6 +376,9 @@ class Trainer:
         self.eval_store = open_store(config.eval_store) if config.eval_store else None
         if not config.heads:
             raise ConfigError("no heads to train: list at least one head")
+        if config.compile and config.precision == "bfloat16" and torch.device(config.device).type == "cpu":
+            raise ConfigError("--compile and --precision bfloat16 exclude each other on the CPU: a compiled head "
+                              "cannot run its wide linear maps in bfloat16 there; give one of them")
         if config.compile and config.batch_heads == "always":
             raise ConfigError("--compile and --batch-heads always exclude each other: torch.compile does not compile "
                               "a batched group's forward (under vmap it runs eagerly); give one of them")
@@ -376,7 +392,7 @@ class Trainer:
                 check_store(head, self.eval_store, f"eval store {config.eval_store}")
         self.steps_per_epoch = min(-(-len(self.store) // config.batch_size), max_steps_per_epoch or math.inf)
         self.epochs = max(self._epochs_of(head.head_type) for head in head_configs)
-        self.autocast_dtype = autocast_dtype(config.precision, config.device)
+        self.autocast_dtype = autocast_dtype(config.precision, config.device, config.compile)
         saved_state = self._read_state() if config.resume else None
         self.layer_sweeps: dict[int, dict[int, float]] = {}  # head index -> eval metric per layer
         specs = self._with_probe_layers(saved_state)

@@ -259,3 +259,16 @@ def ner_float16_store(tiny_models, ner_stores, tmp_path_factory):
     return extract(ExtractConfig(out=str(tmp_path_factory.mktemp("ner16") / "train.zarr"), model=tiny_models["bert"],
                                  corpus=CorpusSpec(ner_stores["train_corpus"], label_names=LABELS.split(",")),
                                  progress=False)).path
+
+
+@pytest.fixture
+def wide_map_calls(monkeypatch) -> list[int]:
+    """The tiny test encoders' 32-wide heads count as wide (heads.layers.WIDE_FEATURES), so a bfloat16 run on the CPU
+    takes the wide maps' path (heads.layers.linear_in); the list gets an entry for each call of that path."""
+    from heads import layers
+
+    calls: list[int] = []
+    compute = layers.linear_in
+    monkeypatch.setattr(layers, "WIDE_FEATURES", 32)
+    monkeypatch.setattr(layers, "linear_in", lambda *args: calls.append(1) or compute(*args))
+    return calls

@@ -79,17 +79,20 @@ def test_batched_heads_equal_separate_runs(ner_stores, tmp_path, name, monkeypat
     _batched_equal_separate(ner_stores, tmp_path, GROUPS[name], monkeypatch)
 
 
-# bfloat16 autocast: batched and one-by-one matrix products round differently at bfloat16's 8 bits
+# bfloat16 (autocast on a GPU, the wide linear maps on a CPU): batched and one-by-one matrix products round
+# differently at bfloat16's 8 bits
 PRECISIONS = {"float32": None, "bfloat16": 0.05}
+
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device"))])
 @pytest.mark.parametrize("precision", list(PRECISIONS))
 def test_batched_heads_equal_separate_runs_on_each_device_and_precision(ner_stores, tmp_path, monkeypatch, device,
-                                                                        precision):
+                                                                        precision, wide_map_calls):
     _batched_equal_separate(ner_stores, tmp_path, GROUPS["adapters"], monkeypatch, PRECISIONS[precision],
                             device=device, precision=precision)
+    assert bool(wide_map_calls) == (precision == "bfloat16" and device == "cpu")
 
 
 @pytest.mark.parametrize("regression", [False, True])
@@ -175,3 +178,6 @@ def test_which_heads_step_together(ner_stores, tmp_path):
     assert all(len(runs) == 1 and group is None for runs, group in compiled._groups(compiled.runs))
     with pytest.raises(ConfigError, match="--compile and --batch-heads always"):
         Trainer(_config(ner_stores, tmp_path, specs, compile=True))
+    if trainer.config.device == "cpu":  # a compiled head cannot take bfloat16 wide maps on the CPU (heads.layers)
+        with pytest.raises(ConfigError, match="--compile and --precision bfloat16"):
+            Trainer(_config(ner_stores, tmp_path, specs, batch_heads="auto", compile=True, precision="bfloat16"))

@@ -277,13 +277,23 @@ def test_raw_text_predictions_read_like_ner_output(ner_stores, tmp_path):
     assert {entity["text"] for entity in record["entities"]} & {"Anna", "Reyes", "Paris", "Oslo"}
 
 
-def test_bfloat16_autocast_trains_float32_heads_and_is_off_by_default_on_cpu(ner_stores, tmp_path):
+def test_bfloat16_training_keeps_float32_heads_and_is_the_default_where_the_cpu_multiplies_it(
+        ner_stores, tmp_path, wide_map_calls, monkeypatch):
+    """`auto` takes bfloat16 on a CPU with bfloat16 instructions, unless the heads are compiled. On the CPU, bfloat16
+    reaches the adapter's wide maps (its tailor's feed-forward: heads.layers), and the head still learns, saves and
+    records float32 weights and its precision."""
     from heads.trainer import autocast_dtype
 
-    assert autocast_dtype("auto", "cpu") is None and autocast_dtype("float32", "cuda") is None
+    for capabilities, expected in (({"avx512_bf16": True}, torch.bfloat16), ({"amx_bf16": True}, torch.bfloat16),
+                                   ({"avx512_bf16": False, "avx2": True}, None)):
+        with monkeypatch.context() as patched:
+            patched.setattr(torch.cpu, "get_capabilities", lambda capabilities=capabilities: capabilities)
+            assert autocast_dtype("auto", "cpu") is expected
+            assert autocast_dtype("auto", "cpu", compiled=True) is None
+    assert autocast_dtype("float32", "cuda") is None and autocast_dtype("float32", "cpu") is None
     assert autocast_dtype("bfloat16", "cpu") is torch.bfloat16
-    summary = _train(ner_stores, tmp_path, [{"type": "bilstm", "crf": True}], precision="bfloat16", epochs=4)
-    assert summary["bilstm"]["best"] > 0.8, summary
+    summary = _train(ner_stores, tmp_path, [{"type": "adapter"}], precision="bfloat16", epochs=4)
+    assert summary["adapter"]["best"] > 0.8 and wide_map_calls, summary
     head = Head.from_pretrained(tmp_path)
     assert head.training_record.recipe["precision"] == "bfloat16"
     assert all(tensor.dtype == torch.float32 for tensor in head.state_dict().values())

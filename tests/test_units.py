@@ -444,8 +444,8 @@ def test_mixing_layers_weighs_each_layer_as_the_sum_does(shared):
 @pytest.mark.parametrize("input_grad", [True, False])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_linear_maps_of_batched_heads_equal_a_plain_linear_map(outputs, with_bias, input_grad, autocast):
-    """heads.layers.linear, as HeadGroup runs it (vmapped over K heads inside batched_heads, autocast inside),
-    gives the outputs (their dtype too, under bfloat16 autocast) and the weight, bias and input gradients of
+    """heads.layers.linear, as HeadGroup runs it (vmapped over K heads inside batched_heads), also under a caller's
+    bfloat16 autocast, gives the outputs (their dtype too) and the weight, bias and input gradients of
     nn.functional.linear run the same way."""
     import torch
     from torch.func import vmap
@@ -509,3 +509,33 @@ def test_a_task_gives_each_of_k_heads_the_loss_it_gives_one():
         weights = torch.randn(4)
         torch.testing.assert_close(torch.autograd.grad((losses * weights).sum(), stacked)[0],
                                    torch.autograd.grad((expected * weights).sum(), stacked)[0], msg=name)
+
+
+@pytest.mark.parametrize("shape", [(37,), (3, 5)])  # rows that the product pads; a 3-D input
+def test_training_precision_on_the_cpu_takes_bfloat16_for_wide_maps_only(shape):
+    """heads.layers.training_precision on a CPU: a wide map (both sides >= WIDE_FEATURES) computes in bfloat16 and
+    returns float32, its gradients float32 and near float32's; a narrow map, and any map outside the context, is
+    exactly float32."""
+    import torch
+    from torch.nn.functional import linear as plain
+
+    from heads.layers import WIDE_FEATURES, Linear, training_precision
+
+    torch.manual_seed(0)
+    wide, narrow = Linear(WIDE_FEATURES, WIDE_FEATURES + 8), Linear(WIDE_FEATURES, 9)
+    x = torch.randn(*shape, WIDE_FEATURES, requires_grad=True)
+    with training_precision("cpu", torch.bfloat16):
+        low, kept = wide(x), narrow(x)
+    assert low.dtype == kept.dtype == torch.float32 and low.shape == (*shape, WIDE_FEATURES + 8)
+    assert torch.equal(kept, plain(x, narrow.weight, narrow.bias)) and torch.equal(wide(x), plain(x, wide.weight,
+                                                                                                 wide.bias))
+    in_bfloat16 = plain(x.bfloat16(), wide.weight.bfloat16(), wide.bias.bfloat16()).float()
+    torch.testing.assert_close(low, in_bfloat16, rtol=2**-7, atol=1e-6)  # at most bfloat16's last bit
+    float32 = plain(x, wide.weight, wide.bias)
+    assert (low - float32).abs().max() > 1e-3  # it did not compute in float32
+    target = torch.randn(low.shape)
+    gradients = torch.autograd.grad((low * target).sum(), [x, wide.weight, wide.bias])
+    references = torch.autograd.grad((float32 * target).sum(), [x, wide.weight, wide.bias])
+    for gradient, reference in zip(gradients, references):
+        assert gradient.dtype == torch.float32
+        torch.testing.assert_close(gradient, reference, rtol=0.05, atol=0.05)

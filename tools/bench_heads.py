@@ -16,8 +16,9 @@
    counted on the real tokens (padding excluded), the GFLOP/s this machine reaches on the matmuls of the same
    shapes, the ratio of the epoch's time to that bound; padded positions per real token, epoch time and a per-op
    profile with and without length grouping (all at the trainer's default precision, the ceiling's matmuls in the
-   dtypes the profiled steps ran them in); the steady epoch in the other precision (bfloat16 autocast on the CPU,
-   float32 on a GPU) and compiled (`compile=True`), each against the default one; one live
+   dtypes the profiled steps ran them in); the steady epoch in the other precision (float32 where the default is
+   bfloat16, else bfloat16) against the default one, and compiled (`compile=True`) against the eager epochs in the
+   precision compiled heads take (float32 on a CPU); one live
    epoch on the same batches (live/store ratio), and the ratio the arithmetic allows (the encoder's forward FLOPs
    plus the head's, over the head's).
 
@@ -470,8 +471,8 @@ def adapter_speed(stores: dict[str, str], data: Path, workdir: Path, record: Rec
     head.classifier, head.classifies_tokens = torch.nn.Sequential(*chain), False
     record["speed_adapter_epoch_gflop_classifier_unchained"] = epoch_flops(head, shapes) / 1e9
     head.classifier, head.classifies_tokens = chain, on_tokens
-    # the other training precision against the default one (`--precision auto`: float32 on the CPU, bfloat16
-    # autocast on a CUDA device that supports it), on the same (plain) batches
+    # the other training precision against the default one (`--precision auto`: bfloat16 where the device multiplies
+    # it natively, heads.trainer.autocast_dtype), on the same (plain) batches
     default = precision_name(SETUP.autocast_dtype)
     other = "float32" if default == "bfloat16" else "bfloat16"
     record["speed_precision"] = default
@@ -511,7 +512,9 @@ def adapter_speed(stores: dict[str, str], data: Path, workdir: Path, record: Rec
     # --compile: the first epoch also compiles (and recompiles for dynamic shapes); the steady one is the figure
     record["speed_adapter_compiled_first_epoch_seconds"] = spread(firsts["compiled"], 2)
     record["speed_adapter_compiled_epoch_seconds"] = spread(seconds["compiled"], 2)
-    record["speed_adapter_compiled_vs_eager"] = spread(ratios(seconds["compiled"], seconds["plain"]))
+    # against the eager epochs in the precision compiled heads take by default (on a CPU float32: heads.trainer)
+    compiled_precision = precision_name(autocast_dtype("auto", SETUP.device, compiled=True))
+    record["speed_adapter_compiled_vs_eager"] = spread(ratios(seconds["compiled"], seconds[compiled_precision]))
     # What live/store can reach at equal arithmetic speed: a live epoch also runs the encoder's forward pass.
     encoder_flops = encoder_epoch_flops(shapes)
     record["speed_encoder_forward_epoch_gflop"] = encoder_flops / 1e9
