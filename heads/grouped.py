@@ -64,11 +64,11 @@ class HeadGroup:
 
     def losses(self, hidden: torch.Tensor, heads_dim: int | None, mask: torch.Tensor, word_ids: torch.Tensor | None,
                num_words: int | None, layout: Layout, labels: torch.Tensor, generators: Sequence[torch.Generator],
-               autocast_dtype: torch.dtype | None) -> torch.Tensor:
+               training_dtype: torch.dtype | None) -> torch.Tensor:
         """Each head's training loss on the batch, (K,). `hidden`: the layers every head reads, packed (N, L, H), or
         each head's own stacked along `heads_dim` (e.g. (N, K, L, H) with heads_dim 1); `layout`: the batch's
         tokens and words (heads.packing), the same for every head. `generators`: each head's random stream for its
-        dropout (none where the heads have no dropout: `draws_randomness`). The forward runs in `autocast_dtype`
+        dropout (none where the heads have no dropout: `draws_randomness`). The forward runs in `training_dtype`
         (None: float32; heads.layers.training_precision), the loss in float32, as when the head trains alone; token
         tasks' logits stay packed for it (Task.losses)."""
         parameters = {name: torch.stack(each) for name, each in self.by_name.items()}
@@ -77,7 +77,7 @@ class HeadGroup:
 
         def head_output(weights: dict[str, torch.Tensor], head_index: torch.Tensor, features: torch.Tensor
                         ) -> torch.Tensor:
-            with batched_heads(generators, head_index), training_precision(device_type, autocast_dtype):
+            with batched_heads(generators, head_index), training_precision(device_type, training_dtype):
                 return functional_call(template, weights, (features, mask, word_ids, num_words, layout),
                                        {"packed_words": True})
 

@@ -75,12 +75,12 @@ EPOCHS_BY_TYPE = ", ".join(f"{name} heads {kind.epochs}" for name, kind in HEAD_
 BATCHED_ON_CPU = ", ".join(f"{name} heads" for name, kind in HEAD_TYPES.items() if kind.batched_on_cpu)
 
 
-def autocast_dtype(precision: str, device: str, compiled: bool = False) -> torch.dtype | None:
+def training_dtype(precision: str, device: str, compiled: bool = False) -> torch.dtype | None:
     """The dtype of a head's forward pass (heads.layers.training_precision: on a GPU whatever autocast casts, on a CPU
     the wide linear maps alone); None: plain float32. `auto` takes bfloat16 on a CUDA device that supports it and on
     a CPU that multiplies it natively (`multiplies_bfloat16`; not for compiled heads, which run float32 there): on a
-    2-core AVX512-BF16 CPU the default adapter's epoch ran 1.09x and an mlp probe's 1.08x as fast, with the same test
-    F1 over 3 seeds (BENCHMARKS.md, "Speed", run 13)."""
+    2-core AVX512-BF16 CPU the default adapter's training steps ran 1.13x as fast (1.01-1.64x in each of 8
+    alternating rounds of epochs), with the same test F1 over 3 seeds (BENCHMARKS.md, "Speed", run 13)."""
     if precision != "auto":
         return torch.bfloat16 if precision == "bfloat16" else None
     kind = torch.device(device).type
@@ -91,13 +91,14 @@ def autocast_dtype(precision: str, device: str, compiled: bool = False) -> torch
 
 def multiplies_bfloat16() -> bool:
     """Whether this CPU has bfloat16 dot-product instructions (x86 AVX512-BF16 or AMX-BF16), with which a wide
-    bfloat16 product runs about twice as fast as float32; without them it runs slower."""
-    capabilities = getattr(torch.cpu, "get_capabilities", None)  # torch >= 2.10; older ones: not known, so no
+    bfloat16 product ran twice as fast as float32 (BENCHMARKS.md, "Speed", run 13); other CPUs are not known to
+    gain from bfloat16, so `auto` keeps float32 there."""
+    capabilities = getattr(torch.cpu, "get_capabilities", None)  # a torch without it cannot tell: no
     return capabilities is not None and any(capabilities().get(name) for name in ("avx512_bf16", "amx_bf16"))
 
 
 def precision_name(dtype: torch.dtype | None) -> str:
-    """The `--precision` a training dtype from `autocast_dtype` stands for (None: float32)."""
+    """The `--precision` a training dtype from `training_dtype` stands for (None: float32)."""
     return str(dtype or torch.float32).removeprefix("torch.")
 
 
@@ -194,8 +195,8 @@ class TrainConfig:
                             "feed-forward, an mlp probe's hidden layer) in bfloat16 on a CPU, where narrow products "
                             "run slower in it; losses, optimiser states and saved weights stay float32",
                             default_text="auto: bfloat16 on a CUDA device that supports it and on a CPU with "
-                            "bfloat16 instructions (AVX512-BF16, AMX; there the default adapter's epoch ran 1.09x as "
-                            "fast, with the same F1), unless the heads are compiled; else float32")
+                            "bfloat16 instructions (AVX512-BF16, AMX; there the default adapter's training steps ran "
+                            "1.13x as fast, with the same F1), unless the heads are compiled; else float32")
     compile: bool = option(False, help="compile each head's forward and backward with torch.compile (inductor, "
                            "dynamic shapes; the first steps of each head compile it). Off by default: on a 2-core CPU "
                            "the default adapter's epoch ran 1.3-1.6x slower compiled (BENCHMARKS.md, \"Speed\"); heads "
@@ -349,10 +350,10 @@ def _evaluate(heads: list[Head], store: Store, batch_size: int, device: str, ret
 
 
 def training_loss(head: Head, hidden: torch.Tensor, mask: torch.Tensor, word_ids: torch.Tensor | None,
-                  labels: torch.Tensor, layout: Layout, autocast_dtype: torch.dtype | None) -> torch.Tensor:
-    """A head's training loss on a batch: its forward pass in `autocast_dtype` (None: float32; on a CPU only its wide
+                  labels: torch.Tensor, layout: Layout, training_dtype: torch.dtype | None) -> torch.Tensor:
+    """A head's training loss on a batch: its forward pass in `training_dtype` (None: float32; on a CPU only its wide
     linear maps: heads.layers.training_precision), the loss in float32 (a CRF's partition function needs it)."""
-    with training_precision(hidden.device.type, autocast_dtype):
+    with training_precision(hidden.device.type, training_dtype):
         output = head(hidden, mask, word_ids, head.config.task_def.num_words(labels), layout)
     return head.loss(output.float(), labels)
 
@@ -392,7 +393,7 @@ class Trainer:
                 check_store(head, self.eval_store, f"eval store {config.eval_store}")
         self.steps_per_epoch = min(-(-len(self.store) // config.batch_size), max_steps_per_epoch or math.inf)
         self.epochs = max(self._epochs_of(head.head_type) for head in head_configs)
-        self.autocast_dtype = autocast_dtype(config.precision, config.device, config.compile)
+        self.training_dtype = training_dtype(config.precision, config.device, config.compile)
         saved_state = self._read_state() if config.resume else None
         self.layer_sweeps: dict[int, dict[int, float]] = {}  # head index -> eval metric per layer
         specs = self._with_probe_layers(saved_state)
@@ -456,7 +457,7 @@ class Trainer:
         recipe = {"lr": lr, "epochs": epochs, "batch_size": config.batch_size, "seed": seed,
                   "weight_decay": spec.get("weight_decay", config.weight_decay), "warmup_ratio": config.warmup_ratio,
                   "patience": config.patience, "final_anneal": config.final_anneal,
-                  "precision": precision_name(self.autocast_dtype)}
+                  "precision": precision_name(self.training_dtype)}
         cuda_rng_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None  # as seeded above
         return HeadRun(head_config.name, head, optimizer, scheduler, _columns(head_config.layers, self.layers),
                        torch.get_rng_state(), output_dir, recipe, finite=torch.tensor(True, device=device),
@@ -549,7 +550,7 @@ class Trainer:
                       for run in runs] if group.draws_randomness else []
         losses = group.losses(features, heads_dim, batch["mask"], batch.get("word_ids"),
                               runs[0].head.config.task_def.num_words(labels), layout, labels,
-                              generators, self.autocast_dtype)
+                              generators, self.training_dtype)
         group.zero_grad()
         losses.sum().backward()  # each head's loss reaches only its own weights
         losses = losses.detach()
@@ -568,7 +569,7 @@ class Trainer:
     def _step(self, run: HeadRun, batch: dict[str, Any], layout: Layout) -> torch.Tensor:
         hidden, mask, word_ids, layout = head_inputs(batch, run.columns, layout)
         with run.own_rng():
-            loss = training_loss(run.head, hidden, mask, word_ids, batch["labels"], layout, self.autocast_dtype)
+            loss = training_loss(run.head, hidden, mask, word_ids, batch["labels"], layout, self.training_dtype)
             run.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             run.optimizer.step()

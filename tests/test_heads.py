@@ -282,16 +282,16 @@ def test_bfloat16_training_keeps_float32_heads_and_is_the_default_where_the_cpu_
     """`auto` takes bfloat16 on a CPU with bfloat16 instructions, unless the heads are compiled. On the CPU, bfloat16
     reaches the adapter's wide maps (its tailor's feed-forward: heads.layers), and the head still learns, saves and
     records float32 weights and its precision."""
-    from heads.trainer import autocast_dtype
+    from heads.trainer import training_dtype
 
     for capabilities, expected in (({"avx512_bf16": True}, torch.bfloat16), ({"amx_bf16": True}, torch.bfloat16),
                                    ({"avx512_bf16": False, "avx2": True}, None)):
         with monkeypatch.context() as patched:
             patched.setattr(torch.cpu, "get_capabilities", lambda capabilities=capabilities: capabilities)
-            assert autocast_dtype("auto", "cpu") is expected
-            assert autocast_dtype("auto", "cpu", compiled=True) is None
-    assert autocast_dtype("float32", "cuda") is None and autocast_dtype("float32", "cpu") is None
-    assert autocast_dtype("bfloat16", "cpu") is torch.bfloat16
+            assert training_dtype("auto", "cpu") is expected
+            assert training_dtype("auto", "cpu", compiled=True) is None
+    assert training_dtype("float32", "cuda") is None and training_dtype("float32", "cpu") is None
+    assert training_dtype("bfloat16", "cpu") is torch.bfloat16
     summary = _train(ner_stores, tmp_path, [{"type": "adapter"}], precision="bfloat16", epochs=4)
     assert summary["adapter"]["best"] > 0.8 and wide_map_calls, summary
     head = Head.from_pretrained(tmp_path)

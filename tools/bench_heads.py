@@ -60,7 +60,7 @@ from heads import Head, TrainConfig, Trainer, evaluate_heads
 from heads.batches import collated_batches, on_device, padding_ratio, training_batches
 from heads.metrics import tagging_metrics
 from heads.packing import Layout
-from heads.trainer import autocast_dtype, build_head_config, precision_name, training_loss
+from heads.trainer import build_head_config, precision_name, training_dtype, training_loss
 
 LABELS = ["B-LOC", "B-MISC", "B-ORG", "B-PER", "I-LOC", "I-MISC", "I-ORG", "I-PER", "O"]
 RECIPE = {"epochs": 10, "batch_size": 32, "seed": 1, "patience": None}  # design notes, section 3
@@ -84,10 +84,10 @@ class Setup:
             torch.cuda.synchronize(self.device)
 
     @property
-    def autocast_dtype(self) -> torch.dtype | None:
+    def training_dtype(self) -> torch.dtype | None:
         """The heads' training precision on this device by the trainer's default (`--precision auto`): the bench's
         own steps (live epochs, profiles) run in it as the trainer's do."""
-        return autocast_dtype("auto", self.device)
+        return training_dtype("auto", self.device)
 
     def live_encoder(self) -> FrozenEncoder:
         """The frozen encoder of the live runs: float32 on the CPU; on a GPU as extraction runs it (float16)."""
@@ -159,7 +159,7 @@ def adapter_step(head: Head, batch: dict[str, Any], optimizer: torch.optim.Optim
     """One training step of a head on a collated batch (the live run's and the profiled steps'), with the layout
     the batch carries and the trainer's default precision, as the trainer steps."""
     loss = training_loss(head, batch["hidden_states"], batch["mask"], batch["word_ids"], batch["labels"],
-                         Layout.of_batch(batch), SETUP.autocast_dtype)
+                         Layout.of_batch(batch), SETUP.training_dtype)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -472,8 +472,8 @@ def adapter_speed(stores: dict[str, str], data: Path, workdir: Path, record: Rec
     record["speed_adapter_epoch_gflop_classifier_unchained"] = epoch_flops(head, shapes) / 1e9
     head.classifier, head.classifies_tokens = chain, on_tokens
     # the other training precision against the default one (`--precision auto`: bfloat16 where the device multiplies
-    # it natively, heads.trainer.autocast_dtype), on the same (plain) batches
-    default = precision_name(SETUP.autocast_dtype)
+    # it natively, heads.trainer.training_dtype), on the same (plain) batches
+    default = precision_name(SETUP.training_dtype)
     other = "float32" if default == "bfloat16" else "bfloat16"
     record["speed_precision"] = default
     adapter = [{"type": "adapter"}]
@@ -513,7 +513,7 @@ def adapter_speed(stores: dict[str, str], data: Path, workdir: Path, record: Rec
     record["speed_adapter_compiled_first_epoch_seconds"] = spread(firsts["compiled"], 2)
     record["speed_adapter_compiled_epoch_seconds"] = spread(seconds["compiled"], 2)
     # against the eager epochs in the precision compiled heads take by default (on a CPU float32: heads.trainer)
-    compiled_precision = precision_name(autocast_dtype("auto", SETUP.device, compiled=True))
+    compiled_precision = precision_name(training_dtype("auto", SETUP.device, compiled=True))
     record["speed_adapter_compiled_vs_eager"] = spread(ratios(seconds["compiled"], seconds[compiled_precision]))
     # What live/store can reach at equal arithmetic speed: a live epoch also runs the encoder's forward pass.
     encoder_flops = encoder_epoch_flops(shapes)
