@@ -43,10 +43,10 @@ def batched_heads(generators: Sequence[torch.Generator], head_index: torch.Tenso
 NARROW_OUTPUTS = 16
 
 # On a CPU a lower training precision pays only in wide products: on a 2-core AVX512-BF16 CPU a (N, 384) x (384, 384)
-# product ran twice as fast in bfloat16, while the heads' narrow ones (the attention's 16-wide projections, a
-# classifier's few labels) ran up to 14x slower and autocast's casts of the features cost more than they saved
-# (BENCHMARKS.md, "Speed", runs 11 and 13). So there `training_precision` applies to the linear maps with at least
-# this many inputs and outputs (`linear`), and on a GPU to all that autocast casts.
+# product ran twice as fast in bfloat16, while the heads' narrow ones (the attention's 16-wide projections: 14x) and
+# the layer mixes ran slower, so that under autocast the adapter's epoch took 1.7-2.1x as long (BENCHMARKS.md,
+# "Speed", runs 11 and 13). So there `training_precision` applies to the linear maps with at least this many inputs
+# and outputs (`linear`), and on a GPU to all that autocast casts.
 WIDE_FEATURES = 128
 # Rows of such a product are padded to a multiple of this: the CPU's bfloat16 kernels (oneDNN) are built once per
 # shape and cached, and a packed batch's token count changes every step.

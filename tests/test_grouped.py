@@ -84,7 +84,6 @@ def test_batched_heads_equal_separate_runs(ner_stores, tmp_path, name, monkeypat
 PRECISIONS = {"float32": None, "bfloat16": 0.05}
 
 
-
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device"))])
 @pytest.mark.parametrize("precision", list(PRECISIONS))
